@@ -1,0 +1,119 @@
+"""`plan(spec, input_shape)`: the expected shape of every transition, by integer arithmetic alone.
+
+The plan is what the UNet asserts at run time, what `cpcbm-blocks trace` prints, what the seed's
+`h:` notation is parsed into, and what the docs render. It never touches torch.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from cpcbm_blocks.errors import InputError
+from cpcbm_blocks.layout import Op, Step, layout
+from cpcbm_blocks.spec import UNetSpec
+
+__all__ = ["Plan", "Shape", "Transition", "check_input_shape", "plan"]
+
+Shape = tuple[int, int, int, int]
+"""A feature-map shape without the batch axis: (channels, depth, height, width), as in the seed."""
+
+_AXES = ("depth", "height", "width")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Transition:
+    """One step of the chain with its shapes (batch axis omitted, as in the seed's notation)."""
+
+    step: Step
+    in_shape: Shape
+    """The main input, before the skip is concatenated."""
+    skip_shape: Shape | None
+    """The skip concatenated to the input, if the step takes one."""
+    out_shape: Shape
+
+    def render(self) -> str:
+        """This transition in seed notation, e.g. `256,1,32,32 + 256,1,32,32 ->(res)-> 256,1,32,32`."""
+        source = _fmt(self.in_shape) + (f" + {_fmt(self.skip_shape)}" if self.skip_shape else "")
+        return f"{source} ->({self.step.op.value})-> {_fmt(self.out_shape)}"
+
+    def key(self) -> tuple:
+        """What the seed's notation can express: section, group, index, op and the three shapes."""
+        s = self.step
+        return (s.section.value, s.group, s.index, s.op.value, self.in_shape, self.skip_shape, self.out_shape)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """All transitions of a spec's UNet for one input shape."""
+
+    spec: UNetSpec
+    input_shape: tuple[int, int, int, int, int]
+    transitions: tuple[Transition, ...]
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_shape[0]
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.batch_size, *self.transitions[-1].out_shape)
+
+    def seed_transitions(self) -> tuple[Transition, ...]:
+        """The transitions the seed's `h:` trace shows (all but the output head)."""
+        return tuple(t for t in self.transitions if not t.step.beyond_seed)
+
+
+def _fmt(shape: Shape | None) -> str:
+    return ",".join(str(v) for v in shape) if shape else ""
+
+
+def check_input_shape(spec: UNetSpec, shape: Sequence[int], *, name: str = "x") -> tuple[int, int, int, int, int]:
+    """Reject an input shape the spec's UNet cannot run, with a message that says what to do.
+
+    Checks the rank (5: batch, channels, depth, height, width), the channel count, that no axis is
+    empty, and that depth, height and width are multiples of the product of the strides.
+    """
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != 5:
+        hint = " Add a batch axis, e.g. x.unsqueeze(0)." if len(shape) == 4 else ""
+        raise InputError(f"{name}: expected 5 dimensions (batch, channels, depth, height, width), got {len(shape)} "
+                         f"with shape {shape}.{hint}")
+    batch, channels, *spatial = shape
+    if channels != spec.in_channels:
+        raise InputError(f"{name}: expected {spec.in_channels} channel(s) (spec.in_channels) on axis 1, got {channels} "
+                         f"in shape {shape}. Pass a volume with {spec.in_channels} channel(s) or change UNetSpec.in_channels.")
+    if min(shape) < 1:
+        axis = ("batch", "channels", *_AXES)[shape.index(min(shape))]
+        raise InputError(f"{name}: expected every axis to be non-empty, got {axis} = {min(shape)} in shape {shape}.")
+    for axis, size, multiple in zip(_AXES, spatial, spec.stride_product):
+        if size % multiple:
+            below, above = (size // multiple) * multiple, (size // multiple + 1) * multiple
+            nearest = " or ".join(str(v) for v in (below, above) if v > 0)
+            raise InputError(f"{name}: {axis} {size} is not a multiple of {multiple}, the product of the {axis} strides "
+                             f"of the spec's levels. Use {axis} {nearest} (the nearest valid sizes), or pad/crop the volume.")
+    return shape  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=64)
+def plan(spec: UNetSpec, input_shape: tuple[int, ...]) -> Plan:
+    """The expected transitions of `spec`'s UNet on an input of `input_shape` (B, C, D, H, W).
+
+    Raises [`InputError`][cpcbm_blocks.errors.InputError] when the shape cannot work.
+    """
+    full = check_input_shape(spec, input_shape)
+    current: Shape = full[1:]  # type: ignore[assignment]
+    skips: list[Shape] = []
+    transitions = []
+    for step in layout(spec):
+        skip = skips.pop() if step.takes_skip else None
+        c, d, h, w = current
+        if step.op is Op.DOWN:
+            d, h, w = d // step.stride[0], h // step.stride[1], w // step.stride[2]
+        elif step.op is Op.UP:
+            d, h, w = d * step.stride[0], h * step.stride[1], w * step.stride[2]
+        out: Shape = (step.out_channels, d, h, w)
+        transitions.append(Transition(step=step, in_shape=current, skip_shape=skip, out_shape=out))
+        if step.gives_skip:
+            skips.append(out)
+        current = out
+    return Plan(spec=spec, input_shape=full, transitions=tuple(transitions))

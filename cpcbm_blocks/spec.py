@@ -1,0 +1,305 @@
+"""The declarative UNet spec: frozen, typed, JSON round-trippable, validated at construction.
+
+The spec is the single source of truth. The module tree
+([`UNet3D`][cpcbm_blocks.unet.UNet3D]), the expected per-transition trace
+([`plan`][cpcbm_blocks.plan.plan]) and every diagram are *derived* from it; no module redoes the
+channel or resolution arithmetic.
+
+A spec is a tuple of per-level records, not parallel lists, so a level's channels, residual-block
+count, attention flag, downsampling stride and kernel size always travel together.
+"""
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from cpcbm_blocks.errors import SpecError
+
+__all__ = ["FORMAT_VERSION", "LevelSpec", "MidSpec", "TimestepInjection", "Triple", "UNetSpec"]
+
+FORMAT_VERSION = 1
+"""Version of the JSON layout written by [`UNetSpec.to_json`][cpcbm_blocks.spec.UNetSpec.to_json]."""
+
+Triple = tuple[int, int, int]
+"""A per-axis (depth, height, width) triple, such as a stride or a kernel size."""
+
+
+class TimestepInjection(str, Enum):
+    """How a [`ResBlock3D`][cpcbm_blocks.blocks.resblock.ResBlock3D] receives the timestep embedding."""
+
+    ADD = "add"
+    """Add a projection of the embedding after the first convolution (DDPM, MONAI)."""
+    SCALE_SHIFT = "scale_shift"
+    """Scale and shift the second GroupNorm's output, `norm(h) * (1 + s) + b` (guided-diffusion)."""
+
+
+def _fail(where: str, expected: str, actual: Any, fix: str) -> SpecError:
+    return SpecError(f"{where}: expected {expected}, got {actual!r}. {fix}")
+
+
+def _check_int(where: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(where, f"an int >= {minimum}", value, "Pass a whole number.")
+    if value < minimum:
+        raise _fail(where, f"an int >= {minimum}", value, f"Use a value of at least {minimum}.")
+
+
+def _as_triple(where: str, value: Any, *, odd: bool = False) -> Triple:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
+        raise _fail(where, "a (depth, height, width) triple of 3 ints", value, "Give one value per axis.")
+    for axis, item in zip(("depth", "height", "width"), value):
+        _check_int(f"{where} ({axis})", item, minimum=1)
+        if odd and item % 2 == 0:
+            raise _fail(f"{where} ({axis})", "an odd kernel size (1, 3, 5, ...)", item,
+                        "Even kernels cannot keep the size with symmetric padding; use an odd one.")
+    return (int(value[0]), int(value[1]), int(value[2]))
+
+
+def _nearest_multiples(value: int, multiple: int) -> str:
+    below, above = (value // multiple) * multiple, (value // multiple + 1) * multiple
+    return " or ".join(str(v) for v in (below, above) if v > 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LevelSpec:
+    """One resolution level of the UNet: its residual blocks, optional attention, and downsampling.
+
+    On the way down a level runs `num_res_blocks` residual blocks (each followed by self-attention
+    when `attention` is set), then a strided convolution by `stride`. On the way up it mirrors them.
+    """
+
+    channels: int
+    """Channels of every feature map at this level."""
+    num_res_blocks: int = 2
+    """Residual blocks on the way down; the way up has as many skip-consuming blocks."""
+    attention: bool = False
+    """Interleave multi-head self-attention after every residual block of this level."""
+    stride: Triple = (2, 2, 2)
+    """Per-axis (depth, height, width) stride of the downsampling that ends this level."""
+    kernel_size: Triple = (3, 3, 3)
+    """Kernel of the convolutions at this level's resolution. `(1, 3, 3)` where depth is 1."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stride", _as_triple("LevelSpec.stride", self.stride))
+        object.__setattr__(self, "kernel_size", _as_triple("LevelSpec.kernel_size", self.kernel_size, odd=True))
+        _check_int("LevelSpec.channels", self.channels, minimum=1)
+        _check_int("LevelSpec.num_res_blocks", self.num_res_blocks, minimum=1)
+        if not isinstance(self.attention, bool):
+            raise _fail("LevelSpec.attention", "a bool", self.attention, "Pass True or False.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MidSpec:
+    """The bottleneck: `num_segments` segments of [res, attn, res] at the deepest level's channels."""
+
+    num_segments: int = 2
+    """How many [res, attn, res] segments run one after the other."""
+    share_weights: bool = False
+    """Reuse the first segment's modules for every segment (the original code did; off by default)."""
+    attention: bool = True
+    """Put self-attention between the two residual blocks of each segment."""
+    kernel_size: Triple = (3, 3, 3)
+    """Kernel of the mid convolutions; `(1, 3, 3)` when the bottleneck is 1 voxel deep."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kernel_size", _as_triple("MidSpec.kernel_size", self.kernel_size, odd=True))
+        _check_int("MidSpec.num_segments", self.num_segments, minimum=1)
+        for name in ("share_weights", "attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail(f"MidSpec.{name}", "a bool", getattr(self, name), "Pass True or False.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UNetSpec:
+    """The whole 3D diffusion UNet, as data.
+
+    Build the seed's topology with [`UNetSpec.default`][cpcbm_blocks.spec.UNetSpec.default], or write
+    the levels yourself. Every field is validated here, so an invalid spec never reaches a module.
+    """
+
+    levels: tuple[LevelSpec, ...]
+    """Resolution levels, shallowest first."""
+    mid: MidSpec = field(default_factory=MidSpec)
+    """The bottleneck between the down and up paths."""
+    in_channels: int = 1
+    """Channels of the noisy input volume `x`."""
+    out_channels: int = 1
+    """Channels of the prediction returned by the output head."""
+    num_groups: int = 32
+    """GroupNorm groups; every level's channels must be a multiple."""
+    head_channels: int = 8
+    """Channels per attention head (the seed uses 8: 32 heads at 256 channels)."""
+    time_embedding_channels: int = 128
+    """Width of the timestep embedding fed to every residual block."""
+    timestep_injection: TimestepInjection = TimestepInjection.ADD
+    """Additive (the seed's) or scale-and-shift timestep injection in the residual blocks."""
+    dropout: float = 0.0
+    """Dropout probability inside the residual blocks."""
+
+    def __post_init__(self) -> None:
+        levels = self.levels
+        if isinstance(levels, LevelSpec) or not isinstance(levels, Sequence):
+            raise _fail("UNetSpec.levels", "a sequence of LevelSpec", levels, "Wrap the levels in a tuple.")
+        if len(levels) == 0:
+            raise _fail("UNetSpec.levels", "at least one level", "an empty sequence",
+                        "Give at least one LevelSpec, e.g. UNetSpec.default().")
+        for i, level in enumerate(levels):
+            if not isinstance(level, LevelSpec):
+                raise _fail(f"UNetSpec.levels[{i}]", "a LevelSpec", level, "Build it with LevelSpec(...).")
+        object.__setattr__(self, "levels", tuple(levels))
+        if not isinstance(self.mid, MidSpec):
+            raise _fail("UNetSpec.mid", "a MidSpec", self.mid, "Build it with MidSpec(...).")
+        try:
+            object.__setattr__(self, "timestep_injection", TimestepInjection(self.timestep_injection))
+        except ValueError:
+            choices = ", ".join(repr(m.value) for m in TimestepInjection)
+            raise _fail("UNetSpec.timestep_injection", f"one of {choices}", self.timestep_injection,
+                        "Pick one of the listed values.") from None
+        for name in ("in_channels", "out_channels", "num_groups", "head_channels", "time_embedding_channels"):
+            _check_int(f"UNetSpec.{name}", getattr(self, name), minimum=1)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise _fail("UNetSpec.dropout", "a probability in [0, 1)", self.dropout, "Use e.g. 0.0 or 0.1.")
+        for i, level in enumerate(self.levels):
+            if level.channels % self.num_groups:
+                raise _fail(f"UNetSpec.levels[{i}].channels", f"a multiple of num_groups={self.num_groups}",
+                            level.channels, f"Use {_nearest_multiples(level.channels, self.num_groups)} "
+                            "channels, or change num_groups.")
+        for where, channels in self._attention_sites():
+            if channels % self.head_channels:
+                raise _fail(where, f"channels divisible by head_channels={self.head_channels}", channels,
+                            f"Use {_nearest_multiples(channels, self.head_channels)} channels, "
+                            "or change head_channels.")
+
+    def _attention_sites(self) -> list[tuple[str, int]]:
+        sites = [(f"UNetSpec.levels[{i}].channels (attention=True)", lv.channels)
+                 for i, lv in enumerate(self.levels) if lv.attention]
+        if self.mid.attention:
+            sites.append(("UNetSpec.mid (attention=True) at levels[-1].channels", self.levels[-1].channels))
+        return sites
+
+    @property
+    def base_channels(self) -> int:
+        """Channels after `conv_in`: those of the first level."""
+        return self.levels[0].channels
+
+    @property
+    def stride_product(self) -> Triple:
+        """Per-axis product of all downsampling strides: D, H and W must be multiples of it."""
+        product = [1, 1, 1]
+        for level in self.levels:
+            product = [p * s for p, s in zip(product, level.stride)]
+        return (product[0], product[1], product[2])
+
+    @classmethod
+    def default(
+        cls,
+        *,
+        sample_size: Sequence[int] = (8, 256, 256),
+        channels: Sequence[int] = (32, 64, 128, 256),
+        attention_levels: Sequence[int] = (4,),
+        num_res_blocks: int = 2,
+        planar_kernels_where_depth_is_one: bool = True,
+        **overrides: Any,
+    ) -> "UNetSpec":
+        """The seed's UNet (`CPC_BM_model.md`), with strides derived for a nominal `sample_size`.
+
+        Strides: on every axis, halve while the size at that level is larger than 1 (nnU-Net's rule),
+        so `(8, 256, 256)` gives `(2,2,2), (2,2,2), (2,2,2), (1,2,2)`: depth 8 -> 4 -> 2 -> 1, then
+        only height and width are halved.
+
+        Kernels: where a level's depth is 1 (level 4 and the middle at the nominal size), a 3x3x3
+        convolution with zero padding multiplies padding for two thirds of its taps. With
+        `planar_kernels_where_depth_is_one` (the default) those levels use `(1, 3, 3)` kernels, which
+        compute exactly the same function on a 1-deep volume with a third of the weights and FLOPs.
+
+        **Arguments:**
+
+        - `sample_size`: nominal (depth, height, width) of a training sample.
+        - `channels`: channels per level, shallowest first.
+        - `attention_levels`: 1-based levels that interleave self-attention (the seed: level 4).
+        - `num_res_blocks`: residual blocks per level on the way down.
+        - `planar_kernels_where_depth_is_one`: use `(1, 3, 3)` kernels where depth is 1.
+        - `overrides`: any other [`UNetSpec`][cpcbm_blocks.spec.UNetSpec] field (e.g. `out_channels=2`).
+        """
+        size = list(_as_triple("UNetSpec.default(sample_size=...)", sample_size))
+        for level_number in attention_levels:
+            if not isinstance(level_number, int) or not 1 <= level_number <= len(channels):
+                raise _fail("UNetSpec.default(attention_levels=...)", f"1-based level numbers in 1..{len(channels)}",
+                            tuple(attention_levels), "Levels are numbered from 1 (shallowest).")
+
+        def kernel_for(depth: int) -> Triple:
+            return (1, 3, 3) if planar_kernels_where_depth_is_one and depth == 1 else (3, 3, 3)
+
+        levels = []
+        for number, level_channels in enumerate(channels, start=1):
+            stride = tuple(2 if s > 1 else 1 for s in size)
+            levels.append(LevelSpec(channels=level_channels, num_res_blocks=num_res_blocks,
+                                    attention=number in attention_levels, stride=stride,
+                                    kernel_size=kernel_for(size[0])))
+            for axis in range(3):
+                if size[axis] % stride[axis]:
+                    raise _fail("UNetSpec.default(sample_size=...)", f"sizes that halve evenly through {len(channels)} levels",
+                                tuple(sample_size), "Use powers of two, e.g. (8, 256, 256).")
+                size[axis] //= stride[axis]
+        fields = {"levels": tuple(levels), "mid": MidSpec(kernel_size=kernel_for(size[0]))}
+        fields.update(overrides)
+        return cls(**fields)
+
+    # ---- JSON -------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain-JSON dict of every field, with `format_version`."""
+        data = dataclasses.asdict(self)
+        data["timestep_injection"] = self.timestep_injection.value
+        return {"format_version": FORMAT_VERSION, **data}
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        """Serialise to JSON text; [`from_json`][cpcbm_blocks.spec.UNetSpec.from_json] gives it back."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "UNetSpec":
+        """Rebuild a spec from [`to_dict`][cpcbm_blocks.spec.UNetSpec.to_dict] output; unknown keys are errors."""
+        if not isinstance(data, Mapping):
+            raise _fail("spec", "a JSON object", type(data).__name__, "Pass the output of UNetSpec.to_dict().")
+        data = dict(data)
+        version = data.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise _fail("spec.format_version", str(FORMAT_VERSION), version,
+                        "This file was written by another version of cpcbm_blocks.")
+        _reject_unknown("spec", data, cls)
+        levels = data.get("levels")
+        if not isinstance(levels, Sequence) or isinstance(levels, (str, bytes)):
+            raise _fail("spec.levels", "a list of level objects", levels, "Each level is an object of LevelSpec fields.")
+        parsed_levels = []
+        for i, level in enumerate(levels):
+            if not isinstance(level, Mapping):
+                raise _fail(f"spec.levels[{i}]", "an object", level, "Each level is an object of LevelSpec fields.")
+            _reject_unknown(f"spec.levels[{i}]", level, LevelSpec)
+            parsed_levels.append(LevelSpec(**level))
+        data["levels"] = tuple(parsed_levels)
+        if "mid" in data:
+            if not isinstance(data["mid"], Mapping):
+                raise _fail("spec.mid", "an object", data["mid"], "Give an object of MidSpec fields.")
+            _reject_unknown("spec.mid", data["mid"], MidSpec)
+            data["mid"] = MidSpec(**data["mid"])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "UNetSpec":
+        """Parse JSON text written by [`to_json`][cpcbm_blocks.spec.UNetSpec.to_json]."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SpecError(f"spec: expected JSON text, got invalid JSON ({error}). Check the file.") from None
+        return cls.from_dict(data)
+
+
+def _reject_unknown(where: str, data: Mapping[str, Any], cls: type) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise _fail(where, f"only the fields {sorted(known)}", unknown, "Remove or rename the unknown keys.")
