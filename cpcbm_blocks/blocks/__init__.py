@@ -1,0 +1,10 @@
+"""The typed 3D blocks. Each lives in its own file and can be used on its own."""
+
+from cpcbm_blocks.blocks.attention import MultiHeadSelfAttention3D as MultiHeadSelfAttention3D
+from cpcbm_blocks.blocks.attention import attention as attention
+from cpcbm_blocks.blocks.conv import Conv3d as Conv3d
+from cpcbm_blocks.blocks.embedding import TimestepEmbedding as TimestepEmbedding
+from cpcbm_blocks.blocks.head import OutputHead as OutputHead
+from cpcbm_blocks.blocks.resblock import ResBlock3D as ResBlock3D
+from cpcbm_blocks.blocks.sampling import Downsample3D as Downsample3D
+from cpcbm_blocks.blocks.sampling import Upsample3D as Upsample3D

@@ -1,0 +1,69 @@
+"""`MultiHeadSelfAttention3D` over the `d*h*w` voxels, and the one attention function it uses."""
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+
+from cpcbm_blocks.blocks.conv import zero_init
+from cpcbm_blocks.contracts import shape_checked
+
+__all__ = ["MultiHeadSelfAttention3D", "attention", "reference_attention"]
+
+
+@shape_checked
+def attention(q: Float[Tensor, "b heads n e"], k: Float[Tensor, "b heads m e"], v: Float[Tensor, "b heads m e"],
+              key_mask: Bool[Tensor, "b m"] | None = None) -> Float[Tensor, "b heads n e"]:
+    """Scaled dot-product attention, `softmax(q k^T / sqrt(e)) v`, through `F.scaled_dot_product_attention`.
+
+    This is the library's single attention kernel: self- and cross-attention both call it, so
+    PyTorch's fused CPU/GPU kernels (flash, memory-efficient) serve every block. `key_mask` marks the
+    keys that may be attended to (True = keep).
+    """
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    """The plain formula, materialising the score matrix; only for tests against [`attention`][cpcbm_blocks.blocks.attention.attention]."""
+    scores = torch.einsum("bhne,bhme->bhnm", q, k) / q.shape[-1] ** 0.5
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return torch.einsum("bhnm,bhme->bhne", scores.softmax(dim=-1), v)
+
+
+class MultiHeadSelfAttention3D(nn.Module):
+    """Multi-head self-attention over every voxel of a volume, as a zero-initialised residual.
+
+    $$ y = x + W_o\\,\\mathrm{Attn}(W_q z, W_k z, W_v z),\\qquad z = \\mathrm{GN}(x)\\ \\text{as}\\ d h w\\ \\text{tokens} $$
+
+    Heads are given as channels per head (the seed uses 8, i.e. 32 heads at 256 channels). There is
+    no positional encoding, so the block is equivariant to any permutation of the voxels (tested).
+    `W_o` starts at zero, so a fresh block is the identity.
+
+    ??? cite "Vaswani et al. 2017; Ho et al. 2020 (self-attention in diffusion UNets)"
+
+    **Arguments:**
+
+    - `channels`: channels of the volume; a multiple of `head_channels` and of `num_groups`.
+    - `head_channels`: channels per head.
+    - `num_groups`: GroupNorm groups of the pre-norm.
+    """
+
+    def __init__(self, *, channels: int, head_channels: int = 8, num_groups: int = 32) -> None:
+        super().__init__()
+        self.channels = channels
+        self.head_channels = head_channels
+        self.num_heads = channels // head_channels
+        self.norm = nn.GroupNorm(num_groups, channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj_out = zero_init(nn.Linear(channels, channels))
+
+    @shape_checked
+    def forward(self, x: Float[Tensor, "b {self.channels} d h w"]) -> Float[Tensor, "b {self.channels} d h w"]:
+        _, _, d, h, w = x.shape
+        tokens = rearrange(self.norm(x), "b c d h w -> b (d h w) c")
+        q, k, v = rearrange(self.qkv(tokens), "b n (three heads e) -> three b heads n e", three=3, heads=self.num_heads)
+        out = rearrange(attention(q, k, v), "b heads n e -> b n (heads e)")
+        return x + rearrange(self.proj_out(out), "b (d h w) c -> b c d h w", d=d, h=h, w=w)

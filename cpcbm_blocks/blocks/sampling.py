@@ -1,0 +1,65 @@
+"""`Downsample3D` and `Upsample3D`: per-axis strided convolution down, nearest + convolution up."""
+
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from cpcbm_blocks.blocks.conv import Conv3d
+from cpcbm_blocks.contracts import shape_checked
+
+__all__ = ["Downsample3D", "Upsample3D"]
+
+
+class Downsample3D(nn.Module):
+    """A convolution with per-axis `stride`: `(2, 2, 2)` halves every axis, `(1, 2, 2)` keeps depth.
+
+    Anisotropic strides (nnU-Net's per-stage strides) let a short MRI stack (8 slices) stop halving
+    its depth at 1 while height and width keep shrinking. Sizes must be multiples of the stride: the
+    UNet checks this up front, and this block's contract checks it again.
+
+    **Arguments:**
+
+    - `channels`: channels in and out.
+    - `stride`: per-axis (depth, height, width) factor.
+    - `kernel_size`: per-axis kernel; at least 3 taps along each strided axis.
+    """
+
+    def __init__(self, *, channels: int, stride: tuple[int, int, int] = (2, 2, 2),
+                 kernel_size: tuple[int, int, int] = (3, 3, 3)) -> None:
+        super().__init__()
+        self.channels = channels
+        self.stride = tuple(stride)
+        self.conv = Conv3d(channels, channels, kernel_size=kernel_size, stride=self.stride)
+
+    @shape_checked
+    def forward(self, x: Float[Tensor, "b {self.channels} d h w"]
+                ) -> Float[Tensor, "b {self.channels} d//{self.stride[0]} h//{self.stride[1]} w//{self.stride[2]}"]:
+        return self.conv(x)
+
+
+class Upsample3D(nn.Module):
+    """Nearest-neighbour upsampling by per-axis `stride`, then a convolution.
+
+    The inverse of [`Downsample3D`][cpcbm_blocks.blocks.sampling.Downsample3D] in shape. Nearest +
+    convolution avoids the checkerboard artefacts of a transposed convolution (Odena et al. 2016).
+
+    **Arguments:**
+
+    - `channels`: channels in and out.
+    - `stride`: per-axis (depth, height, width) upsampling factor.
+    - `kernel_size`: per-axis kernel of the convolution after upsampling.
+    """
+
+    def __init__(self, *, channels: int, stride: tuple[int, int, int] = (2, 2, 2),
+                 kernel_size: tuple[int, int, int] = (3, 3, 3)) -> None:
+        super().__init__()
+        self.channels = channels
+        self.stride = tuple(stride)
+        self.conv = Conv3d(channels, channels, kernel_size=kernel_size)
+
+    @shape_checked
+    def forward(self, x: Float[Tensor, "b {self.channels} d h w"]
+                ) -> Float[Tensor, "b {self.channels} d*{self.stride[0]} h*{self.stride[1]} w*{self.stride[2]}"]:
+        if self.stride != (1, 1, 1):
+            x = F.interpolate(x, scale_factor=self.stride, mode="nearest")
+        return self.conv(x)

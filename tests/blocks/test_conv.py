@@ -1,0 +1,44 @@
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cpcbm_blocks import Conv3d
+
+
+@given(batch=st.integers(1, 2), depth=st.integers(1, 4), size=st.integers(3, 9), stride=st.sampled_from([1, 2]),
+       kernel=st.sampled_from([(1, 3, 3), (1, 1, 1), (1, 5, 5)]))
+def test_planar_fast_path_equals_conv3d_with_the_same_weights(batch, depth, size, stride, kernel):
+    torch.manual_seed(0)
+    conv = Conv3d(3, 5, kernel_size=kernel, stride=(1, stride, stride))
+    assert conv.planar
+    x = torch.randn(batch, 3, depth, size, size)
+    reference = F.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+    torch.testing.assert_close(conv(x), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_planar_kernel_equals_a_full_kernel_on_a_one_deep_volume():
+    """The decision behind (1,3,3) kernels where depth is 1: a 3x3x3 kernel with zero padding only
+    ever meets real data with its centre depth tap, so it computes the same function."""
+    torch.manual_seed(0)
+    full = Conv3d(4, 6, kernel_size=(3, 3, 3))
+    planar = Conv3d(4, 6, kernel_size=(1, 3, 3))
+    with torch.no_grad():
+        planar.weight.copy_(full.weight[:, :, 1:2])
+        planar.bias.copy_(full.bias)
+    x = torch.randn(2, 4, 1, 16, 16)
+    torch.testing.assert_close(planar(x), full(x), rtol=1e-5, atol=1e-5)
+    assert planar.weight.numel() * 3 == full.weight.numel()
+
+
+def test_planar_path_accepts_channels_last_3d_and_gives_the_same_result():
+    torch.manual_seed(0)
+    conv = Conv3d(4, 4, kernel_size=(1, 3, 3))
+    x = torch.randn(1, 4, 2, 8, 8)
+    torch.testing.assert_close(conv(x.to(memory_format=torch.channels_last_3d)), conv(x))
+
+
+def test_state_dict_keys_and_shapes_match_torch_conv3d():
+    ours = Conv3d(2, 3, kernel_size=(1, 3, 3))
+    theirs = torch.nn.Conv3d(2, 3, kernel_size=(1, 3, 3))
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
