@@ -1,0 +1,104 @@
+"""`UNet3D`: the documented diffusion UNet, run step by step with every transition asserted."""
+
+import torch
+from jaxtyping import Float, Real
+from torch import Tensor, nn
+
+from cpcbm_blocks.blocks.embedding import TimestepEmbedding, timesteps_to_batch
+from cpcbm_blocks.build import build_blocks
+from cpcbm_blocks.contracts import checks_active
+from cpcbm_blocks.errors import InputError, TraceMismatchError
+from cpcbm_blocks.layout import Op, layout
+from cpcbm_blocks.plan import Plan, Transition, check_input_shape, plan
+from cpcbm_blocks.spec import UNetSpec
+
+__all__ = ["UNet3D"]
+
+
+class UNet3D(nn.Module):
+    """The 3D diffusion UNet described by a [`UNetSpec`][cpcbm_blocks.spec.UNetSpec].
+
+    ```python
+    model = UNet3D(UNetSpec.default())
+    eps = model(x, t)   # x: (B, 1, 8, 256, 256); t: int/float, 0-d or (B,) tensor
+    ```
+
+    The network is the chain of steps given by [`layout(spec)`][cpcbm_blocks.layout.layout]:
+    `forward` runs them in order, keeping skips on a stack (pushed on the way down, popped and
+    concatenated on the way up). In eager mode with shape checks on, every step's actual shapes are
+    compared with [`plan(spec, x.shape)`][cpcbm_blocks.plan.plan] as soon as the step returns, and a
+    difference raises [`TraceMismatchError`][cpcbm_blocks.errors.TraceMismatchError] naming the step.
+    Inputs are validated before any compute.
+
+    Modules are registered once each under readable names (`blocks.down4_attn1`, `blocks.mid1_res2`,
+    `blocks.up3_up`, ...), so state dicts read like the trace.
+
+    **Arguments:**
+
+    - `spec`: the network, as data.
+    """
+
+    def __init__(self, spec: UNetSpec) -> None:
+        super().__init__()
+        if not isinstance(spec, UNetSpec):
+            raise InputError(f"spec: expected a UNetSpec, got {type(spec).__name__}. Use UNetSpec.default() or build one.")
+        self.spec = spec
+        self.steps = layout(spec)
+        self.time_embedding = TimestepEmbedding(channels=spec.base_channels, out_channels=spec.time_embedding_channels)
+        self.blocks = build_blocks(spec)
+        self._trace_sink: list[Transition] | None = None
+
+    def plan(self, input_shape: tuple[int, ...]) -> Plan:
+        """The expected transitions for an input of `input_shape` (see [`plan`][cpcbm_blocks.plan.plan])."""
+        return plan(self.spec, tuple(input_shape))
+
+    def forward(self, x: Float[Tensor, "b c_in d h w"],
+                t: int | float | Real[Tensor, ""] | Real[Tensor, " b"]) -> Float[Tensor, "b c_out d h w"]:
+        """Predict from the noisy volume `x` at diffusion time `t`.
+
+        `c_in` is `spec.in_channels` and `c_out` is `spec.out_channels`; D, H and W must be multiples
+        of `spec.stride_product`. The arguments are validated explicitly (with messages that say
+        what to do) and every transition is checked against the plan, which covers the return.
+        """
+        checking = checks_active()
+        expected = None
+        if not torch.compiler.is_compiling():
+            _check_volume(x, self.spec)
+            t = timesteps_to_batch(t, batch_size=x.shape[0], device=x.device)
+            if checking or self._trace_sink is not None:
+                expected = plan(self.spec, tuple(x.shape)).transitions
+        emb = self.time_embedding(t, batch_size=x.shape[0])
+
+        h, skips = x, []
+        for position, step in enumerate(self.steps):
+            block = self.blocks[step.module_key]
+            skip = skips.pop() if step.takes_skip else None
+            h_in = h
+            if skip is not None:
+                h = torch.cat([h, skip], dim=1)
+            h = block(h, emb) if step.op is Op.RES else block(h)
+            if expected is not None:
+                self._observe(expected[position], h_in, skip, h, raise_on_mismatch=checking)
+            if step.gives_skip:
+                skips.append(h)
+        return h
+
+    def _observe(self, expected: Transition, h_in: Tensor, skip: Tensor | None, h_out: Tensor, *,
+                 raise_on_mismatch: bool) -> None:
+        actual = Transition(step=expected.step, in_shape=tuple(h_in.shape[1:]),
+                            skip_shape=None if skip is None else tuple(skip.shape[1:]), out_shape=tuple(h_out.shape[1:]))
+        if self._trace_sink is not None:
+            self._trace_sink.append(actual)
+        if raise_on_mismatch and actual != expected:
+            raise TraceMismatchError(f"{expected.step.describe()}: expected {expected.render()}, "
+                                     f"got {actual.render()}.")
+
+
+def _check_volume(x: Tensor, spec: UNetSpec) -> None:
+    if not isinstance(x, Tensor):
+        raise InputError(f"x: expected a torch.Tensor of shape (batch, {spec.in_channels}, depth, height, width), "
+                         f"got {type(x).__name__}. Convert it with torch.as_tensor(...).")
+    if not x.is_floating_point():
+        raise InputError(f"x: expected a floating-point tensor (float32, bfloat16 or float16), got {x.dtype}. "
+                         "Convert it with x.float().")
+    check_input_shape(spec, x.shape, name="x")
