@@ -1,0 +1,156 @@
+"""The `cpcbm-blocks` command line (also `python -m cpcbm_blocks`).
+
+`cpcbm-blocks trace` builds a UNet from a spec (the documented default unless `--spec` is given),
+runs it on PyTorch's `meta` device (or a real device with `--device cpu`), and prints every
+transition in the seed's `h:` notation with the actual shapes next to the expected ones. It exits 0
+only when all of them agree (and, with `--expect`, when they also equal a documented trace).
+"""
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from cpcbm_blocks.errors import CpcbmError
+from cpcbm_blocks.notation import parse_trace, render_trace
+from cpcbm_blocks.plan import plan
+from cpcbm_blocks.spec import UNetSpec
+from cpcbm_blocks.trace import record_trace
+from cpcbm_blocks.unet import UNet3D
+
+__all__ = ["main"]
+
+DEFAULT_INPUT_SHAPE = (1, 1, 8, 256, 256)
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected B,C,D,H,W integers such as 1,1,8,256,256, got {text!r}") from None
+    if len(shape) != 5:
+        raise argparse.ArgumentTypeError(f"expected 5 comma-separated integers B,C,D,H,W, got {len(shape)} in {text!r}")
+    return shape
+
+
+def _load_spec(path: str | None) -> tuple[UNetSpec, str]:
+    if path is None:
+        return UNetSpec.default(), "UNetSpec.default()"
+    return UNetSpec.from_json(Path(path).read_text()), path
+
+
+def _expected_keys(path: str) -> list[tuple]:
+    text = Path(path).read_text()
+    if "```" in text:  # a Markdown page: take the fenced block that holds the trace
+        blocks = text.split("```")[1::2]
+        text = next((b.split("\n", 1)[1] for b in blocks if "Down-{" in b), text)
+    return parse_trace(text)
+
+
+def _shape_text(shape) -> str:
+    return ",".join(map(str, shape)) if shape else ""
+
+
+def _warm_up_meta_kernels() -> float:
+    """Trigger torch's one-time lazy import of its meta kernels (about 1.5 s), so it is timed apart."""
+    started = time.perf_counter()
+    q = torch.empty(1, 1, 2, 2, device="meta")
+    torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    torch.nn.functional.conv3d(torch.empty(1, 1, 2, 2, 2, device="meta"), torch.empty(1, 1, 1, 1, 1, device="meta"))
+    return time.perf_counter() - started
+
+
+def trace_command(args: argparse.Namespace) -> int:
+    spec, spec_name = _load_spec(args.spec)
+    input_shape = tuple(args.input_shape)
+    expected = plan(spec, input_shape)
+    device = torch.device(args.device)
+    with torch.device(device):
+        model = UNet3D(spec).eval()
+    x = torch.randn(input_shape, device=device) if device.type != "meta" else torch.empty(input_shape, device=device)
+    warm_up_seconds = _warm_up_meta_kernels() if device.type == "meta" else 0.0
+    error: CpcbmError | None = None
+    started = time.perf_counter()
+    with record_trace(model) as recorded, torch.no_grad():
+        try:
+            model(x, 500)
+        except CpcbmError as caught:
+            error = caught
+    seconds = time.perf_counter() - started
+
+    rows = []
+    for i, want in enumerate(expected.transitions):
+        got = recorded.transitions[i] if i < len(recorded.transitions) else None
+        rows.append({
+            "index": i + 1, "where": want.step.describe(), "section": want.step.section.value,
+            "group": want.step.group, "step": want.step.index, "op": want.step.op.value,
+            "beyond_seed": want.step.beyond_seed, "expected": want.render(),
+            "actual": got.render() if got else None, "ok": got == want,
+        })
+    agree = sum(r["ok"] for r in rows)
+    ok = error is None and agree == len(rows)
+    documented = None
+    if args.expect:
+        documented_keys = _expected_keys(args.expect)
+        seed_keys = [t.key() for t in recorded.transitions if not t.step.beyond_seed]
+        documented = {"file": args.expect, "ok": documented_keys == seed_keys}
+        ok = ok and documented["ok"]
+
+    if args.format == "json":
+        print(json.dumps({"spec": spec.to_dict(), "spec_source": spec_name, "input_shape": list(input_shape),
+                          "device": str(device), "seconds": round(seconds, 4),
+                          "torch_meta_import_seconds": round(warm_up_seconds, 4), "transitions": rows,
+                          "trace": render_trace(expected), "documented": documented,
+                          "error": str(error) if error else None, "ok": ok}, indent=2))
+        return 0 if ok else 1
+
+    width = max(len(r["expected"]) for r in rows)
+    print(f"cpcbm-blocks trace: {spec_name}, input {input_shape}, device {device}")
+    print(f"{'#':>3}  {'where':38} {'expected':{width}}  {'actual':{width}}  ok")
+    for r in rows:
+        mark = "yes" if r["ok"] else "NO"
+        print(f"{r['index']:>3}  {r['where']:38} {r['expected']:{width}}  {(r['actual'] or '-'):{width}}  {mark}")
+    print()
+    print(render_trace(expected))
+    print()
+    if error is not None:
+        print(f"error: {error}")
+    if documented is not None:
+        verdict = "equals" if documented["ok"] else "DIFFERS FROM"
+        print(f"the recorded trace {verdict} the documented trace in {args.expect}")
+    warm = f"; torch's one-time meta-kernel import took {warm_up_seconds:.2f} s before it" if warm_up_seconds else ""
+    print(f"{agree}/{len(rows)} transitions agree with the plan (forward {seconds:.2f} s on {device}{warm}).")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpcbm-blocks", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    trace = commands.add_parser("trace", help="run a UNet and check every transition against its plan")
+    trace.add_argument("--input-shape", type=_input_shape, default=DEFAULT_INPUT_SHAPE, metavar="B,C,D,H,W",
+                       help="input volume shape (default: 1,1,8,256,256)")
+    trace.add_argument("--spec", metavar="FILE.json", help="a spec written by UNetSpec.to_json() (default: the seed's UNet)")
+    trace.add_argument("--format", choices=("text", "json"), default="text")
+    trace.add_argument("--device", default="meta", help="'meta' (shapes only, instant; default) or a real device such as 'cpu'")
+    trace.add_argument("--expect", metavar="FILE",
+                       help="also require the trace to equal a documented h: trace (text or Markdown file)")
+    trace.set_defaults(run=trace_command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (CpcbmError, OSError) as error:
+        print(f"cpcbm-blocks: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
