@@ -1,14 +1,17 @@
 """`UNet3D`: the documented diffusion UNet, run step by step with every transition asserted."""
 
+from collections.abc import Iterable
+
 import torch
 from jaxtyping import Float, Real
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from cpcbm_blocks.blocks.embedding import TimestepEmbedding, timesteps_to_batch
 from cpcbm_blocks.build import build_blocks
 from cpcbm_blocks.contracts import checks_active
 from cpcbm_blocks.errors import InputError, TraceMismatchError
-from cpcbm_blocks.layout import Op, layout
+from cpcbm_blocks.layout import Op, Section, Step, layout
 from cpcbm_blocks.plan import Plan, Transition, check_input_shape, plan
 from cpcbm_blocks.spec import UNetSpec
 
@@ -47,6 +50,39 @@ class UNet3D(nn.Module):
         self.time_embedding = TimestepEmbedding(channels=spec.base_channels, out_channels=spec.time_embedding_channels)
         self.blocks = build_blocks(spec)
         self._trace_sink: list[Transition] | None = None
+        self._checkpointed: frozenset[int] = frozenset()
+
+    def set_gradient_checkpointing(self, *, levels: Iterable[int] = (), mid: bool = False) -> "UNet3D":
+        """Recompute the steps of the given levels (and of the middle) in backward instead of saving them.
+
+        Every step of a checkpointed level, on the way down and on the way up, runs under
+        `torch.utils.checkpoint` (non-reentrant): it keeps only its inputs for backward and runs its
+        forward again when the gradient reaches it. Gradients are the same as without checkpointing
+        (tested); the cost is one more forward of those steps. A skip is concatenated inside the
+        checkpointed call, so the concatenation is not kept either. Levels are numbered from 1
+        (shallowest); `levels=()` and `mid=False` switch checkpointing off. Only training (grad
+        enabled) is affected. The setting lives on the module, not in the spec: it changes memory and
+        time, never the function. Returns the model.
+        """
+        levels = tuple(levels)
+        number_of_levels = len(self.spec.levels)
+        for level in levels:
+            if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= number_of_levels:
+                raise InputError(f"levels: expected level numbers in 1..{number_of_levels} (1 = shallowest), got "
+                                 f"{levels!r}. Pass e.g. levels=(1, 2) or levels=range(1, {number_of_levels + 1}).")
+        if not isinstance(mid, bool):
+            raise InputError(f"mid: expected True or False, got {mid!r}.")
+        self._checkpointed = frozenset(position for position, step in enumerate(self.steps)
+                                       if (step.section is Section.MID and mid)
+                                       or (step.section in (Section.DOWN, Section.UP) and step.group in levels))
+        return self
+
+    @property
+    def gradient_checkpointing(self) -> tuple[tuple[int, ...], bool]:
+        """The checkpointed `(levels, mid)`, as set by [`set_gradient_checkpointing`][cpcbm_blocks.unet.UNet3D.set_gradient_checkpointing]."""
+        steps = [self.steps[position] for position in self._checkpointed]
+        levels = sorted({s.group for s in steps if s.section is not Section.MID})
+        return tuple(levels), any(s.section is Section.MID for s in steps)
 
     def plan(self, input_shape: tuple[int, ...]) -> Plan:
         """The expected transitions for an input of `input_shape` (see [`plan`][cpcbm_blocks.plan.plan])."""
@@ -74,9 +110,10 @@ class UNet3D(nn.Module):
             block = self.blocks[step.module_key]
             skip = skips.pop() if step.takes_skip else None
             h_in = h
-            if skip is not None:
-                h = torch.cat([h, skip], dim=1)
-            h = block(h, emb) if step.op is Op.RES else block(h)
+            if position in self._checkpointed and torch.is_grad_enabled():
+                h = checkpoint(_run_step, step, block, h, skip, emb, use_reentrant=False)
+            else:
+                h = _run_step(step, block, h, skip, emb)
             if expected is not None:
                 self._observe(expected[position], h_in, skip, h, raise_on_mismatch=checking)
             if step.gives_skip:
@@ -92,6 +129,13 @@ class UNet3D(nn.Module):
         if raise_on_mismatch and actual != expected:
             raise TraceMismatchError(f"{expected.step.describe()}: expected {expected.render()}, "
                                      f"got {actual.render()}.")
+
+
+def _run_step(step: Step, block: nn.Module, h: Tensor, skip: Tensor | None, emb: Tensor) -> Tensor:
+    """One step: concatenate the skip (if any), then run the step's module."""
+    if skip is not None:
+        h = torch.cat([h, skip], dim=1)
+    return block(h, emb) if step.op is Op.RES else block(h)
 
 
 def _check_volume(x: Tensor, spec: UNetSpec) -> None:
