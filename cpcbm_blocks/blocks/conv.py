@@ -1,12 +1,23 @@
-"""`Conv3d`: `torch.nn.Conv3d` that runs a depth-1 kernel as a 2-D convolution.
+"""`Conv3d`: `torch.nn.Conv3d` that runs shallow convolutions as 2-D ones.
 
-A `(1, k, k)` kernel never mixes depth slices, so it is a 2-D convolution applied to every slice.
-Running it as `F.conv2d` over `(B*D, C, H, W)` computes the same numbers with the same weights (a
-test checks this against `F.conv3d`), but picks PyTorch's fast 2-D kernels: for the small batch-1
-volumes of the deep levels, `Conv3d` falls back to `slow_conv3d`, several times slower.
-The parameters keep `nn.Conv3d`'s names and 5-D shapes, so state dicts are interchangeable.
+Two exact reformulations, both with the same weights (tests check them against `F.conv3d`):
+
+* **Planar kernels.** A `(1, k, k)` kernel never mixes depth slices, so it is a 2-D convolution
+  applied to every slice: `F.conv2d` over `(B*D, C, H, W)`.
+* **Shallow volumes.** When the volume is no deeper than the kernel (`D <= k_d`, e.g. the 2-slice
+  level of an 8-slice MRI stack), every output slice is a sum of 2-D convolutions of the input
+  slices with the kernel's depth taps. Folding depth into channels makes that one `F.conv2d` from
+  `D*C_in` to `D_out*C_out` channels with a block weight (tap `i - o*s_d + p_d` in block `(o, i)`,
+  zero where it would fall outside the kernel). For `D <= k_d` this does no more multiply-adds than
+  the 3-D form, which spends a third of them on the zero padding at `D = 2`.
+
+Both matter on CPU: for the small batch-1 volumes of the deep levels (N*C*D*H <= 20480) PyTorch's
+`Conv3d` falls back to `slow_conv3d`, several times slower than its 2-D kernels (measured in
+`benchmarks/`). The parameters keep `nn.Conv3d`'s names and 5-D shapes, so state dicts are
+interchangeable.
 """
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Float
@@ -16,7 +27,7 @@ __all__ = ["Conv3d", "zero_init"]
 
 
 class Conv3d(nn.Conv3d):
-    """`nn.Conv3d` ("same" padding by default) with a 2-D fast path for depth-1 kernels."""
+    """`nn.Conv3d` ("same" padding by default) with 2-D fast paths for planar kernels and shallow volumes."""
 
     def __init__(self, in_channels: int, out_channels: int, *, kernel_size: tuple[int, int, int],
                  stride: tuple[int, int, int] = (1, 1, 1), bias: bool = True) -> None:
@@ -28,13 +39,30 @@ class Conv3d(nn.Conv3d):
         """True when the kernel and stride leave depth alone, so the 2-D path applies."""
         return self.kernel_size[0] == 1 and self.stride[0] == 1
 
+    def folds(self, depth: int) -> bool:
+        """True when a volume of this `depth` runs as one 2-D convolution with depth folded into channels."""
+        return not self.planar and depth <= self.kernel_size[0]
+
     def forward(self, x: Float[Tensor, "b c_in d h w"]) -> Float[Tensor, "b c_out d_out h_out w_out"]:
-        if not self.planar:
-            return super().forward(x)
-        batch = x.shape[0]
-        slices = rearrange(x, "b c d h w -> (b d) c h w")
-        y = F.conv2d(slices, self.weight.squeeze(2), self.bias, self.stride[1:], self.padding[1:])
-        return rearrange(y, "(b d) c h w -> b c d h w", b=batch)
+        if self.planar:
+            batch = x.shape[0]
+            slices = rearrange(x, "b c d h w -> (b d) c h w")
+            y = F.conv2d(slices, self.weight.squeeze(2), self.bias, self.stride[1:], self.padding[1:])
+            return rearrange(y, "(b d) c h w -> b c d h w", b=batch)
+        if self.folds(x.shape[2]):
+            return self._folded(x)
+        return super().forward(x)
+
+    def _folded(self, x: Tensor) -> Tensor:
+        depth, taps, stride, pad = x.shape[2], self.kernel_size[0], self.stride[0], self.padding[0]
+        depth_out = (depth + 2 * pad - taps) // stride + 1
+        zero = self.weight.new_zeros(self.weight.shape[:2] + self.weight.shape[3:])
+        blocks = [[self.weight[:, :, tap] if 0 <= (tap := i - o * stride + pad) < taps else zero for i in range(depth)]
+                  for o in range(depth_out)]
+        weight = torch.cat([torch.cat(row, dim=1) for row in blocks], dim=0)
+        bias = None if self.bias is None else self.bias.repeat(depth_out)
+        y = F.conv2d(rearrange(x, "b c d h w -> b (d c) h w"), weight, bias, self.stride[1:], self.padding[1:])
+        return rearrange(y, "b (d c) h w -> b c d h w", d=depth_out)
 
 
 def zero_init(module: nn.Module) -> nn.Module:

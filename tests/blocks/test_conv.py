@@ -42,3 +42,28 @@ def test_state_dict_keys_and_shapes_match_torch_conv3d():
     ours = Conv3d(2, 3, kernel_size=(1, 3, 3))
     theirs = torch.nn.Conv3d(2, 3, kernel_size=(1, 3, 3))
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+@given(batch=st.integers(1, 2), depth=st.integers(1, 3), size=st.integers(3, 9), depth_stride=st.sampled_from([1, 2]),
+       stride=st.sampled_from([1, 2]), taps=st.sampled_from([3, 5]))
+def test_a_volume_no_deeper_than_the_kernel_folds_into_one_conv2d_equal_to_conv3d(batch, depth, size, depth_stride,
+                                                                                   stride, taps):
+    torch.manual_seed(0)
+    conv = Conv3d(3, 5, kernel_size=(taps, 3, 3), stride=(depth_stride, stride, stride))
+    assert conv.folds(depth) and not conv.folds(taps + 1)
+    x = torch.randn(batch, 3, depth, size, size, requires_grad=True)
+    reference = F.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+    out = conv(x)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
+    theirs = torch.autograd.grad(reference, (x, conv.weight, conv.bias), grad)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_deeper_volumes_keep_the_3d_convolution():
+    conv = Conv3d(2, 2, kernel_size=(3, 3, 3))
+    x = torch.randn(1, 2, 4, 6, 6)
+    assert not conv.folds(4)
+    torch.testing.assert_close(conv(x), F.conv3d(x, conv.weight, conv.bias, padding=1))
