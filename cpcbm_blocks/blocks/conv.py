@@ -13,7 +13,13 @@ Two exact reformulations, both with the same weights (tests check them against `
 
 Both matter on CPU: for the small batch-1 volumes of the deep levels (N*C*D*H <= 20480) PyTorch's
 `Conv3d` falls back to `slow_conv3d`, several times slower than its 2-D kernels (measured in
-`benchmarks/`). The parameters keep `nn.Conv3d`'s names and 5-D shapes, so state dicts are
+`benchmarks/`).
+
+A third path handles the other volumes that would hit `slow_conv3d` on CPU. PyTorch's choice looks
+at `N*C*D*H` only (`use_mkldnn` in ATen's `Convolution.cpp`), so a volume that is shallow but wide,
+such as `(1, 32, 8, 64, 64)`, runs the slow kernel although oneDNN's is about 5x faster. Moving depth
+to the last axis (input, kernel, stride and padding together) is the same convolution, and its
+`N*C*H*W` picks oneDNN. The parameters keep `nn.Conv3d`'s names and 5-D shapes, so state dicts are
 interchangeable.
 """
 
@@ -24,6 +30,10 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 __all__ = ["Conv3d", "zero_init"]
+
+_SLOW_CONV3D_LIMIT = 20480
+"""PyTorch (2.x, CPU, float32, batch 1, groups 1) runs a 3x3x3 convolution with `slow_conv3d` when
+`N*C*D*H` is at most this (`use_mkldnn` in aten/src/ATen/native/Convolution.cpp)."""
 
 
 class Conv3d(nn.Conv3d):
@@ -51,7 +61,15 @@ class Conv3d(nn.Conv3d):
             return rearrange(y, "(b d) c h w -> b c d h w", b=batch)
         if self.folds(x.shape[2]):
             return self._folded(x)
+        if x.device.type == "cpu" and _hits_slow_conv3d(x.shape):
+            return self._depth_last(x)
         return super().forward(x)
+
+    def _depth_last(self, x: Tensor) -> Tensor:
+        (sd, sh, sw), (pd, ph, pw) = self.stride, self.padding
+        y = F.conv3d(rearrange(x, "b c d h w -> b c h w d"), rearrange(self.weight, "o i d h w -> o i h w d"),
+                     self.bias, (sh, sw, sd), (ph, pw, pd))
+        return rearrange(y, "b c h w d -> b c d h w")
 
     def _folded(self, x: Tensor) -> Tensor:
         depth, taps, stride, pad = x.shape[2], self.kernel_size[0], self.stride[0], self.padding[0]
@@ -63,6 +81,12 @@ class Conv3d(nn.Conv3d):
         bias = None if self.bias is None else self.bias.repeat(depth_out)
         y = F.conv2d(rearrange(x, "b c d h w -> b (d c) h w"), weight, bias, self.stride[1:], self.padding[1:])
         return rearrange(y, "b (d c) h w -> b c d h w", d=depth_out)
+
+
+def _hits_slow_conv3d(shape: tuple[int, ...]) -> bool:
+    """True when PyTorch would pick `slow_conv3d` for this input and would not with depth moved last."""
+    n, c, d, h, w = shape
+    return n * c * d * h <= _SLOW_CONV3D_LIMIT < n * c * h * w
 
 
 def zero_init(module: nn.Module) -> nn.Module:

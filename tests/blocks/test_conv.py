@@ -67,3 +67,20 @@ def test_deeper_volumes_keep_the_3d_convolution():
     x = torch.randn(1, 2, 4, 6, 6)
     assert not conv.folds(4)
     torch.testing.assert_close(conv(x), F.conv3d(x, conv.weight, conv.bias, padding=1))
+
+
+@given(depth=st.sampled_from([4, 8]), depth_stride=st.sampled_from([1, 2]), stride=st.sampled_from([1, 2]))
+def test_a_shallow_wide_volume_runs_depth_last_on_onednn_and_equals_conv3d(depth, depth_stride, stride):
+    torch.manual_seed(0)
+    conv = Conv3d(32, 8, kernel_size=(3, 3, 3), stride=(depth_stride, stride, stride))
+    x = torch.randn(1, 32, depth, 32, 32, requires_grad=True)  # N*C*D*H <= 20480 < N*C*H*W
+    with torch.profiler.profile() as profile:
+        out = conv(x)
+    assert "aten::slow_conv3d_forward" not in {event.key for event in profile.key_averages()}
+    reference = F.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
+    theirs = torch.autograd.grad(reference, (x, conv.weight, conv.bias), grad)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
