@@ -172,6 +172,22 @@ def _tensor(name: str, value, *, rank: int, floating: bool, layout_text: str) ->
     return value
 
 
+def _refuse_unused(spec: UNetSpec, given: list[str]) -> None:
+    """A condition the spec has no use for is a mistake (a silently ignored input is worse)."""
+    cond = spec.conditioning
+    for name in given:
+        if cond is None:
+            reason = "has no conditioning (UNetSpec.conditioning is None)"
+        elif name.startswith("text") and not cond.has_text:
+            reason = "does not condition on text (conditioning.text_channels=None)"
+        elif name.startswith("cond_") and not cond.has_images:
+            reason = "does not condition on images (conditioning.image_channels=0)"
+        else:
+            continue
+        raise InputError(f"{name}: this UNet's spec {reason}, got a value. Drop {name}, or build the UNet from a "
+                         "spec that uses it (e.g. UNetSpec.conditioned(...)).")
+
+
 def validate_conditions(spec: UNetSpec, *, text, text_mask, text_pooled, cond_images, cond_available):
     """Check every condition against the spec and each other; return (batch, text_mask, cond_available).
 
@@ -179,12 +195,9 @@ def validate_conditions(spec: UNetSpec, *, text, text_mask, text_pooled, cond_im
     the expected and the actual value, and what to do. Missing masks default to "all present".
     """
     cond = spec.conditioning
-    given = _given(text=text, text_mask=text_mask, text_pooled=text_pooled, cond_images=cond_images,
-                   cond_available=cond_available)
+    _refuse_unused(spec, _given(text=text, text_mask=text_mask, text_pooled=text_pooled, cond_images=cond_images,
+                                cond_available=cond_available))
     if cond is None:
-        if given:
-            raise InputError(f"{given[0]}: this UNet's spec has no conditioning (UNetSpec.conditioning is None), "
-                             f"got a value. Build the UNet from UNetSpec.conditioned(...) or drop {given[0]}.")
         return None, None, None
     batches: dict[str, int] = {}
     if cond.has_text:
@@ -212,10 +225,6 @@ def validate_conditions(spec: UNetSpec, *, text, text_mask, text_pooled, cond_im
             if tuple(text_pooled.shape) != (text.shape[0], cond.text_channels):
                 raise InputError(f"text_pooled: expected shape {(text.shape[0], cond.text_channels)}, got "
                                  f"{tuple(text_pooled.shape)}.")
-    elif text is not None or text_mask is not None or text_pooled is not None:
-        name = _given(text=text, text_mask=text_mask, text_pooled=text_pooled)[0]
-        raise InputError(f"{name}: this spec does not condition on text (conditioning.text_channels=None), got a "
-                         f"value. Drop {name} or build the spec with text_channels set.")
     if cond.has_images:
         if cond_images is None:
             raise InputError(f"cond_images: this spec conditions on {cond.image_channels} image(s) "
@@ -234,10 +243,6 @@ def validate_conditions(spec: UNetSpec, *, text, text_mask, text_pooled, cond_im
         if tuple(cond_available.shape) != tuple(cond_images.shape[:2]):
             raise InputError(f"cond_available: expected shape {tuple(cond_images.shape[:2])} (batch, k of cond_images), "
                              f"got {tuple(cond_available.shape)}.")
-    elif cond_images is not None or cond_available is not None:
-        name = _given(cond_images=cond_images, cond_available=cond_available)[0]
-        raise InputError(f"{name}: this spec does not condition on images (conditioning.image_channels=0), got a "
-                         f"value. Drop {name} or build the spec with image_channels set.")
     if len(set(batches.values())) > 1:
         raise InputError(f"text, cond_images: expected the same batch size, got {batches}. Give every condition one "
                          "row per sample.")

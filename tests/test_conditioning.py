@@ -226,3 +226,38 @@ def test_fusion_steps_keep_the_fused_features_as_the_skip():
     down1 = [s for s in steps if s.section.value == "down" and s.group == 1]
     assert [(s.op, s.gives_skip) for s in down1] == [(Op.RES, True), (Op.RES, False), (Op.FUSE_DYNAMIC_CONV, True),
                                                      (Op.DOWN, False)]
+
+
+def test_with_fusion_gates_at_their_initial_zero_the_conditions_cannot_change_the_prediction():
+    """Every fusion step is a zero-initialised residual: a fresh conditioned UNet is the plain UNet."""
+    model = UNet3D(small_conditioned())
+    gates = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".gate")}
+    assert len(gates) == sum(s.op.is_fusion for s in model.steps)
+    randomize_(model, scale=0.1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in gates:
+                parameter.copy_(gates[name])
+    x = torch.randn(2, 1, 4, 16, 16)
+    one, other = inputs(seed=0), inputs(seed=1)
+    other["cond_available"][0] = False
+    torch.testing.assert_close(model(x, 10, **one), model(x, 10, **other))
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n in gates).fill_(0.5)
+    assert not torch.allclose(model(x, 10, **one), model(x, 10, **other))
+
+
+@pytest.mark.parametrize(("conditioning", "given", "fragment"), [
+    (dict(text_channels=None), {"text": torch.randn(2, 5, E)}, "text: this UNet's spec does not condition on text"),
+    (dict(image_channels=0), {"cond_available": torch.ones(2, 3, dtype=torch.bool)},
+     "cond_available: this UNet's spec does not condition on images"),
+])
+def test_a_condition_of_a_kind_the_spec_does_not_use_is_refused(conditioning, given, fragment):
+    spec = UNetSpec.conditioned(sample_size=(4, 16, 16), channels=(8, 16, 16, 16), num_groups=4, head_channels=4,
+                                cross_attention_levels=(), mid_fusion=FusionKind.GATED,
+                                conditioning=ConditioningSpec(**{"text_channels": E, "image_channels": 3, **conditioning}))
+    model = UNet3D(spec)
+    required = {k: v for k, v in inputs().items() if k in (("text", "text_mask") if spec.conditioning.has_text
+                                                           else ("cond_images", "cond_available"))}
+    with pytest.raises(InputError, match=fragment):
+        model(torch.randn(2, 1, 4, 16, 16), 5, **{**required, **given})
