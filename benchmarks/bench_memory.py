@@ -8,7 +8,7 @@
    predicts tensor bytes; the table shows the process's RSS before the model was built too, so the
    two can be compared (`peak RSS - baseline`).
 
-    python benchmarks/bench_memory.py --time-size 128 --peak-size 256 --repeats 3
+    python benchmarks/bench_memory.py --time-size 128 --peak-size 256 --repeats 3 --peak-specs default,conditioned
 """
 
 import argparse
@@ -25,7 +25,10 @@ import torch
 from common import MALLOC_VARIABLES, alternate, median, save, setup, table
 
 from cpcbm_blocks import UNet3D, UNetSpec
-from cpcbm_blocks.memory import memory_plan
+from cpcbm_blocks.memory import _conditions, memory_plan
+
+SPECS = {"default": UNetSpec.default, "conditioned": UNetSpec.conditioned}
+TEXT_TOKENS = 77
 
 ALL_LEVELS = {"levels": (1, 2, 3, 4), "mid": True}
 
@@ -47,20 +50,22 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(size: int, checkpointing: bool) -> None:
+def child(size: int, checkpointing: bool, spec_name: str) -> None:
     """Two training steps with Adam in this fresh process; print peak RSS and the baseline as JSON."""
     torch.set_num_threads(2)
     torch.manual_seed(0)
     shape = (1, 1, 8, size, size)
     baseline = rss_bytes()
-    model = UNet3D(UNetSpec.default())
+    spec = SPECS[spec_name]()
+    conditions = {k: torch.randn(v.shape) for k, v in _conditions(spec, shape, torch.float32, TEXT_TOKENS).items()}
+    model = UNet3D(spec)
     if checkpointing:
         model.set_gradient_checkpointing(**ALL_LEVELS)
     optimizer = torch.optim.Adam(model.parameters())
     x, target, t = torch.randn(shape), torch.randn(shape), torch.tensor([500])
     for _ in range(2):
         optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(model(x, t), target).backward()
+        torch.nn.functional.mse_loss(model(x, t, **conditions), target).backward()
         optimizer.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"baseline_rss": baseline, "peak_rss": peak}))
@@ -83,14 +88,23 @@ def main() -> None:
     parser.add_argument("--time-size", type=int, default=128)
     parser.add_argument("--peak-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", nargs=2, metavar=("SIZE", "CHECKPOINTING"), help=argparse.SUPPRESS)
+    parser.add_argument("--peak-specs", default="default", help="comma-separated: default, conditioned")
+    parser.add_argument("--skip-timing", action="store_true", help="only the fresh-process peak memory part")
+    parser.add_argument("--child", nargs=3, metavar=("SIZE", "CHECKPOINTING", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(int(args.child[0]), args.child[1] == "on")
+        child(int(args.child[0]), args.child[1] == "on", args.child[2])
         return
     env = setup()
     tables, data = {}, {}
 
+    if not args.skip_timing:
+        tables["checkpointing"], data["checkpointing"] = checkpointing_part(args)
+    peak_part(args, tables, data)
+    save("memory", env, tables, data)
+
+
+def checkpointing_part(args):
     shape = (1, 1, 8, args.time_size, args.time_size)
     torch.manual_seed(0)
     x, target, t = torch.randn(shape), torch.randn(shape), torch.tensor([500])
@@ -114,30 +128,32 @@ def main() -> None:
     text = table(["checkpointing", "median s", "time / off", "held for backward MiB (measured)", "off / this",
                   "planned MiB", "measured / planned"], rows)
     print(f"\nGradient checkpointing at {shape}, {args.repeats} alternating rounds:\n{text}", flush=True)
-    tables["checkpointing"] = text
-    data["checkpointing"] = {"shape": shape, "times": times, "held": held,
-                             "planned_saved": {k: v.saved_bytes for k, v in planned.items()}}
+    return text, {"shape": shape, "times": times, "held": held,
+                  "planned_saved": {k: v.saved_bytes for k, v in planned.items()}}
 
+
+def peak_part(args, tables, data):
     malloc_free_env = {k: v for k, v in os.environ.items() if k not in MALLOC_VARIABLES}
     rows, peaks = [], {}
     peak_shape = (1, 1, 8, args.peak_size, args.peak_size)
-    for name, flag in (("off", "off"), ("on (all levels + mid)", "on")):
-        result = subprocess.run([sys.executable, __file__, "--child", str(args.peak_size), flag], env=malloc_free_env,
-                                capture_output=True, text=True, check=True)
-        measured = json.loads(result.stdout.strip().splitlines()[-1])
-        plan = (memory_plan(UNetSpec.default(), peak_shape) if flag == "off" else
-                memory_plan(UNetSpec.default(), peak_shape, checkpoint_levels=(1, 2, 3, 4), checkpoint_mid=True))
-        net = measured["peak_rss"] - measured["baseline_rss"]
-        peaks[name] = {**measured, "planned_peak": plan.peak_bytes}
-        rows.append([name, measured["peak_rss"] / 2**30, measured["baseline_rss"] / 2**30, net / 2**30,
-                     plan.peak_bytes / 2**30, net / plan.peak_bytes])
-        print(f"peak, checkpointing {name}: {rows[-1]}", flush=True)
-    text = table(["checkpointing", "peak RSS GiB", "baseline RSS GiB", "peak - baseline GiB", "planned peak GiB",
-                  "measured / planned"], rows)
+    for spec_name in args.peak_specs.split(","):
+        spec = SPECS[spec_name]()
+        for name, flag in (("off", "off"), ("on (all levels + mid)", "on")):
+            result = subprocess.run([sys.executable, __file__, "--child", str(args.peak_size), flag, spec_name],
+                                    env=malloc_free_env, capture_output=True, text=True, check=True)
+            measured = json.loads(result.stdout.strip().splitlines()[-1])
+            plan = memory_plan(spec, peak_shape, text_tokens=TEXT_TOKENS,
+                               **({"checkpoint_levels": (1, 2, 3, 4), "checkpoint_mid": True} if flag == "on" else {}))
+            net = measured["peak_rss"] - measured["baseline_rss"]
+            peaks[f"{spec_name}, {name}"] = {**measured, "planned_peak": plan.peak_bytes}
+            rows.append([f"UNetSpec.{spec_name}()", name, measured["peak_rss"] / 2**30, measured["baseline_rss"] / 2**30,
+                         net / 2**30, plan.peak_bytes / 2**30, net / plan.peak_bytes])
+            print(f"peak: {rows[-1]}", flush=True)
+    text = table(["spec", "checkpointing", "peak RSS GiB", "baseline RSS GiB", "peak - baseline GiB",
+                  "planned peak GiB", "measured / planned"], rows)
     print(f"\nPeak memory of a training step with Adam at {peak_shape}, fresh process each, glibc default malloc:\n{text}")
     tables["peak_memory"] = text
     data["peak_memory"] = {"shape": peak_shape, "peaks": peaks}
-    save("memory", env, tables, data)
 
 
 if __name__ == "__main__":

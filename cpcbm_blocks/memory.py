@@ -119,18 +119,19 @@ class MemoryPlan:
     attention_backend: AttentionBackend
     checkpoint_levels: tuple[int, ...]
     checkpoint_mid: bool
+    text_tokens: int
     steps: tuple[StepCost, ...]
     parameter_count: int
     embedding_parameters: int
-    """Parameters of the timestep embedding, which belongs to no transition."""
+    """Parameters outside the transitions: the timestep embedding and, if any, the condition encoder."""
     parameter_bytes: int
     gradient_bytes: int
     optimizer_bytes: int
     """Adam's two moment estimates (and its step counters)."""
     input_bytes: int
-    """The input volume, its timesteps and the regression target."""
+    """The input volume, its timesteps, the conditions (if any) and the regression target."""
     embedding_saved_bytes: int
-    """Saved by the timestep embedding, which runs before the first step."""
+    """Saved by what runs before the first step: the timestep embedding and the condition encoder."""
     embedding_forward_flops: int
     forward_flops: int
     backward_flops: int
@@ -185,7 +186,7 @@ class MemoryPlan:
         """The same plan for another batch size."""
         return memory_plan(self.spec, (batch, *self.input_shape[1:]), dtype=self.dtype,
                            checkpoint_levels=self.checkpoint_levels, checkpoint_mid=self.checkpoint_mid,
-                           attention_backend=self.attention_backend)
+                           attention_backend=self.attention_backend, text_tokens=self.text_tokens)
 
     def to_dict(self) -> dict:
         """Plain JSON-able data: totals, per-level sums and one row per transition."""
@@ -322,6 +323,19 @@ def _owner_hooks(model, recorder: _Recorder) -> list:
     return handles
 
 
+def _conditions(spec: UNetSpec, input_shape: tuple[int, ...], dtype: torch.dtype, text_tokens: int) -> dict[str, Tensor]:
+    """Meta conditions of the shapes a conditioned spec takes (none for an unconditioned one)."""
+    cond = spec.conditioning
+    if cond is None:
+        return {}
+    conditions = {}
+    if cond.has_text:
+        conditions["text"] = torch.empty(input_shape[0], text_tokens, cond.text_channels, dtype=dtype)
+    if cond.has_images:
+        conditions["cond_images"] = torch.empty(input_shape[0], cond.image_channels, *input_shape[2:], dtype=dtype)
+    return conditions
+
+
 def _check_levels(spec: UNetSpec, levels: Iterable[int]) -> tuple[int, ...]:
     levels = tuple(sorted(set(levels)))
     if any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= len(spec.levels) for v in levels):
@@ -332,7 +346,7 @@ def _check_levels(spec: UNetSpec, levels: Iterable[int]) -> tuple[int, ...]:
 
 def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "fp32",
                 checkpoint_levels: Iterable[int] = (), checkpoint_mid: bool = False,
-                attention_backend: AttentionBackend | str = AttentionBackend.SDPA) -> MemoryPlan:
+                attention_backend: AttentionBackend | str = AttentionBackend.SDPA, text_tokens: int = 77) -> MemoryPlan:
     """Plan one training step of `spec`'s UNet on a batch of `input_shape` (B, C, D, H, W).
 
     **Arguments:**
@@ -343,6 +357,7 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     - `checkpoint_levels`, `checkpoint_mid`: gradient checkpointing, as
       [`UNet3D.set_gradient_checkpointing`][cpcbm_blocks.unet.UNet3D.set_gradient_checkpointing] sets it.
     - `attention_backend`: `"sdpa"` (fused, the default) or `"naive"` (materialises the scores).
+    - `text_tokens`: tokens per text condition, for a spec conditioned on text (CLIP: 77).
     """
     from cpcbm_blocks.unet import UNet3D  # unet imports blocks; keep this module importable on its own
 
@@ -358,12 +373,14 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
         x = torch.empty(expected.input_shape, dtype=torch_dtype)
         t = torch.empty(expected.input_shape[0])
         target = torch.empty(expected.output_shape, dtype=torch_dtype)
+        conditions = _conditions(spec, expected.input_shape, torch_dtype, text_tokens)
     parameters = list(model.parameters())
     parameter_bytes = sum(p.numel() * p.element_size() for p in parameters)
-    input_bytes = sum(v.numel() * v.element_size() for v in (x, t, target))
+    inputs = [x, t, target, *conditions.values()]
+    input_bytes = sum(v.numel() * v.element_size() for v in inputs)
 
     recorder = _Recorder()
-    recorder.exclude([*parameters, *model.buffers(), x, t, target])
+    recorder.exclude([*parameters, *model.buffers(), *inputs])
     for position, transition in enumerate(expected.transitions):
         if transition.step.op is Op.ATTN:
             channels, d, h, w = transition.in_shape
@@ -374,7 +391,7 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     optimizer = torch.optim.Adam(parameters, foreach=True)
     try:
         with recorder, shape_checks(False), use_attention_backend(backend):
-            out = model(x, t)
+            out = model(x, t, **conditions)
             recorder.owner = len(expected.transitions)  # the loss
             saved = {key: owner for key, (_, owner, phase) in recorder.live.items() if phase == "forward"}
             saved.pop(out.untyped_storage()._cdata, None)
@@ -415,8 +432,8 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     backward_flops = sum(v for (phase, _), v in recorder.flops.items() if phase == "backward")
     return MemoryPlan(
         spec=spec, input_shape=expected.input_shape, dtype=dtype, attention_backend=backend, checkpoint_levels=levels,
-        checkpoint_mid=bool(checkpoint_mid), steps=tuple(costs), parameter_count=sum(p.numel() for p in parameters),
-        embedding_parameters=sum(p.numel() for p in model.time_embedding.parameters()),
+        checkpoint_mid=bool(checkpoint_mid), text_tokens=text_tokens, steps=tuple(costs), parameter_count=sum(p.numel() for p in parameters),
+        embedding_parameters=sum(p.numel() for p in parameters) - sum(params_by_key.values()),
         parameter_bytes=parameter_bytes, gradient_bytes=gradient_bytes, optimizer_bytes=optimizer_bytes,
         input_bytes=input_bytes, embedding_saved_bytes=saved_by_owner.get(_BEFORE, 0),
         embedding_forward_flops=recorder.flops.get(("forward", _BEFORE), 0),

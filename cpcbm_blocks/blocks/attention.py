@@ -67,14 +67,25 @@ def attention(q: Float[Tensor, "b heads n e"], k: Float[Tensor, "b heads m e"], 
     keys that may be attended to (True = keep). The backend is chosen with
     [`attention_backend`][cpcbm_blocks.blocks.attention.attention_backend] (default: SDPA).
 
-    On the `meta` device (used by the memory planner) SDPA's dispatcher has no fused kernel to pick
-    and falls back to its math path, which materialises the scores. There the fused CPU kernel's own
-    meta function is called instead, so that a plan on `meta` saves what a real CPU run saves (the
-    output and the log-sum-exp, no scores).
+    A row whose keys are all masked has no defined softmax (SDPA returns NaN there; pytorch#103749):
+    such rows attend to nothing and return zeros, computed without a host sync.
     """
+    if key_mask is None:
+        return _kernel(q, k, v, None)
+    has_key = key_mask.any(dim=-1)
+    keep = key_mask | ~has_key[:, None]  # an empty row attends everywhere, then is zeroed below
+    out = _kernel(q, k, v, keep)
+    return out * has_key[:, None, None, None].to(out.dtype)
+
+
+def _kernel(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
+    """The selected backend. On the `meta` device (used by the memory planner) SDPA's dispatcher has no
+    fused kernel to pick and falls back to its math path, which materialises the scores; there the
+    fused CPU kernel's own meta function is called instead, so that a plan on `meta` saves what a real
+    run saves (the output and the log-sum-exp, no scores)."""
     if _backend.value is AttentionBackend.NAIVE:
-        return reference_attention(q, k, v, key_mask)
-    mask = None if key_mask is None else key_mask[:, None, None, :]
+        return reference_attention(q, k, v, keep)
+    mask = None if keep is None else keep[:, None, None, :]
     if q.device.type == "meta":
         if mask is not None:  # as SDPA does before its fused kernels: a boolean mask becomes an additive one
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
