@@ -176,7 +176,8 @@ def plan_command(args: argparse.Namespace) -> int:
         input_shape = (args.batch, *input_shape[1:])
     warm_up_seconds = _warm_up_meta_kernels()
     result = memory_plan(spec, input_shape, dtype=args.dtype, checkpoint_levels=args.checkpoint_levels,
-                         checkpoint_mid=args.checkpoint_mid, attention_backend=args.attention,
+                         checkpoint_mid=args.checkpoint_mid, checkpoint_conditions=args.checkpoint_conditions,
+                         attention_backend=args.attention,
                          text_tokens=args.text_tokens)
     largest = None if args.fit_gib is None else result.largest_batch(int(args.fit_gib * 2**30))
     if args.format == "json":
@@ -184,7 +185,8 @@ def plan_command(args: argparse.Namespace) -> int:
                           "fit_gib": args.fit_gib, "largest_batch": largest,
                           "torch_meta_import_seconds": round(warm_up_seconds, 4)}, indent=2))
         return 0
-    checkpointing = ", ".join([*(f"level {v}" for v in result.checkpoint_levels), *(["mid"] if result.checkpoint_mid else [])])
+    checkpointing = ", ".join([*(f"level {v}" for v in result.checkpoint_levels), *(["mid"] if result.checkpoint_mid else []),
+                               *(["conditions"] if result.checkpoint_conditions else [])])
     print(f"cpcbm-blocks plan: {spec_name}, input {result.input_shape}, {args.dtype}, attention {result.attention_backend.value}, "
           f"checkpointing {checkpointing or 'off'}; a training step (forward, MSE loss, backward, Adam) on meta")
     print(result.render())
@@ -223,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan_parser.add_argument("--checkpoint-levels", type=_levels, default=(), metavar="L1,L2",
                              help="levels to run with gradient checkpointing, e.g. 1,2 (default: none)")
     plan_parser.add_argument("--checkpoint-mid", action="store_true", help="also checkpoint the middle")
+    plan_parser.add_argument("--checkpoint-conditions", action="store_true",
+                             help="also checkpoint the condition encoder (conditioned specs)")
     plan_parser.add_argument("--attention", choices=("sdpa", "naive"), default="sdpa",
                              help="attention backend: fused SDPA (default) or naive (materialises the scores)")
     plan_parser.add_argument("--fit-gib", type=float, metavar="N", help="also report the largest batch that fits in N GiB")

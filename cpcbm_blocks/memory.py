@@ -119,6 +119,7 @@ class MemoryPlan:
     attention_backend: AttentionBackend
     checkpoint_levels: tuple[int, ...]
     checkpoint_mid: bool
+    checkpoint_conditions: bool
     text_tokens: int
     steps: tuple[StepCost, ...]
     parameter_count: int
@@ -186,13 +187,14 @@ class MemoryPlan:
         """The same plan for another batch size."""
         return memory_plan(self.spec, (batch, *self.input_shape[1:]), dtype=self.dtype,
                            checkpoint_levels=self.checkpoint_levels, checkpoint_mid=self.checkpoint_mid,
-                           attention_backend=self.attention_backend, text_tokens=self.text_tokens)
+                           checkpoint_conditions=self.checkpoint_conditions, attention_backend=self.attention_backend, text_tokens=self.text_tokens)
 
     def to_dict(self) -> dict:
         """Plain JSON-able data: totals, per-level sums and one row per transition."""
         return {
             "input_shape": list(self.input_shape), "dtype": self.dtype, "attention_backend": self.attention_backend.value,
             "checkpoint_levels": list(self.checkpoint_levels), "checkpoint_mid": self.checkpoint_mid,
+            "checkpoint_conditions": self.checkpoint_conditions,
             "parameter_count": self.parameter_count, "parameter_bytes": self.parameter_bytes,
             "gradient_bytes": self.gradient_bytes, "optimizer_bytes": self.optimizer_bytes,
             "input_bytes": self.input_bytes, "saved_bytes": self.saved_bytes,
@@ -345,7 +347,7 @@ def _check_levels(spec: UNetSpec, levels: Iterable[int]) -> tuple[int, ...]:
 
 
 def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "fp32",
-                checkpoint_levels: Iterable[int] = (), checkpoint_mid: bool = False,
+                checkpoint_levels: Iterable[int] = (), checkpoint_mid: bool = False, checkpoint_conditions: bool = False,
                 attention_backend: AttentionBackend | str = AttentionBackend.SDPA, text_tokens: int = 77) -> MemoryPlan:
     """Plan one training step of `spec`'s UNet on a batch of `input_shape` (B, C, D, H, W).
 
@@ -354,7 +356,7 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     - `spec`: the network.
     - `input_shape`: the training batch's shape; the batch size is its first entry.
     - `dtype`: `"fp32"`, `"bf16"` or `"fp16"`: the dtype of the parameters and the activations.
-    - `checkpoint_levels`, `checkpoint_mid`: gradient checkpointing, as
+    - `checkpoint_levels`, `checkpoint_mid`, `checkpoint_conditions`: gradient checkpointing, as
       [`UNet3D.set_gradient_checkpointing`][cpcbm_blocks.unet.UNet3D.set_gradient_checkpointing] sets it.
     - `attention_backend`: `"sdpa"` (fused, the default) or `"naive"` (materialises the scores).
     - `text_tokens`: tokens per text condition, for a spec conditioned on text (CLIP: 77).
@@ -369,7 +371,8 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     started = time.perf_counter()
     torch_dtype = DTYPES[dtype]
     with torch.device("meta"):
-        model = UNet3D(spec).to(torch_dtype).set_gradient_checkpointing(levels=levels, mid=bool(checkpoint_mid))
+        model = UNet3D(spec).to(torch_dtype).set_gradient_checkpointing(
+            levels=levels, mid=bool(checkpoint_mid), conditions=bool(checkpoint_conditions))
         x = torch.empty(expected.input_shape, dtype=torch_dtype)
         t = torch.empty(expected.input_shape[0])
         target = torch.empty(expected.output_shape, dtype=torch_dtype)
@@ -432,7 +435,7 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     backward_flops = sum(v for (phase, _), v in recorder.flops.items() if phase == "backward")
     return MemoryPlan(
         spec=spec, input_shape=expected.input_shape, dtype=dtype, attention_backend=backend, checkpoint_levels=levels,
-        checkpoint_mid=bool(checkpoint_mid), text_tokens=text_tokens, steps=tuple(costs), parameter_count=sum(p.numel() for p in parameters),
+        checkpoint_mid=bool(checkpoint_mid), checkpoint_conditions=bool(checkpoint_conditions), text_tokens=text_tokens, steps=tuple(costs), parameter_count=sum(p.numel() for p in parameters),
         embedding_parameters=sum(p.numel() for p in parameters) - sum(params_by_key.values()),
         parameter_bytes=parameter_bytes, gradient_bytes=gradient_bytes, optimizer_bytes=optimizer_bytes,
         input_bytes=input_bytes, embedding_saved_bytes=saved_by_owner.get(_BEFORE, 0),

@@ -59,16 +59,19 @@ class UNet3D(nn.Module):
         self.conditioner = ConditionEncoder(spec) if spec.is_conditioned else None
         self._trace_sink: list[Transition] | None = None
         self._checkpointed: frozenset[int] = frozenset()
+        self._checkpoint_conditions = False
 
-    def set_gradient_checkpointing(self, *, levels: Iterable[int] = (), mid: bool = False) -> "UNet3D":
+    def set_gradient_checkpointing(self, *, levels: Iterable[int] = (), mid: bool = False,
+                                   conditions: bool = False) -> "UNet3D":
         """Recompute the steps of the given levels (and of the middle) in backward instead of saving them.
 
         Every step of a checkpointed level, on the way down and on the way up, runs under
         `torch.utils.checkpoint` (non-reentrant): it keeps only its inputs for backward and runs its
         forward again when the gradient reaches it. Gradients are the same as without checkpointing
         (tested); the cost is one more forward of those steps. A skip is concatenated inside the
-        checkpointed call, so the concatenation is not kept either. Levels are numbered from 1
-        (shallowest); `levels=()` and `mid=False` switch checkpointing off. Only training (grad
+        checkpointed call, so the concatenation is not kept either. With `conditions=True` the
+        condition encoder is checkpointed too (it keeps only its encoded outputs). Levels are numbered
+        from 1 (shallowest); `levels=()`, `mid=False` and `conditions=False` switch checkpointing off. Only training (grad
         enabled) is affected. The setting lives on the module, not in the spec: it changes memory and
         time, never the function. Returns the model.
         """
@@ -78,8 +81,10 @@ class UNet3D(nn.Module):
             if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= number_of_levels:
                 raise InputError(f"levels: expected level numbers in 1..{number_of_levels} (1 = shallowest), got "
                                  f"{levels!r}. Pass e.g. levels=(1, 2) or levels=range(1, {number_of_levels + 1}).")
-        if not isinstance(mid, bool):
-            raise InputError(f"mid: expected True or False, got {mid!r}.")
+        for name, value in (("mid", mid), ("conditions", conditions)):
+            if not isinstance(value, bool):
+                raise InputError(f"{name}: expected True or False, got {value!r}.")
+        self._checkpoint_conditions = conditions
         self._checkpointed = frozenset(position for position, step in enumerate(self.steps)
                                        if (step.section is Section.MID and mid)
                                        or (step.section in (Section.DOWN, Section.UP) and step.group in levels))
@@ -148,7 +153,10 @@ class UNet3D(nn.Module):
             if checking or self._trace_sink is not None:
                 expected = plan(self.spec, tuple(x.shape)).transitions
         if self.conditioner is not None and conditions is None:
-            conditions = self.encode_conditions(**raw)
+            if self._checkpoint_conditions and torch.is_grad_enabled():
+                conditions = checkpoint(self.encode_conditions, use_reentrant=False, **raw)
+            else:
+                conditions = self.encode_conditions(**raw)
         emb = self.time_embedding(t, batch_size=x.shape[0])
         if conditions is not None:
             if not compiling:

@@ -181,3 +181,13 @@ def test_planned_peak_matches_cuda_max_memory_allocated_within_10_percent():
         step()
         torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() == pytest.approx(memory_plan(spec, shape).peak_bytes, rel=0.10)
+
+
+def test_a_conditioned_spec_is_planned_with_its_conditions_and_its_encoder_can_be_checkpointed():
+    spec = UNetSpec.conditioned()
+    plain = memory_plan(spec, SMALL)
+    checkpointed = memory_plan(spec, SMALL, checkpoint_conditions=True)
+    assert plain.input_bytes > memory_plan(UNetSpec.default(), SMALL).input_bytes  # text and images are inputs
+    assert plain.embedding_parameters > 0 and plain.embedding_saved_bytes > 0
+    assert checkpointed.embedding_saved_bytes < plain.embedding_saved_bytes / 3
+    assert checkpointed.forward_flops == plain.forward_flops and checkpointed.backward_flops > plain.backward_flops

@@ -120,3 +120,28 @@ def test_compile_fullgraph_has_no_graph_breaks_and_matches_eager(tiny_spec):
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(x, t), model(x, t))
     torch._dynamo.reset()
+
+
+def test_checkpointing_a_conditioned_unet_with_its_encoder_gives_the_same_gradients():
+    from cpcbm_blocks import UNetSpec
+    spec = UNetSpec.conditioned(text_channels=8, channels=(8, 16), attention_levels=(2,), num_groups=4, head_channels=4,
+                                sample_size=(4, 8, 8), time_embedding_channels=16)
+    model = _model(spec)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 4, 8, 8, generator=generator)
+    conditions = {"text": torch.randn(2, 5, 8, generator=generator),
+                  "cond_images": torch.randn(2, spec.conditioning.image_channels, 4, 8, 8, generator=generator)}
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        out = model(x, torch.tensor([3.0, 700.0]), **conditions)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out, plain = grads()
+    model.set_gradient_checkpointing(levels=(1, 2), mid=True, conditions=True)
+    out_ckpt, checkpointed = grads()
+    torch.testing.assert_close(out_ckpt, out)
+    assert checkpointed.keys() == plain.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
