@@ -30,7 +30,7 @@ from cpcbm_blocks.memory import _conditions, memory_plan
 SPECS = {"default": UNetSpec.default, "conditioned": UNetSpec.conditioned}
 TEXT_TOKENS = 77
 
-ALL_LEVELS = {"levels": (1, 2, 3, 4), "mid": True}
+ALL_LEVELS = {"levels": (1, 2, 3, 4), "mid": True, "conditions": True}
 
 
 class _MallInfo2(ctypes.Structure):
@@ -121,7 +121,7 @@ def checkpointing_part(args):
     times = alternate({"off": step(plain), "on (all levels + mid)": step(checkpointed)}, repeats=args.repeats)
     held = {"off": held_for_backward(plain, x, t), "on (all levels + mid)": held_for_backward(checkpointed, x, t)}
     planned = {"off": memory_plan(UNetSpec.default(), shape),
-               "on (all levels + mid)": memory_plan(UNetSpec.default(), shape, checkpoint_levels=(1, 2, 3, 4), checkpoint_mid=True)}
+               "on (all levels + mid)": memory_plan(UNetSpec.default(), shape, checkpoint_levels=(1, 2, 3, 4), checkpoint_mid=True, checkpoint_conditions=True)}
     rows = [[name, median(times[name]), median(times[name]) / median(times["off"]), held[name] / 2**20,
              held["off"] / held[name], planned[name].saved_bytes / 2**20, held[name] / planned[name].saved_bytes]
             for name in times]
@@ -138,12 +138,13 @@ def peak_part(args, tables, data):
     peak_shape = (1, 1, 8, args.peak_size, args.peak_size)
     for spec_name in args.peak_specs.split(","):
         spec = SPECS[spec_name]()
-        for name, flag in (("off", "off"), ("on (all levels + mid)", "on")):
+        for name, flag in (("off", "off"), ("on (all levels + mid + conditions)", "on")):
             result = subprocess.run([sys.executable, __file__, "--child", str(args.peak_size), flag, spec_name],
                                     env=malloc_free_env, capture_output=True, text=True, check=True)
             measured = json.loads(result.stdout.strip().splitlines()[-1])
             plan = memory_plan(spec, peak_shape, text_tokens=TEXT_TOKENS,
-                               **({"checkpoint_levels": (1, 2, 3, 4), "checkpoint_mid": True} if flag == "on" else {}))
+                               **({"checkpoint_levels": (1, 2, 3, 4), "checkpoint_mid": True, "checkpoint_conditions": True}
+                                  if flag == "on" else {}))
             net = measured["peak_rss"] - measured["baseline_rss"]
             peaks[f"{spec_name}, {name}"] = {**measured, "planned_peak": plan.peak_bytes}
             rows.append([f"UNetSpec.{spec_name}()", name, measured["peak_rss"] / 2**30, measured["baseline_rss"] / 2**30,
