@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: A/B timing in one process, the environment header, JSON results.
+"""Shared by the benchmark scripts: the environment header, tables and JSON results (timing: `_timing.py`).
 
 Every script times its variants in ONE process, alternating them (A B A B ...) after a warm-up, and
 reports medians and ratios. The header says which torch, how many threads and which glibc malloc
@@ -8,13 +8,14 @@ settings were in force, because those move the figures more than most code chang
 import json
 import os
 import platform
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from _timing import alternate as alternate  # A B A B after a warm-up; shared with dynamic_conv.py
+from _timing import median as median
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "MALLOC_TOP_PAD_")
@@ -37,24 +38,6 @@ def setup(threads: int = 2) -> dict:
     print(f"torch {env['torch']}, python {env['python']}, torch threads {env['threads']} of {env['cpu_count']} CPUs, "
           f"malloc {env['malloc']}" + (f", monai {env['monai']}" if "monai" in env else ""))
     return env
-
-
-def alternate(variants: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Run each variant `warmup` times, then `repeats` rounds of A B C ..., and return the seconds of each call."""
-    for _ in range(warmup):
-        for run in variants.values():
-            run()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, run in variants.items():
-            started = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - started)
-    return times
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def table(headers: list[str], rows: list[list]) -> str:

@@ -52,14 +52,7 @@ def test_a_volume_no_deeper_than_the_kernel_folds_into_one_conv2d_equal_to_conv3
     conv = Conv3d(3, 5, kernel_size=(taps, 3, 3), stride=(depth_stride, stride, stride))
     assert conv.folds(depth) and not conv.folds(taps + 1)
     x = torch.randn(batch, 3, depth, size, size, requires_grad=True)
-    reference = F.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
-    out = conv(x)
-    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(out)
-    ours = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
-    theirs = torch.autograd.grad(reference, (x, conv.weight, conv.bias), grad)
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    _assert_equals_conv3d_with_gradients(conv, conv(x), x, tolerance=1e-5)
 
 
 def test_deeper_volumes_keep_the_3d_convolution():
@@ -77,8 +70,13 @@ def test_a_shallow_wide_volume_runs_depth_last_on_onednn_and_equals_conv3d(depth
     with torch.profiler.profile() as profile:
         out = conv(x)
     assert "aten::slow_conv3d_forward" not in {event.key for event in profile.key_averages()}
+    _assert_equals_conv3d_with_gradients(conv, out, x, tolerance=1e-4)
+
+
+def _assert_equals_conv3d_with_gradients(conv, out, x, *, tolerance):
+    """`out = conv(x)` equals `F.conv3d` with the same weights, and so do the gradients of x, weight and bias."""
     reference = F.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
-    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, reference, rtol=tolerance, atol=tolerance)
     grad = torch.randn_like(out)
     ours = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
     theirs = torch.autograd.grad(reference, (x, conv.weight, conv.bias), grad)
