@@ -20,9 +20,16 @@ def attention(q: Float[Tensor, "b heads n e"], k: Float[Tensor, "b heads m e"], 
     This is the library's single attention kernel: self- and cross-attention both call it, so
     PyTorch's fused CPU/GPU kernels (flash, memory-efficient) serve every block. `key_mask` marks the
     keys that may be attended to (True = keep).
+
+    A row whose keys are all masked has no defined softmax (SDPA returns NaN there; pytorch#103749):
+    such rows attend to nothing and return zeros, computed without a host sync.
     """
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if key_mask is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    has_key = key_mask.any(dim=-1)
+    keep = key_mask | ~has_key[:, None]  # an empty row attends everywhere, then is zeroed below
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+    return out * has_key[:, None, None, None].to(out.dtype)
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
