@@ -25,16 +25,22 @@ from einops import rearrange
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from cpcbm_blocks.blocks.conv import Conv3d
+from cpcbm_blocks.blocks.conv import Conv3d, conv3d
 from cpcbm_blocks.blocks.embedding import sinusoidal_embedding, timesteps_to_batch
 from cpcbm_blocks.layout import Op, Section
 from cpcbm_blocks.plan import Plan, Transition
 from cpcbm_blocks.spec import UNetSpec
 
-__all__ = ["block_diagram", "parameter_counts", "transition_table", "unet_diagram"]
+__all__ = ["block_diagram", "parameter_counts", "transition_table", "unet_diagram", "unet_legend"]
 
-_BUILT_IN_OPS = {Op.CONV_IN, Op.RES, Op.ATTN, Op.DOWN, Op.UP, Op.HEAD}
-"""Ops drawn as the UNet's skeleton; any other op (a fusion step) is listed and highlighted."""
+_FUSION_STYLES = {
+    Op.FUSE_GATED: ("fuse_gated", "stroke:#6a1b9a,stroke-width:4px", "purple border", "gated fusion"),
+    Op.FUSE_DYNAMIC_CONV: ("fuse_dynconv", "stroke:#1b5e20,stroke-width:4px", "green border",
+                           "dynamic-convolution fusion"),
+    Op.FUSE_CROSS_ATTENTION: ("fuse_xattn", "stroke:#0d47a1,stroke-width:4px,stroke-dasharray:6 3",
+                              "dashed blue border", "cross-attention fusion"),
+}
+"""Per fusion op: Mermaid class, its style, and the words the legend uses for them."""
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -50,17 +56,22 @@ def _stride(stride: tuple[int, int, int]) -> str:
 
 
 def _runs(ops: list[str]) -> str:
-    """`['res', 'attn', 'res', 'attn']` -> `2× [res → attn]`; `['res', 'res']` -> `2× res`."""
-    for period in range(1, len(ops) // 2 + 1):
-        unit = ops[:period]
-        if len(ops) % period == 0 and unit * (len(ops) // period) == ops:
-            body = " → ".join(unit) if period == 1 else "[" + " → ".join(unit) + "]"
-            return body if len(ops) == period else f"{len(ops) // period}× {body}"
-    return " → ".join(ops)
-
-
-def _is_extra(t: Transition) -> bool:
-    return t.step.op not in _BUILT_IN_OPS
+    """Compress repeats, left to right: `['res', 'attn', 'res', 'attn', 'fuse']` -> `2× [res → attn] → fuse`."""
+    parts, i = [], 0
+    while i < len(ops):
+        best = (1, 1)  # (period, repetitions)
+        for period in range(1, (len(ops) - i) // 2 + 1):
+            unit, count = ops[i:i + period], 1
+            while ops[i + count * period:i + (count + 1) * period] == unit:
+                count += 1
+            if count > 1 and period * count > best[0] * best[1]:
+                best = (period, count)
+        period, count = best
+        unit = ops[i:i + period]
+        body = unit[0] if period == 1 else "[" + " → ".join(unit) + "]"
+        parts.append(body if count == 1 else f"{count}× {body}")
+        i += period * count
+    return " → ".join(parts)
 
 
 def unet_diagram(plan: Plan) -> str:
@@ -69,21 +80,22 @@ def unet_diagram(plan: Plan) -> str:
     One row per level: the down path (left) and the up path (right) of that level, with its channels
     and `D×H×W`, and the skip connections drawn across as labelled arrows. The bottleneck sits
     below the deepest level; the input stem and the output head sit above level 1. Levels with
-    self-attention are highlighted, and so is every step that is not part of the plain skeleton
-    (a fusion step), named in its box.
+    self-attention are filled orange; a level or bottleneck with a fusion step gets a border in the
+    colour of its fusion kind, and the step is named in its box
+    ([`unet_legend`][cpcbm_blocks.diagram.unet_legend] says which colour is which).
     """
     transitions = plan.transitions
     levels = len(plan.spec.levels)
     by_group: dict[tuple[Section, int], list[Transition]] = {}
     for t in transitions:
         by_group.setdefault((t.step.section, t.step.group), []).append(t)
-    attention_nodes, extra_nodes = [], []
+    classes: dict[str, list[str]] = {}
 
     def classify(node: str, group: list[Transition]) -> None:
         if any(t.step.op is Op.ATTN for t in group):
-            attention_nodes.append(node)
-        if any(_is_extra(t) for t in group):
-            extra_nodes.append(node)
+            classes.setdefault("attention", []).append(node)
+        for op in dict.fromkeys(t.step.op for t in group if t.step.op.is_fusion):
+            classes.setdefault(_FUSION_STYLES[op][0], []).append(node)
 
     lines = ["block-beta", "  columns 3"]
     stem = by_group[(Section.DOWN, 0)]
@@ -135,13 +147,19 @@ def unet_diagram(plan: Plan) -> str:
     edges += [f"  down{levels} --> mid", f"  mid --> up{levels}", "  up1 --> head"]
 
     lines += edges
-    lines.append("  classDef attention fill:#ffe0b2,stroke:#e65100,color:#000")
-    lines.append("  classDef fusion fill:#c8e6c9,stroke:#1b5e20,color:#000")
-    if attention_nodes:
-        lines.append(f"  class {','.join(attention_nodes)} attention")
-    if extra_nodes:
-        lines.append(f"  class {','.join(extra_nodes)} fusion")
+    lines.append("  classDef attention fill:#ffe0b2,color:#000")
+    lines += [f"  classDef {name} {style}" for name, style, _, _ in _FUSION_STYLES.values()]
+    lines += [f"  class {','.join(nodes)} {name}" for name, nodes in classes.items()]
     return "\n".join(lines) + "\n"
+
+
+def unet_legend(plan: Plan) -> str:
+    """One Markdown line saying what the highlights of [`unet_diagram`][cpcbm_blocks.diagram.unet_diagram] mean."""
+    ops = {t.step.op for t in plan.transitions}
+    parts = ["orange fill: self-attention"] if Op.ATTN in ops else []
+    parts += [f"{colour}: {meaning} (`{op.value}`)" for op, (_, _, colour, meaning) in _FUSION_STYLES.items()
+              if op in ops]
+    return "Legend: " + "; ".join(parts) + "." if parts else ""
 
 
 def parameter_counts(spec: UNetSpec) -> dict[str, int]:
@@ -192,6 +210,7 @@ _OPAQUE: dict[str, Callable] = {
     "rearrange": rearrange,
     "timesteps_to_batch": timesteps_to_batch,
     "sinusoidal_embedding": sinusoidal_embedding,
+    "conv3d": conv3d,
 }
 """Functions a block's `forward` calls that fx cannot trace through; each becomes one node."""
 
@@ -238,7 +257,7 @@ def _tensor_shapes(meta: Any) -> list[tuple[int, ...]]:
     return []
 
 
-_FUNCTION_LABELS = {operator.add: "+", operator.mul: "×", operator.getitem: "index", torch.cat: "concatenate"}
+_FUNCTION_LABELS = {operator.add: "+", operator.sub: "−", operator.mul: "×", operator.getitem: "index", torch.cat: "concatenate"}
 
 
 def _label(node: torch.fx.Node, module: nn.Module) -> str:
@@ -286,19 +305,24 @@ class _Bound3(_Bound):
         return self.block(a, b, c, **self.keywords)
 
 
-_BOUND = {1: _Bound1, 2: _Bound2, 3: _Bound3}
+class _Bound4(_Bound):
+    def forward(self, a, b, c, d):
+        return self.block(a, b, c, d, **self.keywords)
+
+
+_BOUND = {1: _Bound1, 2: _Bound2, 3: _Bound3, 4: _Bound4}
 
 
 def block_diagram(module: nn.Module, *args: Any, **keywords: Any) -> str:
     """The data flow of `module.forward` as a Mermaid flowchart, traced by `torch.fx`.
 
-    `args` are example inputs for `forward`'s positional parameters (1 to 3); they run once through
+    `args` are example inputs for `forward`'s positional parameters (1 to 4); they run once through
     the traced graph to label every tensor with its shape. `keywords` are passed to `forward` as
     constants (such as `batch_size=None`). Only tensor-valued nodes are drawn: integer bookkeeping
     (sizes read from `x.shape`) is left out.
     """
     if len(args) not in _BOUND:
-        raise ValueError(f"args: expected 1 to 3 example inputs, got {len(args)}.")
+        raise ValueError(f"args: expected 1 to 4 example inputs, got {len(args)}.")
     names = list(inspect.signature(inspect.unwrap(type(module).forward)).parameters)[1:]
     root = _BOUND[len(args)](module, keywords)
     with _opaque_functions(module):

@@ -11,7 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cpcbm_blocks import (
+    CrossAttentionFusion3D,
     Downsample3D,
+    DynamicConvFusion3D,
+    GatedFusion3D,
+    GatedInjection3D,
     MultiHeadSelfAttention3D,
     OutputHead,
     ResBlock3D,
@@ -21,7 +25,7 @@ from cpcbm_blocks import (
     Upsample3D,
     plan,
 )
-from cpcbm_blocks.diagram import block_diagram, parameter_counts, transition_table, unet_diagram
+from cpcbm_blocks.diagram import block_diagram, parameter_counts, transition_table, unet_diagram, unet_legend
 
 from .conftest import unet_specs, valid_input_shapes
 
@@ -65,7 +69,23 @@ def test_default_unet_diagram_draws_every_level_skip_attention_site_and_the_head
     assert path == [("stem", "down1"), ("down1", "down2"), ("up2", "up1"), ("down2", "down3"), ("up3", "up2"),
                     ("down3", "down4"), ("up4", "up3"), ("down4", "mid"), ("mid", "up4"), ("up1", "head")]
     assert _classes(text, "attention") == {"down4", "up4", "mid"}
-    assert _classes(text, "fusion") == set()
+    assert not re.search(r"^\s*class \S+ fuse_", text, re.MULTILINE)
+    assert unet_legend(plan(UNetSpec.default(), NOMINAL)) == "Legend: orange fill: self-attention."
+
+
+def test_conditioned_unet_diagram_marks_each_fusion_kind_where_it_sits():
+    expected = plan(UNetSpec.conditioned(), NOMINAL)
+    text = unet_diagram(expected)
+    nodes = _nodes(text)
+    assert _classes(text, "fuse_dynconv") == {"down1", "up1", "down2", "up2"}
+    assert _classes(text, "fuse_xattn") == {"down3", "up3", "down4", "up4", "mid"}
+    assert _classes(text, "attention") == {"down4", "up4", "mid"}
+    assert "2× res → fuse_dynconv" in nodes["down1"]
+    assert "2× [res → attn] → fuse_xattn" in nodes["down4"]
+    assert "2× [res → attn → fuse_xattn → res]" in nodes["mid"]
+    legend = unet_legend(expected)
+    assert "dynamic-convolution fusion (`fuse_dynconv`)" in legend and "cross-attention fusion (`fuse_xattn`)" in legend
+    assert "gated" not in legend
 
 
 @given(data=st.data())
@@ -85,6 +105,7 @@ def test_unet_diagram_follows_any_spec(data):
     attention |= {f"up{n}" for n, lv in enumerate(spec.levels, 1) if lv.attention}
     attention |= {"mid"} if spec.mid.attention else set()
     assert _classes(text, "attention") == attention
+    assert not re.search(r"^\s*class \S+ fuse_", text, re.MULTILINE)   # drawn specs are unconditioned
     assert f"{spec.mid.num_segments}× [" in nodes["mid"]
     assert nodes["head"].endswith("output · " + ",".join(map(str, plan(spec, shape).output_shape[1:])))
 
@@ -159,7 +180,14 @@ def test_attention_diagram_goes_through_sdpa_and_back_to_a_volume():
     (lambda: Upsample3D(channels=4, stride=(2, 2, 2)), (torch.randn(1, 4, 2, 4, 4),), {}),
     (lambda: OutputHead(in_channels=4, out_channels=1, num_groups=2), (torch.randn(1, 4, 2, 4, 4),), {}),
     (lambda: TimestepEmbedding(channels=8, out_channels=16), (torch.tensor([1.0, 2.0]),), {"batch_size": 2}),
-], ids=["Downsample3D", "Upsample3D", "OutputHead", "TimestepEmbedding"])
+    (lambda: GatedInjection3D(channels=4), (torch.randn(1, 4, 2, 4, 4), torch.randn(1, 4, 2, 4, 4)), {}),
+    (lambda: DynamicConvFusion3D(channels=4, num_groups=2), (torch.randn(2, 4, 2, 4, 4), torch.randn(2, 4, 2, 4, 4)), {}),
+    (lambda: CrossAttentionFusion3D(channels=4, context_channels=6, head_channels=2, num_groups=2),
+     (torch.randn(2, 4, 1, 2, 2), torch.randn(2, 3, 6), torch.tensor([[True, True, False], [False, False, False]])), {}),
+    (lambda: GatedFusion3D(channels=4, text_channels=6),
+     (torch.randn(2, 6), torch.randn(2, 4, 1, 2, 2), torch.tensor([True, False]), torch.tensor([False, True])), {}),
+], ids=["Downsample3D", "Upsample3D", "OutputHead", "TimestepEmbedding", "GatedInjection3D", "DynamicConvFusion3D",
+        "CrossAttentionFusion3D", "GatedFusion3D"])
 def test_every_block_can_be_drawn_and_its_output_shape_is_the_real_one(make, inputs, keywords):
     block = make()
     text = block_diagram(block, *inputs, **keywords)
@@ -186,5 +214,5 @@ def test_tracing_restores_the_patched_globals_even_when_it_fails():
 
 
 def test_block_diagram_needs_one_to_three_example_inputs():
-    with pytest.raises(ValueError, match="1 to 3 example inputs"):
+    with pytest.raises(ValueError, match="1 to 4 example inputs"):
         block_diagram(OutputHead(in_channels=4, out_channels=1, num_groups=2))
