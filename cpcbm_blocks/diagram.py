@@ -37,7 +37,7 @@ _FUSION_STYLES = {
     Op.FUSE_GATED: ("fuse_gated", "stroke:#6a1b9a,stroke-width:4px", "purple border", "gated fusion"),
     Op.FUSE_DYNAMIC_CONV: ("fuse_dynconv", "stroke:#1b5e20,stroke-width:4px", "green border",
                            "dynamic-convolution fusion"),
-    Op.FUSE_CROSS_ATTENTION: ("fuse_xattn", "stroke:#0d47a1,stroke-width:4px,stroke-dasharray:6 3",
+    Op.FUSE_CROSS_ATTENTION: ("fuse_xattn", "stroke:#0d47a1,stroke-width:4px,stroke-dasharray:6",
                               "dashed blue border", "cross-attention fusion"),
 }
 """Per fusion op: Mermaid class, its style, and the words the legend uses for them."""

@@ -3,7 +3,9 @@
 Nothing the markers produce is written by hand, so the site cannot drift from the package:
 
 * `<!-- cpcbm:unet-diagram -->`: the U-shaped diagram of `UNetSpec.default()` at the nominal input
-  (`cpcbm_blocks.diagram.unet_diagram`).
+  (`cpcbm_blocks.diagram.unet_diagram`) and its legend; `<!-- cpcbm:unet-diagram conditioned -->`
+  draws `UNetSpec.conditioned()` instead.
+* `<!-- cpcbm:fusion-sites conditioned -->`: every fusion step of a spec, with its parameters.
 * `<!-- cpcbm:seed-vs-code -->`: the seed's `h:` trace (parsed from `architecture/seed-trace.md`)
   beside the trace rendered from the plan, and the result of comparing both with the trace recorded
   by running `UNet3D` on the `meta` device. A mismatch is logged as a warning, which fails
@@ -37,12 +39,14 @@ from pathlib import Path
 import torch
 
 from cpcbm_blocks import Op, Section, UNet3D, UNetSpec, parse_trace, plan, record_trace, render_trace
-from cpcbm_blocks.diagram import block_diagram, parameter_counts, transition_table, unet_diagram
+from cpcbm_blocks.diagram import block_diagram, parameter_counts, transition_table, unet_diagram, unet_legend
 
 log = logging.getLogger("mkdocs.hooks.cpcbm")
 
 NOMINAL_INPUT = (1, 1, 8, 256, 256)
-_MARKER = re.compile(r"<!--\s*cpcbm:(?P<name>[\w-]+)\s*-->")
+_MARKER = re.compile(r"<!--\s*cpcbm:(?P<name>[\w-]+)(?:\s+(?P<argument>[\w-]+))?\s*-->")
+_SPECS = {"default": UNetSpec.default, "conditioned": UNetSpec.conditioned}
+"""The specs a marker may name: `<!-- cpcbm:unet-diagram conditioned -->`; the default when none is named."""
 _PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
 
@@ -125,6 +129,21 @@ def _block_diagram(page_markdown: str, marker_at: int, where: str) -> str:
             f"```python\n{_signature(type(block).forward)}\n```\n")
 
 
+def _fusion_sites(spec: UNetSpec) -> str:
+    """Every fusion step of `spec` at the nominal input, with the parameters of its module."""
+    counts = parameter_counts(spec)
+    rows = ["| where | step | fusion | shape (C,D,H,W) | parameters |", "|---|---|---|---|---:|"]
+    for t in plan(spec, NOMINAL_INPUT).transitions:
+        if t.step.op.is_fusion:
+            rows.append(f"| {t.step.describe()} | `{t.step.module_key}` | `{t.step.op.value}` | "
+                        f"{','.join(map(str, t.out_shape))} | {counts[t.step.module_key]:,} |")
+    with torch.device("meta"):
+        conditioner = UNet3D(spec).conditioner
+    encoder = sum(p.numel() for p in conditioner.parameters())
+    return ("\n".join(rows) + f"\n\nThe condition encoder (`model.conditioner`: conditional-image encoder, gated "
+            f"text-image fusion per site, null text, token projections) has {encoder:,} parameters.\n")
+
+
 def _attention_cost() -> str:
     spec = UNetSpec.default()
     transitions = plan(spec, NOMINAL_INPUT).transitions
@@ -187,9 +206,15 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
     where = page.file.src_uri
 
     def replace(match: re.Match) -> str:
-        name = match.group("name")
+        name, argument = match.group("name"), match.group("argument") or "default"
+        if argument not in _SPECS:
+            raise ValueError(f"{where}: <!-- cpcbm:{name} {argument} -->: unknown spec {argument!r}, "
+                             f"expected one of {sorted(_SPECS)}")
         if name == "unet-diagram":
-            return _mermaid(unet_diagram(plan(UNetSpec.default(), NOMINAL_INPUT)))
+            planned = plan(_SPECS[argument](), NOMINAL_INPUT)
+            return _mermaid(unet_diagram(planned)) + "\n" + unet_legend(planned) + "\n"
+        if name == "fusion-sites":
+            return _fusion_sites(_SPECS[argument]())
         if name == "seed-vs-code":
             return _seed_vs_code(docs_dir)
         if name == "transition-table":

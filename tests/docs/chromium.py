@@ -105,8 +105,13 @@ class Chromium:
                 return reply["result"]
             self.events.append(reply)
 
-    def open(self, url: str) -> None:
+    def open(self, url: str, *, timeout: float = 30.0) -> None:
+        """Navigate and wait until the new document has loaded (not the previous one)."""
         self.call("Page.navigate", session=True, url=url)
+        target = json.dumps(url.split("#")[0])
+        if not self.wait_for(f"location.href.split('#')[0] === {target} && document.readyState === 'complete'",
+                             timeout=timeout):
+            raise TimeoutError(f"{url} did not finish loading in {timeout} s")
 
     def evaluate(self, expression: str) -> Any:
         return self.call("Runtime.evaluate", session=True, expression=expression, returnByValue=True)["result"].get("value")

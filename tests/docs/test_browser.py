@@ -2,8 +2,8 @@
 
 Loads the architecture page in headless Chromium and checks that the U diagram is rendered as an SVG
 (not left as Mermaid source text), that nothing was requested from another host, and that a block
-page (diagram and formula) and the API page render, and that search and diagrams also work with the
-site opened from disk (`file://`). Screenshots are kept as test artifacts in
+page (diagram and formula) and the API page render, that every diagram on every page renders, and
+that search and diagrams also work with the site opened from disk (`file://`). Screenshots are kept as test artifacts in
 `artifacts/` at the repository root (gitignored): `docs-architecture.png` (the whole page),
 `docs-block-resblock.png` and `docs-api.png`.
 
@@ -119,3 +119,19 @@ def test_search_and_diagrams_work_when_the_site_is_opened_from_disk(built_site, 
     browser.open((site / "architecture" / "unet.html").as_uri())
     assert browser.wait_for(_RENDERED)
     assert len(_mermaid_svgs(browser)) == 1
+
+
+def test_every_diagram_on_every_page_renders(built_site, served, browser):
+    site = built_site.check()
+    base, _ = served
+    pages = [p for p in sorted(site.rglob("*.html")) if '<pre class="mermaid">' in p.read_text()]
+    assert len(pages) >= 13                       # architecture, conditioning, 11 block pages
+    failed = []
+    for page in pages:
+        count = page.read_text().count('<pre class="mermaid">')
+        browser.open(f"{base}/{page.relative_to(site).as_posix()}")
+        rendered = (f"document.querySelectorAll('pre.mermaid').length === 0 && "
+                    f"document.querySelectorAll('div.mermaid').length === {count}")
+        if not browser.wait_for(rendered) or len(_mermaid_svgs(browser)) != count:
+            failed.append(page.relative_to(site).as_posix())
+    assert failed == []

@@ -24,7 +24,8 @@ def test_notebook_is_committed_without_outputs(path):
 
 def test_there_are_notebooks_to_run():
     names = [p.name for p in NOTEBOOKS]
-    assert names[:3] == ["01_quick_start.ipynb", "02_shape_contracts.ipynb", "03_your_own_model.ipynb"]
+    assert names[:4] == ["01_quick_start.ipynb", "02_shape_contracts.ipynb", "03_your_own_model.ipynb",
+                         "04_conditioning_and_fusion.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

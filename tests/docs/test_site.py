@@ -115,17 +115,33 @@ def test_architecture_page_has_the_generated_u_the_verified_traces_and_the_table
 
 def test_every_block_page_has_its_traced_data_flow_and_signature(built_site):
     site = built_site.check()
-    expected = {"resblock": "conv2: Conv3d", "downsample": "conv: Conv3d 1×3×3, stride 1×2×2",
-                "upsample": "interpolate", "attention": "scaled_dot_product_attention",
-                "timestep-embedding": "sinusoidal_embedding", "output-head": "norm: GroupNorm"}
+    expected = {"blocks/resblock": "conv2: Conv3d", "blocks/downsample": "conv: Conv3d 1×3×3, stride 1×2×2",
+                "blocks/upsample": "interpolate", "blocks/attention": "scaled_dot_product_attention",
+                "blocks/timestep-embedding": "sinusoidal_embedding", "blocks/output-head": "norm: GroupNorm",
+                "fusion/cond-image-encoder": "down.1.conv: Conv3d 1×3×3, stride 1×2×2",
+                "fusion/gated-fusion": "sigmoid", "fusion/gated-injection": "proj: Conv3d 1×1×1",
+                "fusion/dynamic-conv": "conv3d", "fusion/cross-attention": "scaled_dot_product_attention"}
     for name, node in expected.items():
-        page = site / "blocks" / f"{name}.html"
+        page = site / f"{name}.html"
         diagrams = [html.unescape(d) for d in re.findall(r'<pre class="mermaid"><code>(.*?)</code></pre>',
                                                          page.read_text(), re.DOTALL)]
         assert len(diagrams) == 1 and diagrams[0].startswith("flowchart TD"), name
         assert node in diagrams[0] and "--> output" in diagrams[0], name
         assert "def forward(" in _text(page) and "Float[Tensor, " in _text(page), name
         assert 'class="arithmatex"' in page.read_text(), f"{name}: no formula"
+
+
+def test_conditioning_page_draws_the_conditioned_u_and_lists_every_fusion_step(built_site):
+    site = built_site.check()
+    page = (site / "conditioning.html").read_text()
+    diagrams = [html.unescape(d) for d in re.findall(r'<pre class="mermaid"><code>(.*?)</code></pre>', page, re.S)]
+    assert len(diagrams) == 1
+    assert "class down1,up1,down2,up2 fuse_dynconv" in diagrams[0]
+    assert "class down3,up3,down4,up4,mid fuse_xattn" in diagrams[0]
+    rows = _table_rows(site / "conditioning.html")
+    fusion_rows = [row for row in rows if row and row[2] in ("fuse_dynconv", "fuse_xattn")]
+    assert len(fusion_rows) == 4 * 2 + 2                       # each level down and up, each middle segment
+    assert ["down level 1, step 3 (fuse_dynconv)", "down1_fuse", "fuse_dynconv", "32,8,256,256"] == fusion_rows[0][:4]
 
 
 def test_api_reference_shows_the_jaxtyping_shapes_in_signatures(built_site):
