@@ -5,7 +5,8 @@ Loads the architecture page in headless Chromium and checks that the U diagram i
 page (diagram and formula) and the API page render, that every diagram on every page renders, and
 that search and diagrams also work with the site opened from disk (`file://`). Screenshots are kept as test artifacts in
 `artifacts/` at the repository root (gitignored): `docs-architecture.png` (the whole page),
-`docs-block-resblock.png` and `docs-api.png`.
+`docs-block-resblock.png` (scrolled to its traced diagram) and `docs-api.png` (scrolled to
+`UNet3D.forward`'s signature).
 
 Skipped only where no Chromium binary is installed (`.ci/run` installs it, and sets
 `CPCBM_REQUIRE_BROWSER=1` so that CI fails instead of skipping).
@@ -98,6 +99,7 @@ def test_a_block_page_renders_its_diagram_and_formula(served, browser):
     assert browser.wait_for(_RENDERED) and browser.wait_for(_TYPESET)
     svgs = _mermaid_svgs(browser)
     assert len(svgs) == 1 and "conv2: Conv3d 3×3×3" in text_of(svgs[0])
+    browser.evaluate("document.getElementById('shapes-and-data-flow').scrollIntoView()")
     browser.screenshot(ARTIFACTS / "docs-block-resblock.png")
 
 
@@ -107,6 +109,7 @@ def test_the_api_page_renders_signatures_with_shapes(served, browser):
     assert browser.wait_for("document.querySelector('h2#cpcbm_blocks.UNet3D, [id=\"cpcbm_blocks.UNet3D\"]') !== null")
     text = browser.evaluate("document.body.innerText")
     assert 'Float[Tensor, "b c_in d h w"]' in text
+    browser.evaluate("document.getElementById('cpcbm_blocks.UNet3D.forward').scrollIntoView()")
     browser.screenshot(ARTIFACTS / "docs-api.png")
 
 
