@@ -1,9 +1,12 @@
 """`UNet3D`: the documented diffusion UNet, run step by step with every transition asserted."""
 
+from pathlib import Path
+
 import torch
 from jaxtyping import Float, Real
 from torch import Tensor, nn
 
+from cpcbm_blocks import checkpoint
 from cpcbm_blocks.blocks.embedding import TimestepEmbedding, timesteps_to_batch
 from cpcbm_blocks.build import build_blocks
 from cpcbm_blocks.contracts import checks_active
@@ -47,6 +50,15 @@ class UNet3D(nn.Module):
         self.time_embedding = TimestepEmbedding(channels=spec.base_channels, out_channels=spec.time_embedding_channels)
         self.blocks = build_blocks(spec)
         self._trace_sink: list[Transition] | None = None
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the spec and the weights into `directory` (see [`checkpoint`][cpcbm_blocks.checkpoint])."""
+        return checkpoint.save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> "UNet3D":
+        """Build the model saved in `directory` by [`save_pretrained`][cpcbm_blocks.unet.UNet3D.save_pretrained]."""
+        return checkpoint.from_pretrained(directory, device=device)
 
     def plan(self, input_shape: tuple[int, ...]) -> Plan:
         """The expected transitions for an input of `input_shape` (see [`plan`][cpcbm_blocks.plan.plan])."""
