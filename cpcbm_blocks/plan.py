@@ -84,7 +84,8 @@ def check_input_shape(spec: UNetSpec, shape: Sequence[int], *, name: str = "x") 
                          f"in shape {shape}. Pass a volume with {spec.in_channels} channel(s) or change UNetSpec.in_channels.")
     if min(shape) < 1:
         axis = ("batch", "channels", *_AXES)[shape.index(min(shape))]
-        raise InputError(f"{name}: expected every axis to be non-empty, got {axis} = {min(shape)} in shape {shape}.")
+        raise InputError(f"{name}: expected every axis to be non-empty, got {axis} = {min(shape)} in shape {shape}. "
+                         f"Pass at least one sample and one voxel along every axis.")
     for axis, size, multiple in zip(_AXES, spatial, spec.stride_product):
         if size % multiple:
             below, above = (size // multiple) * multiple, (size // multiple + 1) * multiple
@@ -116,4 +117,31 @@ def plan(spec: UNetSpec, input_shape: tuple[int, ...]) -> Plan:
         if step.gives_skip:
             skips.append(out)
         current = out
+    _check_group_norm_sizes(spec, full, transitions)
     return Plan(spec=spec, input_shape=full, transitions=tuple(transitions))
+
+
+def _check_group_norm_sizes(spec: UNetSpec, input_shape: tuple[int, ...], transitions: list[Transition]) -> None:
+    """Reject an input whose feature maps would leave a GroupNorm group holding a single value.
+
+    Every feature map between `conv_in` and the head is group-normalised. Where a map has one channel
+    per group (`channels == num_groups`) and a 1x1x1 volume, each group holds one value per sample:
+    GroupNorm maps it to exactly 0 (the features are erased, whatever the batch size), and torch
+    raises "Expected more than 1 value per channel when training" for a batch of 1. The spec alone
+    cannot rule this out (the default has 32 channels in 32 groups at level 1), so it is an input
+    check: a larger volume always fixes it.
+    """
+    for transition in transitions:
+        maps = [transition.out_shape] if transition.step.op is Op.CONV_IN else [transition.in_shape]
+        if transition.step.op is not Op.HEAD and transition.step.op is not Op.CONV_IN:
+            maps.append(transition.out_shape)
+        for channels, d, h, w in maps:
+            values = channels // spec.num_groups * d * h * w
+            if values < 2:
+                bigger = (input_shape[0], input_shape[1], input_shape[2] * 2, *input_shape[3:])
+                raise InputError(
+                    f"x: shape {input_shape} leaves a {d}x{h}x{w} feature map of {channels} channels at "
+                    f"{transition.step.describe()}, where each of the spec's num_groups={spec.num_groups} GroupNorm "
+                    f"groups would hold {values} value per sample (expected at least 2); GroupNorm would normalise it "
+                    f"to 0. Use a larger volume, e.g. {bigger}, or fewer groups (UNetSpec.num_groups at most "
+                    f"{channels // 2}).")

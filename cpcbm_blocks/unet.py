@@ -75,10 +75,11 @@ class UNet3D(nn.Module):
         checking = checks_active()
         expected = None
         if not torch.compiler.is_compiling():
-            _check_volume(x, self.spec)
+            _check_volume(x, self.spec, like=self.time_embedding.mlp[0].weight)
             t = timesteps_to_batch(t, batch_size=x.shape[0], device=x.device)
+            planned = plan(self.spec, tuple(x.shape)).transitions  # also validates the shape against the spec
             if checking or self._trace_sink is not None:
-                expected = plan(self.spec, tuple(x.shape)).transitions
+                expected = planned
         emb = self.time_embedding(t, batch_size=x.shape[0])
 
         h, skips = x, []
@@ -106,11 +107,22 @@ class UNet3D(nn.Module):
                                      f"got {actual.render()}.")
 
 
-def _check_volume(x: Tensor, spec: UNetSpec) -> None:
+def _check_volume(x: Tensor, spec: UNetSpec, *, like: Tensor) -> None:
+    """Validate `x` against the spec and against the model's weights (`like`): type, dtype, device, shape."""
     if not isinstance(x, Tensor):
         raise InputError(f"x: expected a torch.Tensor of shape (batch, {spec.in_channels}, depth, height, width), "
                          f"got {type(x).__name__}. Convert it with torch.as_tensor(...).")
     if not x.is_floating_point():
         raise InputError(f"x: expected a floating-point tensor (float32, bfloat16 or float16), got {x.dtype}. "
                          "Convert it with x.float().")
+    if x.device != like.device:
+        raise InputError(f"x: expected a tensor on the model's device {like.device}, got one on {x.device}. "
+                         f"Move it with x.to({str(like.device)!r}), or the model with model.to(x.device).")
+    allowed = {like.dtype}
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+        allowed |= {torch.float32, torch.get_autocast_dtype(x.device.type)}
+    if x.dtype not in allowed:
+        raise InputError(f"x: expected dtype {' or '.join(sorted(str(d) for d in allowed))} (the model's weights"
+                         f"{' or the autocast dtype' if len(allowed) > 1 else ''}), got {x.dtype}. Convert it with "
+                         f"x.to({like.dtype}), cast the model with model.to({x.dtype}), or run under torch.autocast.")
     check_input_shape(spec, x.shape, name="x")
