@@ -161,7 +161,7 @@ def _raise_if_incompatible(model, state: dict[str, Tensor], *, saved_spec: UNetS
     fields = spec_differences(saved_spec, model.spec)
     if not (fields or missing or unexpected or mis_shaped):
         return
-    parts = [f"{directory}: expected a checkpoint of the model's spec, got one that differs."]
+    parts = [f"directory {str(directory)!r}: expected a checkpoint saved from the model's spec, got one that differs."]
     for title, items in (("differing spec fields", fields), ("missing keys (in the model, not in the checkpoint)", missing),
                          ("unexpected keys (in the checkpoint, not in the model)", unexpected),
                          ("keys with another shape", mis_shaped)):

@@ -118,7 +118,8 @@ def shape_checked(fn: F) -> F:
         except ShapeContractError:
             raise
         except TypeCheckError as error:
-            raise ShapeContractError(f"{fn.__qualname__}: {_reason(error)}\n{error}") from error
+            raise ShapeContractError(f"{fn.__qualname__}: {_reason(error)}. Pass tensors whose shapes match the "
+                                     f"annotation reported below.\n{error}") from error
 
     name = "shape_checked_" + fn.__qualname__.replace(".", "_").replace("<", "_").replace(">", "_")
     renamed = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}

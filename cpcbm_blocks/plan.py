@@ -75,7 +75,8 @@ def check_input_shape(spec: UNetSpec, shape: Sequence[int], *, name: str = "x") 
     """
     shape = tuple(int(v) for v in shape)
     if len(shape) != 5:
-        hint = " Add a batch axis, e.g. x.unsqueeze(0)." if len(shape) == 4 else ""
+        hint = {4: " Add a batch axis, e.g. x.unsqueeze(0).", 3: " Add batch and channel axes, e.g. x[None, None]."}.get(
+            len(shape), " Reshape it to (batch, channels, depth, height, width).")
         raise InputError(f"{name}: expected 5 dimensions (batch, channels, depth, height, width), got {len(shape)} "
                          f"with shape {shape}.{hint}")
     batch, channels, *spatial = shape
@@ -90,8 +91,9 @@ def check_input_shape(spec: UNetSpec, shape: Sequence[int], *, name: str = "x") 
         if size % multiple:
             below, above = (size // multiple) * multiple, (size // multiple + 1) * multiple
             nearest = " or ".join(str(v) for v in (below, above) if v > 0)
-            raise InputError(f"{name}: {axis} {size} is not a multiple of {multiple}, the product of the {axis} strides "
-                             f"of the spec's levels. Use {axis} {nearest} (the nearest valid sizes), or pad/crop the volume.")
+            raise InputError(f"{name}: expected {axis} to be a multiple of {multiple} (the product of the {axis} strides "
+                             f"of the spec's levels), got {axis} {size}. Use {axis} {nearest} (the nearest valid sizes), "
+                             "or pad/crop the volume.")
     return shape  # type: ignore[return-value]
 
 
@@ -140,8 +142,8 @@ def _check_group_norm_sizes(spec: UNetSpec, input_shape: tuple[int, ...], transi
             if values < 2:
                 bigger = (input_shape[0], input_shape[1], input_shape[2] * 2, *input_shape[3:])
                 raise InputError(
-                    f"x: shape {input_shape} leaves a {d}x{h}x{w} feature map of {channels} channels at "
-                    f"{transition.step.describe()}, where each of the spec's num_groups={spec.num_groups} GroupNorm "
-                    f"groups would hold {values} value per sample (expected at least 2); GroupNorm would normalise it "
-                    f"to 0. Use a larger volume, e.g. {bigger}, or fewer groups (UNetSpec.num_groups at most "
-                    f"{channels // 2}).")
+                    f"x: expected every GroupNorm group to hold at least 2 values per sample, got 1 value per group: "
+                    f"shape {input_shape} leaves a {d}x{h}x{w} feature map of {channels} channels in "
+                    f"num_groups={spec.num_groups} groups at {transition.step.describe()}, which GroupNorm would "
+                    f"normalise to 0. Use a larger volume, e.g. {bigger}, or fewer groups (UNetSpec.num_groups at "
+                    f"most {channels // 2}).")

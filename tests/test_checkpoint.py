@@ -82,7 +82,7 @@ def test_loading_into_another_spec_lists_the_differing_fields_and_keys(tiny_spec
     with pytest.raises(CheckpointError) as caught:
         load_weights(model, tmp_path)
     message = str(caught.value)
-    assert "expected a checkpoint of the model's spec" in message
+    assert "expected a checkpoint saved from the model's spec" in message
     assert "spec.levels[1].channels: checkpoint 16, model 24" in message
     assert "spec.levels[1].attention: checkpoint True, model False" in message
     assert "unexpected keys (in the checkpoint, not in the model)" in message and "blocks.down2_attn1.qkv.weight" in message

@@ -24,6 +24,9 @@ def timesteps_to_batch(t: int | float | Tensor, *, batch_size: int, device: torc
                          f"got {type(t).__name__}. Pass e.g. t=500 or torch.full(({batch_size},), 500).")
     if not isinstance(t, Tensor):
         t = torch.tensor(float(t), device=device)
+    if t.device.type == "meta" and device.type != "meta":
+        raise InputError(f"t: expected timesteps with values (on {device} or the CPU), got a tensor on the meta device. "
+                         "Pass the scheduler's real timesteps.")
     if t.dtype == torch.bool or t.is_complex():
         raise InputError(f"t: expected an integer or floating-point tensor, got {t.dtype}. Convert with t.float().")
     if t.ndim == 0:
