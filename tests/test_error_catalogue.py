@@ -159,7 +159,7 @@ CATALOGUE: list[Case] = [
     _t_case("t-column", "Timesteps as a (B, 1) column", lambda ctx: torch.zeros(2, 1),
             "t", "expected shape () or (2,)", "got (2, 1)", "one timestep per sample"),
     _t_case("t-negative-int", "A negative timestep", lambda ctx: -1,
-            "t", "expected finite, non-negative timesteps", "-1.0", "timestep range"),
+            "t", "expected finite, non-negative timesteps", "got -1", "timestep range"),
     _t_case("t-negative-tensor", "A negative timestep in a per-sample tensor", lambda ctx: torch.tensor([3.0, -2.0]),
             "t", "expected finite, non-negative timesteps", "-2.0", "timestep range"),
     _t_case("t-nan", "A NaN timestep (e.g. 0/0 in a continuous-time schedule)", lambda ctx: torch.tensor([1.0, float("nan")]),
