@@ -30,7 +30,7 @@ _BUILDERS: dict[Op, Callable[[Step, UNetSpec], nn.Module]] = {
     Op.CONV_IN: lambda step, spec: Conv3d(step.in_channels, step.out_channels, kernel_size=step.kernel_size),
     Op.RES: _res,
     Op.ATTN: lambda step, spec: MultiHeadSelfAttention3D(channels=step.in_channels, head_channels=spec.head_channels,
-                                                         num_groups=spec.num_groups),
+                                                         num_groups=spec.num_groups, upcast=spec.upcast_attention),
     Op.DOWN: lambda step, spec: Downsample3D(channels=step.in_channels, stride=step.stride, kernel_size=step.kernel_size),
     Op.UP: lambda step, spec: Upsample3D(channels=step.in_channels, stride=step.stride, kernel_size=step.kernel_size),
     Op.HEAD: lambda step, spec: OutputHead(in_channels=step.in_channels, out_channels=step.out_channels,

@@ -138,6 +138,8 @@ class UNetSpec:
     """Additive (the seed's) or scale-and-shift timestep injection in the residual blocks."""
     dropout: float = 0.0
     """Dropout probability inside the residual blocks."""
+    upcast_attention: bool = False
+    """Compute attention in float32 when the model runs in float16 (scores overflow past 65504 otherwise)."""
 
     def __post_init__(self) -> None:
         levels = self.levels
@@ -160,6 +162,8 @@ class UNetSpec:
                         "Pick one of the listed values.") from None
         for name in ("in_channels", "out_channels", "num_groups", "head_channels", "time_embedding_channels"):
             _check_int(f"UNetSpec.{name}", getattr(self, name), minimum=1)
+        if not isinstance(self.upcast_attention, bool):
+            raise _fail("UNetSpec.upcast_attention", "a bool", self.upcast_attention, "Pass True or False.")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise _fail("UNetSpec.dropout", "a probability in [0, 1)", self.dropout, "Use e.g. 0.0 or 0.1.")
         for i, level in enumerate(self.levels):
