@@ -5,12 +5,18 @@ The public API. Everything here is re-exported explicitly from the module that d
 
 from cpcbm_blocks.blocks.attention import MultiHeadSelfAttention3D as MultiHeadSelfAttention3D
 from cpcbm_blocks.blocks.attention import attention as attention
+from cpcbm_blocks.blocks.cond_image_encoder import CondImageEncoder3D as CondImageEncoder3D
 from cpcbm_blocks.blocks.conv import Conv3d as Conv3d
 from cpcbm_blocks.blocks.embedding import TimestepEmbedding as TimestepEmbedding
+from cpcbm_blocks.blocks.fusion_cross_attention import CrossAttentionFusion3D as CrossAttentionFusion3D
+from cpcbm_blocks.blocks.fusion_dynamic_conv import DynamicConvFusion3D as DynamicConvFusion3D
+from cpcbm_blocks.blocks.fusion_gated import GatedFusion3D as GatedFusion3D
+from cpcbm_blocks.blocks.fusion_gated import GatedInjection3D as GatedInjection3D
 from cpcbm_blocks.blocks.head import OutputHead as OutputHead
 from cpcbm_blocks.blocks.resblock import ResBlock3D as ResBlock3D
 from cpcbm_blocks.blocks.sampling import Downsample3D as Downsample3D
 from cpcbm_blocks.blocks.sampling import Upsample3D as Upsample3D
+from cpcbm_blocks.conditioning import EncodedConditions as EncodedConditions
 from cpcbm_blocks.contracts import set_shape_checks as set_shape_checks
 from cpcbm_blocks.contracts import shape_checked as shape_checked
 from cpcbm_blocks.contracts import shape_checks as shape_checks
@@ -21,6 +27,9 @@ from cpcbm_blocks.errors import ShapeContractError as ShapeContractError
 from cpcbm_blocks.errors import SpecError as SpecError
 from cpcbm_blocks.errors import TraceMismatchError as TraceMismatchError
 from cpcbm_blocks.errors import TraceNotationError as TraceNotationError
+from cpcbm_blocks.guidance import ConditionDropout as ConditionDropout
+from cpcbm_blocks.guidance import guidance_conditions as guidance_conditions
+from cpcbm_blocks.guidance import guided_prediction as guided_prediction
 from cpcbm_blocks.layout import Op as Op
 from cpcbm_blocks.layout import Section as Section
 from cpcbm_blocks.layout import Step as Step
@@ -30,6 +39,8 @@ from cpcbm_blocks.notation import render_trace as render_trace
 from cpcbm_blocks.plan import Plan as Plan
 from cpcbm_blocks.plan import Transition as Transition
 from cpcbm_blocks.plan import plan as plan
+from cpcbm_blocks.spec import ConditioningSpec as ConditioningSpec
+from cpcbm_blocks.spec import FusionKind as FusionKind
 from cpcbm_blocks.spec import LevelSpec as LevelSpec
 from cpcbm_blocks.spec import MidSpec as MidSpec
 from cpcbm_blocks.spec import TimestepInjection as TimestepInjection

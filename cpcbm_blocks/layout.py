@@ -8,11 +8,12 @@ whether it concatenates a skip first and whether its output is kept as a skip.
 [`plan`][cpcbm_blocks.plan.plan] adds the shapes. Both therefore follow the same chain by construction.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
 
-from cpcbm_blocks.spec import Triple, UNetSpec
+from cpcbm_blocks.spec import FusionKind, Triple, UNetSpec
 
 __all__ = ["Op", "Section", "Step", "layout"]
 
@@ -35,6 +36,18 @@ class Op(str, Enum):
     DOWN = "down"
     UP = "up"
     HEAD = "head"
+    FUSE_GATED = "fuse_gated"
+    FUSE_DYNAMIC_CONV = "fuse_dynconv"
+    FUSE_CROSS_ATTENTION = "fuse_xattn"
+
+    @property
+    def is_fusion(self) -> bool:
+        """True for the shape-preserving steps that fuse a condition (absent from the seed's trace)."""
+        return self in _FUSION_OPS.values()
+
+
+_FUSION_OPS = {FusionKind.GATED: Op.FUSE_GATED, FusionKind.DYNAMIC_CONV: Op.FUSE_DYNAMIC_CONV,
+               FusionKind.CROSS_ATTENTION: Op.FUSE_CROSS_ATTENTION}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +73,8 @@ class Step:
     kernel_size: Triple = (3, 3, 3)
     module_key: str = ""
     """Name of the module that runs this step. Segments with shared weights share a key."""
+    condition_key: str = ""
+    """For fusion steps: the condition site they read (`level<n>` or `mid`)."""
 
     @property
     def beyond_seed(self) -> bool:
@@ -84,6 +99,11 @@ def layout(spec: UNetSpec) -> tuple[Step, ...]:
     Middle: `num_segments` x [res, attn, res]. Up path, per level, deepest first: `up` (the inverse of
     that level's down stride), `num_res_blocks` x [concatenate a skip, res (+ attn)], then a res to
     the next shallower level's channels (none after level 1). Then the output head.
+
+    A level with a fusion kind gets one shape-preserving fusion step on each path: on the way down
+    after its last res/attn (the fused output is kept as that skip), on the way up after its last
+    skip-consuming step. A middle segment's fusion step follows its attention. Removing the fusion
+    steps gives back the unconditioned chain.
     """
     steps: list[Step] = []
     levels = spec.levels
@@ -104,6 +124,10 @@ def layout(spec: UNetSpec) -> tuple[Step, ...]:
             add(Op.RES, level.channels, f"res{block}", gives_skip=not level.attention)
             if level.attention:
                 add(Op.ATTN, level.channels, f"attn{block}", gives_skip=True)
+        if level.fusion is not FusionKind.NONE:
+            last = group.pop()  # the fusion step follows it and keeps the fused output as the skip instead
+            group.append(dataclasses.replace(last, gives_skip=False))
+            add(_FUSION_OPS[level.fusion], level.channels, "fuse", gives_skip=True, condition_key=f"level{number}")
         add(Op.DOWN, level.channels, "down", stride=level.stride, kernel_size=_down_kernel(level.kernel_size, level.stride))
         steps.extend(group)
 
@@ -111,9 +135,12 @@ def layout(spec: UNetSpec) -> tuple[Step, ...]:
     for segment in range(1, spec.mid.num_segments + 1):
         owner = 1 if spec.mid.share_weights else segment
         ops = [(Op.RES, "res1"), (Op.ATTN, "attn"), (Op.RES, "res2")] if spec.mid.attention else [(Op.RES, "res1"), (Op.RES, "res2")]
+        if spec.mid.fusion is not FusionKind.NONE:
+            ops.insert(len(ops) - 1, (_FUSION_OPS[spec.mid.fusion], "fuse"))
         for index, (op, key) in enumerate(ops, start=1):
             steps.append(Step(section=Section.MID, group=segment, index=index, op=op, in_channels=mid_channels,
-                              out_channels=mid_channels, kernel_size=spec.mid.kernel_size, module_key=f"mid{owner}_{key}"))
+                              out_channels=mid_channels, kernel_size=spec.mid.kernel_size, module_key=f"mid{owner}_{key}",
+                              condition_key="mid" if op.is_fusion else ""))
 
     channels = mid_channels
     for number in range(len(levels), 0, -1):
@@ -132,6 +159,8 @@ def layout(spec: UNetSpec) -> tuple[Step, ...]:
             channels = level.channels
             if level.attention:
                 add_up(Op.ATTN, channels, channels, f"attn{block}")
+        if level.fusion is not FusionKind.NONE:
+            add_up(_FUSION_OPS[level.fusion], channels, channels, "fuse", condition_key=f"level{number}")
         if number > 1:
             add_up(Op.RES, channels, levels[number - 2].channels, f"res{level.num_res_blocks + 1}")
             channels = levels[number - 2].channels

@@ -67,22 +67,25 @@ def _fmt(shape: Shape | None) -> str:
     return ",".join(str(v) for v in shape) if shape else ""
 
 
-def check_input_shape(spec: UNetSpec, shape: Sequence[int], *, name: str = "x") -> tuple[int, int, int, int, int]:
+def check_input_shape(spec: UNetSpec, shape: Sequence[int], *, name: str = "x",
+                      channels: int | None = None) -> tuple[int, int, int, int, int]:
     """Reject an input shape the spec's UNet cannot run, with a message that says what to do.
 
-    Checks the rank (5: batch, channels, depth, height, width), the channel count, that no axis is
-    empty, and that depth, height and width are multiples of the product of the strides.
+    Checks the rank (5: batch, channels, depth, height, width), the channel count (`spec.in_channels`
+    unless `channels` is given), that no axis is empty, and that depth, height and width are
+    multiples of the product of the strides.
     """
     shape = tuple(int(v) for v in shape)
+    expected_channels = spec.in_channels if channels is None else channels
     if len(shape) != 5:
         hint = {4: " Add a batch axis, e.g. x.unsqueeze(0).", 3: " Add batch and channel axes, e.g. x[None, None]."}.get(
             len(shape), " Reshape it to (batch, channels, depth, height, width).")
         raise InputError(f"{name}: expected 5 dimensions (batch, channels, depth, height, width), got {len(shape)} "
                          f"with shape {shape}.{hint}")
     batch, channels, *spatial = shape
-    if channels != spec.in_channels:
-        raise InputError(f"{name}: expected {spec.in_channels} channel(s) (spec.in_channels) on axis 1, got {channels} "
-                         f"in shape {shape}. Pass a volume with {spec.in_channels} channel(s) or change UNetSpec.in_channels.")
+    if channels != expected_channels:
+        raise InputError(f"{name}: expected {expected_channels} channel(s) (spec.in_channels) on axis 1, got {channels} "
+                         f"in shape {shape}. Pass a volume with {expected_channels} channel(s) or change UNetSpec.in_channels.")
     if min(shape) < 1:
         axis = ("batch", "channels", *_AXES)[shape.index(min(shape))]
         raise InputError(f"{name}: expected every axis to be non-empty, got {axis} = {min(shape)} in shape {shape}. "

@@ -18,7 +18,8 @@ from typing import Any
 
 from cpcbm_blocks.errors import SpecError
 
-__all__ = ["FORMAT_VERSION", "LevelSpec", "MidSpec", "TimestepInjection", "Triple", "UNetSpec"]
+__all__ = ["FORMAT_VERSION", "ConditioningSpec", "FusionKind", "LevelSpec", "MidSpec", "TimestepInjection", "Triple",
+           "UNetSpec"]
 
 FORMAT_VERSION = 1
 """Version of the JSON layout written by [`UNetSpec.to_json`][cpcbm_blocks.spec.UNetSpec.to_json]."""
@@ -34,6 +35,24 @@ class TimestepInjection(str, Enum):
     """Add a projection of the embedding after the first convolution (DDPM, MONAI)."""
     SCALE_SHIFT = "scale_shift"
     """Scale and shift the second GroupNorm's output, `norm(h) * (1 + s) + b` (guided-diffusion)."""
+
+
+class FusionKind(str, Enum):
+    """How a level's condition map enters the network's features (the fusion schedule).
+
+    The condition map itself is always the gate-fused text and conditional-image features of that
+    level ([`GatedFusion3D`][cpcbm_blocks.blocks.fusion_gated.GatedFusion3D]); this says how it is
+    injected. Every kind is a zero-initialised residual, so a fresh fusion step is the identity.
+    """
+
+    NONE = "none"
+    """No fusion at this level."""
+    GATED = "gated"
+    """Add a 1x1x1 projection of the condition map through a zero-initialised tanh gate."""
+    DYNAMIC_CONV = "dynamic_conv"
+    """Condition-routed dynamic convolution plus spatial FiLM (cheap enough for shallow levels)."""
+    CROSS_ATTENTION = "cross_attention"
+    """Voxels attend to text tokens and pooled conditional-image tokens (for deep levels)."""
 
 
 def _fail(where: str, expected: str, actual: Any, fix: str) -> SpecError:
@@ -56,6 +75,14 @@ def _as_triple(where: str, value: Any, *, odd: bool = False) -> Triple:
             raise _fail(f"{where} ({axis})", "an odd kernel size (1, 3, 5, ...)", item,
                         "Even kernels cannot keep the size with symmetric padding; use an odd one.")
     return (int(value[0]), int(value[1]), int(value[2]))
+
+
+def _as_fusion(where: str, value: Any) -> "FusionKind":
+    try:
+        return FusionKind(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in FusionKind)
+        raise _fail(where, f"one of {choices}", value, "Pick one of the listed fusion kinds.") from None
 
 
 def _nearest_multiples(value: int, multiple: int) -> str:
@@ -81,8 +108,11 @@ class LevelSpec:
     """Per-axis (depth, height, width) stride of the downsampling that ends this level."""
     kernel_size: Triple = (3, 3, 3)
     """Kernel of the convolutions at this level's resolution. `(1, 3, 3)` where depth is 1."""
+    fusion: FusionKind = FusionKind.NONE
+    """How the level's condition map is fused into the network, on the way down and on the way up."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "fusion", _as_fusion("LevelSpec.fusion", self.fusion))
         object.__setattr__(self, "stride", _as_triple("LevelSpec.stride", self.stride))
         object.__setattr__(self, "kernel_size", _as_triple("LevelSpec.kernel_size", self.kernel_size, odd=True))
         _check_int("LevelSpec.channels", self.channels, minimum=1)
@@ -103,13 +133,70 @@ class MidSpec:
     """Put self-attention between the two residual blocks of each segment."""
     kernel_size: Triple = (3, 3, 3)
     """Kernel of the mid convolutions; `(1, 3, 3)` when the bottleneck is 1 voxel deep."""
+    fusion: FusionKind = FusionKind.NONE
+    """How the bottleneck's condition map is fused, once per segment (after its attention)."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "fusion", _as_fusion("MidSpec.fusion", self.fusion))
         object.__setattr__(self, "kernel_size", _as_triple("MidSpec.kernel_size", self.kernel_size, odd=True))
         _check_int("MidSpec.num_segments", self.num_segments, minimum=1)
         for name in ("share_weights", "attention"):
             if not isinstance(getattr(self, name), bool):
                 raise _fail(f"MidSpec.{name}", "a bool", getattr(self, name), "Pass True or False.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConditioningSpec:
+    """What the UNet is conditioned on, besides the timestep.
+
+    Text arrives as tensors a pre-trained encoder (CLIP) produced ahead of time; the library never
+    tokenises or downloads anything. Conditional images (a mask, a tumour map, another sequence) are
+    co-registered with `x` and come with a per-sample availability flag per image.
+    """
+
+    text_channels: int | None = 512
+    """Width E of the text token embeddings (CLIP ViT-B/32: 512, ViT-L/14: 768); None for no text."""
+    image_channels: int = 3
+    """Number k of conditional images (channels of `cond_images`); 0 for none."""
+    num_null_text_tokens: int = 1
+    """Learned tokens that stand in for absent text (appended to every context, masked in when absent)."""
+    text_to_timestep: bool = False
+    """Also scale-and-shift the timestep embedding with the pooled text (zero-initialised)."""
+    dynamic_conv_experts: int = 4
+    """Expert kernels K mixed per sample by dynamic-convolution fusion."""
+    router_temperature: float = 1.0
+    """Softmax temperature of the dynamic-convolution router (lower = sharper expert choice)."""
+    pooled_image_tokens: Triple = (1, 4, 4)
+    """Grid to which a level's image features are average-pooled into cross-attention tokens."""
+
+    def __post_init__(self) -> None:
+        if self.text_channels is not None:
+            _check_int("ConditioningSpec.text_channels", self.text_channels, minimum=1)
+        _check_int("ConditioningSpec.image_channels", self.image_channels, minimum=0)
+        if self.text_channels is None and self.image_channels == 0:
+            raise _fail("ConditioningSpec", "text_channels or image_channels", "neither",
+                        "Condition on text (text_channels=512), images (image_channels=3) or both; "
+                        "or set UNetSpec.conditioning=None.")
+        _check_int("ConditioningSpec.num_null_text_tokens", self.num_null_text_tokens, minimum=1)
+        _check_int("ConditioningSpec.dynamic_conv_experts", self.dynamic_conv_experts, minimum=1)
+        if not isinstance(self.text_to_timestep, bool):
+            raise _fail("ConditioningSpec.text_to_timestep", "a bool", self.text_to_timestep, "Pass True or False.")
+        if self.text_to_timestep and self.text_channels is None:
+            raise _fail("ConditioningSpec.text_to_timestep", "text (text_channels set)", "text_channels=None",
+                        "Pooled text can only modulate the timestep embedding when there is text.")
+        temperature = self.router_temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise _fail("ConditioningSpec.router_temperature", "a number > 0", temperature, "Use e.g. 1.0.")
+        object.__setattr__(self, "pooled_image_tokens",
+                           _as_triple("ConditioningSpec.pooled_image_tokens", self.pooled_image_tokens))
+
+    @property
+    def has_text(self) -> bool:
+        return self.text_channels is not None
+
+    @property
+    def has_images(self) -> bool:
+        return self.image_channels > 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,6 +225,8 @@ class UNetSpec:
     """Additive (the seed's) or scale-and-shift timestep injection in the residual blocks."""
     dropout: float = 0.0
     """Dropout probability inside the residual blocks."""
+    conditioning: ConditioningSpec | None = None
+    """Text and conditional-image inputs; None for an unconditioned UNet (the seed's)."""
     upcast_attention: bool = False
     """Compute attention in float32 when the model runs in float16 (scores overflow past 65504 otherwise)."""
 
@@ -171,17 +260,43 @@ class UNetSpec:
                 raise _fail(f"UNetSpec.levels[{i}].channels", f"a multiple of num_groups={self.num_groups}",
                             level.channels, f"Use {_nearest_multiples(level.channels, self.num_groups)} "
                             "channels, or change num_groups.")
+        if self.conditioning is not None and not isinstance(self.conditioning, ConditioningSpec):
+            raise _fail("UNetSpec.conditioning", "a ConditioningSpec or None", self.conditioning,
+                        "Build it with ConditioningSpec(...).")
+        self._check_fusion_schedule()
         for where, channels in self._attention_sites():
             if channels % self.head_channels:
                 raise _fail(where, f"channels divisible by head_channels={self.head_channels}", channels,
                             f"Use {_nearest_multiples(channels, self.head_channels)} channels, "
                             "or change head_channels.")
 
+    def _fusion_sites(self) -> list[tuple[str, FusionKind, int]]:
+        sites = [(f"UNetSpec.levels[{i}].fusion", lv.fusion, lv.channels) for i, lv in enumerate(self.levels)]
+        return [*sites, ("UNetSpec.mid.fusion", self.mid.fusion, self.levels[-1].channels)]
+
+    def _check_fusion_schedule(self) -> None:
+        fused = [(where, kind) for where, kind, _ in self._fusion_sites() if kind is not FusionKind.NONE]
+        if self.conditioning is None:
+            if fused:
+                where, kind = fused[0]
+                raise _fail(where, "'none' when UNetSpec.conditioning is None", kind.value,
+                            "Give the spec a ConditioningSpec (e.g. UNetSpec.conditioned()), or drop the fusion.")
+            return
+        if not fused and not self.conditioning.text_to_timestep:
+            raise _fail("UNetSpec fusion schedule", "at least one level or the middle with a fusion kind",
+                        "'none' everywhere", "Set LevelSpec.fusion / MidSpec.fusion, or set conditioning=None.")
+        for where, kind in fused:
+            if kind is FusionKind.CROSS_ATTENTION and not self.conditioning.has_text:
+                raise _fail(where, "text to attend to (conditioning.text_channels set) for 'cross_attention'",
+                            "text_channels=None", "Use 'dynamic_conv' or 'gated' for image-only conditioning.")
+
     def _attention_sites(self) -> list[tuple[str, int]]:
         sites = [(f"UNetSpec.levels[{i}].channels (attention=True)", lv.channels)
                  for i, lv in enumerate(self.levels) if lv.attention]
         if self.mid.attention:
             sites.append(("UNetSpec.mid (attention=True) at levels[-1].channels", self.levels[-1].channels))
+        sites += [(f"{where} = 'cross_attention' at {channels} channels", channels)
+                  for where, kind, channels in self._fusion_sites() if kind is FusionKind.CROSS_ATTENTION]
         return sites
 
     @property
@@ -203,7 +318,7 @@ class UNetSpec:
         *,
         sample_size: Sequence[int] = (8, 256, 256),
         channels: Sequence[int] = (32, 64, 128, 256),
-        attention_levels: Sequence[int] = (4,),
+        attention_levels: Sequence[int] | None = None,
         num_res_blocks: int = 2,
         planar_kernels_where_depth_is_one: bool = True,
         **overrides: Any,
@@ -223,12 +338,15 @@ class UNetSpec:
 
         - `sample_size`: nominal (depth, height, width) of a training sample.
         - `channels`: channels per level, shallowest first.
-        - `attention_levels`: 1-based levels that interleave self-attention (the seed: level 4).
+        - `attention_levels`: 1-based levels that interleave self-attention; default: the deepest
+          (level 4 for the seed's four levels).
         - `num_res_blocks`: residual blocks per level on the way down.
         - `planar_kernels_where_depth_is_one`: use `(1, 3, 3)` kernels where depth is 1.
         - `overrides`: any other [`UNetSpec`][cpcbm_blocks.spec.UNetSpec] field (e.g. `out_channels=2`).
         """
         size = list(_as_triple("UNetSpec.default(sample_size=...)", sample_size))
+        if attention_levels is None:
+            attention_levels = (len(channels),)
         for level_number in attention_levels:
             if not isinstance(level_number, int) or not 1 <= level_number <= len(channels):
                 raise _fail("UNetSpec.default(attention_levels=...)", f"1-based level numbers in 1..{len(channels)}",
@@ -252,12 +370,72 @@ class UNetSpec:
         fields.update(overrides)
         return cls(**fields)
 
+    @classmethod
+    def conditioned(
+        cls,
+        *,
+        text_channels: int | None = 512,
+        image_channels: int = 3,
+        dynamic_conv_levels: Sequence[int] | None = None,
+        cross_attention_levels: Sequence[int] | None = None,
+        mid_fusion: FusionKind = FusionKind.CROSS_ATTENTION,
+        text_to_timestep: bool = False,
+        **default_arguments: Any,
+    ) -> "UNetSpec":
+        """The seed's conditioned UNet: the default topology plus the fusion schedule of its notes.
+
+        Text (CLIP ViT-B/32 width 512 unless told otherwise) and 3 conditional images are fused per
+        level by a gate, then enter the network by dynamic convolution at the shallow levels (1-2) and
+        by cross-attention at the deep levels (3-4) and the middle. The fusion steps only add
+        shape-preserving transitions: removing them gives back the seed's `h:` trace.
+
+        **Arguments:**
+
+        - `text_channels`, `image_channels`, `text_to_timestep`: see
+          [`ConditioningSpec`][cpcbm_blocks.spec.ConditioningSpec].
+        - `dynamic_conv_levels`, `cross_attention_levels`: 1-based levels for each fusion kind; by
+          default the shallow half of the levels and the deep half ((1, 2) and (3, 4) for four).
+        - `mid_fusion`: fusion kind of the middle segments.
+        - `default_arguments`: passed to [`UNetSpec.default`][cpcbm_blocks.spec.UNetSpec.default]
+          (e.g. `sample_size`, `channels`), including `conditioning=ConditioningSpec(...)` to override
+          the other conditioning fields.
+        """
+        conditioning = default_arguments.pop("conditioning", None) or ConditioningSpec(
+            text_channels=text_channels, image_channels=image_channels, text_to_timestep=text_to_timestep)
+        base = cls.default(**default_arguments)
+        half = len(base.levels) // 2
+        if dynamic_conv_levels is None:
+            dynamic_conv_levels = tuple(range(1, half + 1))
+        if cross_attention_levels is None:
+            cross_attention_levels = tuple(range(half + 1, len(base.levels) + 1))
+        overlap = set(dynamic_conv_levels) & set(cross_attention_levels)
+        if overlap:
+            raise _fail("UNetSpec.conditioned(...)", "disjoint dynamic_conv_levels and cross_attention_levels",
+                        sorted(overlap), "Give each level one fusion kind.")
+        for where, numbers in (("dynamic_conv_levels", dynamic_conv_levels), ("cross_attention_levels", cross_attention_levels)):
+            if any(not isinstance(n, int) or not 1 <= n <= len(base.levels) for n in numbers):
+                raise _fail(f"UNetSpec.conditioned({where}=...)", f"1-based level numbers in 1..{len(base.levels)}",
+                            tuple(numbers), "Levels are numbered from 1 (shallowest).")
+
+        def kind(number: int) -> FusionKind:
+            if number in dynamic_conv_levels:
+                return FusionKind.DYNAMIC_CONV
+            return FusionKind.CROSS_ATTENTION if number in cross_attention_levels else FusionKind.NONE
+
+        levels = tuple(dataclasses.replace(level, fusion=kind(n)) for n, level in enumerate(base.levels, start=1))
+        return dataclasses.replace(base, levels=levels, mid=dataclasses.replace(base.mid, fusion=FusionKind(mid_fusion)),
+                                   conditioning=conditioning)
+
+    @property
+    def is_conditioned(self) -> bool:
+        """True when the spec takes text and/or conditional images."""
+        return self.conditioning is not None
+
     # ---- JSON -------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         """A plain-JSON dict of every field, with `format_version`."""
-        data = dataclasses.asdict(self)
-        data["timestep_injection"] = self.timestep_injection.value
+        data = json.loads(json.dumps(dataclasses.asdict(self), default=lambda v: v.value))  # enums -> values
         return {"format_version": FORMAT_VERSION, **data}
 
     def to_json(self, *, indent: int | None = 2) -> str:
@@ -290,6 +468,12 @@ class UNetSpec:
                 raise _fail("spec.mid", "an object", data["mid"], "Give an object of MidSpec fields.")
             _reject_unknown("spec.mid", data["mid"], MidSpec)
             data["mid"] = MidSpec(**data["mid"])
+        if data.get("conditioning") is not None:
+            if not isinstance(data["conditioning"], Mapping):
+                raise _fail("spec.conditioning", "an object or null", data["conditioning"],
+                            "Give an object of ConditioningSpec fields.")
+            _reject_unknown("spec.conditioning", data["conditioning"], ConditioningSpec)
+            data["conditioning"] = ConditioningSpec(**data["conditioning"])
         return cls(**data)
 
     @classmethod

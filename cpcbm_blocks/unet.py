@@ -3,12 +3,13 @@
 from pathlib import Path
 
 import torch
-from jaxtyping import Float, Real
+from jaxtyping import Bool, Float, Real
 from torch import Tensor, nn
 
 from cpcbm_blocks import checkpoint
 from cpcbm_blocks.blocks.embedding import TimestepEmbedding, timesteps_to_batch
 from cpcbm_blocks.build import build_blocks
+from cpcbm_blocks.conditioning import ConditionEncoder, EncodedConditions, validate_conditions
 from cpcbm_blocks.contracts import checks_active
 from cpcbm_blocks.errors import InputError, TraceMismatchError
 from cpcbm_blocks.layout import Op, layout
@@ -36,6 +37,12 @@ class UNet3D(nn.Module):
     Modules are registered once each under readable names (`blocks.down4_attn1`, `blocks.mid1_res2`,
     `blocks.up3_up`, ...), so state dicts read like the trace.
 
+    A conditioned spec ([`UNetSpec.conditioned`][cpcbm_blocks.spec.UNetSpec.conditioned]) adds a
+    `conditioner` ([`ConditionEncoder`][cpcbm_blocks.conditioning.ConditionEncoder]) and one fusion
+    module per fusion step. Pass the raw conditions to `forward`, or encode them once with
+    [`encode_conditions`][cpcbm_blocks.unet.UNet3D.encode_conditions] and pass `conditions=` at every
+    denoising step.
+
     **Arguments:**
 
     - `spec`: the network, as data.
@@ -49,6 +56,7 @@ class UNet3D(nn.Module):
         self.steps = layout(spec)
         self.time_embedding = TimestepEmbedding(channels=spec.base_channels, out_channels=spec.time_embedding_channels)
         self.blocks = build_blocks(spec)
+        self.conditioner = ConditionEncoder(spec) if spec.is_conditioned else None
         self._trace_sink: list[Transition] | None = None
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -64,23 +72,71 @@ class UNet3D(nn.Module):
         """The expected transitions for an input of `input_shape` (see [`plan`][cpcbm_blocks.plan.plan])."""
         return plan(self.spec, tuple(input_shape))
 
-    def forward(self, x: Float[Tensor, "b c_in d h w"],
-                t: int | float | Real[Tensor, ""] | Real[Tensor, " b"]) -> Float[Tensor, "b c_out d h w"]:
-        """Predict from the noisy volume `x` at diffusion time `t`.
+    def encode_conditions(self, *, text: Float[Tensor, "b m e"] | None = None, text_mask: Bool[Tensor, "b m"] | None = None,
+                          text_pooled: Float[Tensor, "b e"] | None = None,
+                          cond_images: Float[Tensor, "b k d h w"] | None = None,
+                          cond_available: Bool[Tensor, "b k"] | None = None) -> EncodedConditions:
+        """Encode the conditions once; reuse the result for every denoising step of a sampler.
+
+        **Arguments:**
+
+        - `text`: token embeddings from a pre-trained text encoder (e.g. CLIP's last hidden state).
+        - `text_mask`: True for real tokens; an all-False row marks that sample's text as absent
+          (learned null tokens stand in). Defaults to all True.
+        - `text_pooled`: the encoder's pooled vector; defaults to the masked mean of the tokens.
+        - `cond_images`: k conditional images co-registered with `x`.
+        - `cond_available`: True where an image is present; an absent image is zeros plus a False
+          flag. Defaults to all True.
+
+        Every argument the spec's conditioning needs is required, and none it does not use is
+        accepted ([`InputError`][cpcbm_blocks.errors.InputError] otherwise).
+        """
+        if self.conditioner is None:
+            validate_conditions(self.spec, text=text, text_mask=text_mask, text_pooled=text_pooled,
+                                cond_images=cond_images, cond_available=cond_available)
+            raise InputError("encode_conditions: this UNet's spec has no conditioning (UNetSpec.conditioning is None). "
+                             "Build the UNet from UNetSpec.conditioned(...).")
+        return self.conditioner(text=text, text_mask=text_mask, text_pooled=text_pooled, cond_images=cond_images,
+                                cond_available=cond_available)
+
+    def forward(self, x: Float[Tensor, "b c_in d h w"], t: int | float | Real[Tensor, ""] | Real[Tensor, " b"], *,
+                text: Float[Tensor, "b m e"] | None = None, text_mask: Bool[Tensor, "b m"] | None = None,
+                text_pooled: Float[Tensor, "b e"] | None = None, cond_images: Float[Tensor, "b k d h w"] | None = None,
+                cond_available: Bool[Tensor, "b k"] | None = None,
+                conditions: EncodedConditions | None = None) -> Float[Tensor, "b c_out d h w"]:
+        """Predict from the noisy volume `x` at diffusion time `t` (and the conditions, if any).
 
         `c_in` is `spec.in_channels` and `c_out` is `spec.out_channels`; D, H and W must be multiples
         of `spec.stride_product`. The arguments are validated explicitly (with messages that say
         what to do) and every transition is checked against the plan, which covers the return.
+        Conditions are either raw (the keyword arguments of
+        [`encode_conditions`][cpcbm_blocks.unet.UNet3D.encode_conditions]) or already encoded
+        (`conditions=`), not both.
         """
-        checking = checks_active()
+        checking, compiling = checks_active(), torch.compiler.is_compiling()
         expected = None
-        if not torch.compiler.is_compiling():
+        raw = {"text": text, "text_mask": text_mask, "text_pooled": text_pooled, "cond_images": cond_images,
+               "cond_available": cond_available}
+        if not compiling:
             _check_volume(x, self.spec, like=self.time_embedding.mlp[0].weight)
             t = timesteps_to_batch(t, batch_size=x.shape[0], device=x.device)
+            _reject_misplaced_conditions(self.spec, conditions, raw)
             planned = plan(self.spec, tuple(x.shape)).transitions  # also validates the shape against the spec
             if checking or self._trace_sink is not None:
                 expected = planned
+        if self.conditioner is not None and conditions is None:
+            if not compiling:  # refuse conditions that do not fit x before the encoder computes anything
+                batch, _, _ = validate_conditions(self.spec, **raw)
+                image_size = None if cond_images is None else tuple(cond_images.shape[2:])
+                _check_conditions_match(x, batch_size=batch, image_size=image_size)
+            conditions = self.encode_conditions(**raw)
+        elif conditions is not None and not compiling:
+            _check_conditions_match(x, batch_size=conditions.batch_size, image_size=conditions.image_size)
         emb = self.time_embedding(t, batch_size=x.shape[0])
+        if conditions is not None:
+            if conditions.timestep_scale_shift is not None:
+                scale, shift = conditions.timestep_scale_shift.chunk(2, dim=1)
+                emb = emb * (1 + scale) + shift
 
         h, skips = x, []
         for position, step in enumerate(self.steps):
@@ -89,7 +145,14 @@ class UNet3D(nn.Module):
             h_in = h
             if skip is not None:
                 h = torch.cat([h, skip], dim=1)
-            h = block(h, emb) if step.op is Op.RES else block(h)
+            if step.op is Op.RES:
+                h = block(h, emb)
+            elif step.op is Op.FUSE_CROSS_ATTENTION:
+                h = block(h, conditions.context[step.condition_key], conditions.context_mask[step.condition_key])
+            elif step.op.is_fusion:
+                h = block(h, conditions.maps[step.condition_key].expand_as(h))
+            else:
+                h = block(h)
             if expected is not None:
                 self._observe(expected[position], h_in, skip, h, raise_on_mismatch=checking)
             if step.gives_skip:
@@ -105,6 +168,33 @@ class UNet3D(nn.Module):
         if raise_on_mismatch and actual != expected:
             raise TraceMismatchError(f"{expected.step.describe()}: expected {expected.render()}, "
                                      f"got {actual.render()}.")
+
+
+def _reject_misplaced_conditions(spec: UNetSpec, conditions: EncodedConditions | None, raw: dict) -> None:
+    """Conditions for an unconditioned spec, both raw and encoded ones, or a wrong type: refuse."""
+    given = [name for name, value in raw.items() if value is not None]
+    if spec.conditioning is None:
+        if given:
+            validate_conditions(spec, **raw)  # raises "this UNet's spec has no conditioning"
+        if conditions is not None:
+            raise InputError("conditions: this UNet's spec has no conditioning (UNetSpec.conditioning is None), got "
+                             "EncodedConditions. Drop conditions= or build the UNet from UNetSpec.conditioned(...).")
+    elif conditions is not None:
+        if not isinstance(conditions, EncodedConditions):
+            raise InputError(f"conditions: expected EncodedConditions from model.encode_conditions(...), got "
+                             f"{type(conditions).__name__}.")
+        if given:
+            raise InputError(f"{given[0]}: got both raw conditions and conditions=; pass one or the other.")
+
+
+def _check_conditions_match(x: Tensor, *, batch_size: int, image_size: tuple[int, ...] | None) -> None:
+    """Conditions (raw or encoded) must have x's batch size, and conditional images x's depth, height and width."""
+    if batch_size != x.shape[0]:
+        raise InputError(f"conditions: expected the batch size of x ({x.shape[0]}), got conditions for "
+                         f"{batch_size} sample(s). Give one row of conditions per sample of x.")
+    if image_size is not None and tuple(image_size) != tuple(x.shape[2:]):
+        raise InputError(f"cond_images: expected depth, height and width {tuple(x.shape[2:])} (those of x), got "
+                         f"{tuple(image_size)}. Resample the conditional images onto x's grid.")
 
 
 def _check_volume(x: Tensor, spec: UNetSpec, *, like: Tensor) -> None:

@@ -53,3 +53,11 @@ def test_the_module_and_console_entry_points_run():
     for command in ([sys.executable, "-m", "cpcbm_blocks", "trace"], [str(console_script), "trace", "--format", "json"]):
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         assert result.returncode == 0, result.stderr
+
+
+def test_trace_of_the_conditioned_preset_adds_only_fusion_steps_to_the_seed(capsys):
+    seed_page = ROOT / "docs" / "architecture" / "seed-trace.md"
+    assert main(["trace", "--spec", "conditioned", "--expect", str(seed_page), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["documented"]["ok"] and len(report["transitions"]) == 49
+    assert sum(r["op"].startswith("fuse_") for r in report["transitions"]) == 10

@@ -12,7 +12,23 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
-__all__ = ["Conv3d", "zero_init"]
+__all__ = ["Conv3d", "conv3d", "zero_init"]
+
+
+def conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_w kd kh kw"], bias: Tensor | None = None, *,
+           stride: tuple[int, int, int] = (1, 1, 1), groups: int = 1) -> Float[Tensor, "b c_out d_out h_out w_out"]:
+    """`F.conv3d` with "same" padding that runs a depth-1 kernel (and depth stride 1) as `F.conv2d`.
+
+    Same numbers, same weights; the 2-D path folds depth into the batch (`(b d) c h w`) and picks
+    PyTorch's fast 2-D kernels instead of `slow_conv3d`.
+    """
+    padding = tuple(k // 2 for k in weight.shape[2:])
+    if weight.shape[2] != 1 or stride[0] != 1:
+        return F.conv3d(x, weight, bias, stride, padding, groups=groups)
+    batch = x.shape[0]
+    y = F.conv2d(rearrange(x, "b c d h w -> (b d) c h w"), weight.squeeze(2), bias, stride[1:], padding[1:],
+                 groups=groups)
+    return rearrange(y, "(b d) c h w -> b c d h w", b=batch)
 
 
 class Conv3d(nn.Conv3d):
@@ -29,12 +45,7 @@ class Conv3d(nn.Conv3d):
         return self.kernel_size[0] == 1 and self.stride[0] == 1
 
     def forward(self, x: Float[Tensor, "b c_in d h w"]) -> Float[Tensor, "b c_out d_out h_out w_out"]:
-        if not self.planar:
-            return super().forward(x)
-        batch = x.shape[0]
-        slices = rearrange(x, "b c d h w -> (b d) c h w")
-        y = F.conv2d(slices, self.weight.squeeze(2), self.bias, self.stride[1:], self.padding[1:])
-        return rearrange(y, "(b d) c h w -> b c d h w", b=batch)
+        return conv3d(x, self.weight, self.bias, stride=self.stride, groups=self.groups)
 
 
 def zero_init(module: nn.Module) -> nn.Module:

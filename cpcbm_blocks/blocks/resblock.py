@@ -5,6 +5,7 @@ from torch import Tensor, nn
 
 from cpcbm_blocks.blocks.conv import Conv3d, zero_init
 from cpcbm_blocks.contracts import shape_checked
+from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.spec import TimestepInjection
 
 __all__ = ["ResBlock3D"]
@@ -26,14 +27,15 @@ class ResBlock3D(nn.Module):
     **Arguments:**
 
     - `in_channels`, `out_channels`: channels in and out; a 1x1x1 skip projection is added when they differ.
-    - `emb_channels`: width of the timestep embedding `emb`.
+    - `emb_channels`: width of the timestep embedding `emb`; None for a block without one (as in the
+      conditional-image encoder, which does not depend on the diffusion time).
     - `num_groups`: GroupNorm groups; must divide `in_channels` and `out_channels`.
     - `kernel_size`: per-axis kernel, `(3, 3, 3)` or `(1, 3, 3)` on 1-deep levels.
     - `timestep_injection`: [`TimestepInjection.ADD`][cpcbm_blocks.spec.TimestepInjection] or `SCALE_SHIFT`.
     - `dropout`: dropout probability before the second convolution.
     """
 
-    def __init__(self, *, in_channels: int, out_channels: int, emb_channels: int, num_groups: int = 32,
+    def __init__(self, *, in_channels: int, out_channels: int, emb_channels: int | None, num_groups: int = 32,
                  kernel_size: tuple[int, int, int] = (3, 3, 3),
                  timestep_injection: TimestepInjection = TimestepInjection.ADD, dropout: float = 0.0) -> None:
         super().__init__()
@@ -44,7 +46,8 @@ class ResBlock3D(nn.Module):
         scale_shift = self.timestep_injection is TimestepInjection.SCALE_SHIFT
         self.norm1 = nn.GroupNorm(num_groups, in_channels)
         self.conv1 = Conv3d(in_channels, out_channels, kernel_size=kernel_size)
-        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels * (2 if scale_shift else 1)))
+        self.emb_proj = (None if emb_channels is None else
+                         nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels * (2 if scale_shift else 1))))
         self.norm2 = nn.GroupNorm(num_groups, out_channels)
         self.act = nn.SiLU()
         self.dropout = nn.Dropout(dropout)
@@ -54,8 +57,15 @@ class ResBlock3D(nn.Module):
 
     @shape_checked
     def forward(self, x: Float[Tensor, "b {self.in_channels} d h w"],
-                emb: Float[Tensor, "b {self.emb_channels}"]) -> Float[Tensor, "b {self.out_channels} d h w"]:
+                emb: Float[Tensor, "b {self.emb_channels}"] | None = None) -> Float[Tensor, "b {self.out_channels} d h w"]:
         h = self.conv1(self.act(self.norm1(x)))
+        if (emb is None) != (self.emb_proj is None):
+            raise InputError(f"emb: expected {'no embedding' if self.emb_proj is None else 'a timestep embedding'} "
+                             f"(emb_channels={self.emb_channels}), got {'None' if emb is None else tuple(emb.shape)}. "
+                             "Pass emb exactly when the block was built with emb_channels.")
+        if self.emb_proj is None:
+            h = self.norm2(h)
+            return self.skip(x) + self.conv2(self.dropout(self.act(h)))
         e = self.emb_proj(emb)[:, :, None, None, None]
         if self.timestep_injection is TimestepInjection.SCALE_SHIFT:
             scale, shift = e.chunk(2, dim=1)
