@@ -46,7 +46,7 @@ _BUILDERS: dict[Op, Callable[[Step, UNetSpec], nn.Module]] = {
     Op.FUSE_DYNAMIC_CONV: _dynamic_conv,
     Op.FUSE_CROSS_ATTENTION: lambda step, spec: CrossAttentionFusion3D(
         channels=step.in_channels, context_channels=spec.conditioning.text_channels, head_channels=spec.head_channels,
-        num_groups=spec.num_groups),
+        num_groups=spec.num_groups, upcast=spec.upcast_attention),
     Op.HEAD: lambda step, spec: OutputHead(in_channels=step.in_channels, out_channels=step.out_channels,
                                            num_groups=spec.num_groups, kernel_size=step.kernel_size),
 }

@@ -1,12 +1,16 @@
 """Numerics: bf16 autocast, fp16 attention upcast, fully masked key rows, determinism."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from cpcbm_blocks import MultiHeadSelfAttention3D, UNet3D, UNetSpec, attention
 from cpcbm_blocks.blocks.attention import reference_attention
+from cpcbm_blocks.blocks.fusion_cross_attention import CrossAttentionFusion3D
 
 from .conftest import randomize_
+from .test_conditioning import inputs, small_conditioned
 
 
 def _bf16_autocast_step(model: UNet3D, x: torch.Tensor, t: torch.Tensor, **conditions) -> torch.Tensor:
@@ -26,6 +30,34 @@ def test_bf16_autocast_forward_and_backward_of_the_default_unet_are_finite():
     assert bad == []
 
 
+def test_bf16_autocast_forward_and_backward_of_a_conditioned_unet_are_finite():
+    torch.manual_seed(0)
+    model = randomize_(UNet3D(small_conditioned(text_to_timestep=True)), scale=0.05)
+    conditions = inputs(batch=2)
+    conditions["text_mask"][1] = False  # one sample without text
+    conditions["cond_available"][0, 1] = False  # and one missing image
+    out = _bf16_autocast_step(model, torch.randn(2, 1, 4, 16, 16), torch.tensor([10, 900]), **conditions)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all() and out.abs().sum() > 0
+    bad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert bad == []
+
+
+def test_a_fully_masked_text_row_never_gives_nan_in_the_conditioned_unet():
+    torch.manual_seed(0)
+    model = randomize_(UNet3D(small_conditioned()), scale=0.1)
+    conditions = inputs(batch=2)
+    conditions["text_mask"][0] = False
+    out = model(torch.randn(2, 1, 4, 16, 16), torch.tensor([5, 500]), **conditions)
+    out.square().mean().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    encoded = model.encode_conditions(**conditions)
+    for key, context in encoded.context.items():
+        # the null text tokens stand in for the masked row, so each cross-attention row has a key
+        assert encoded.context_mask[key].any(dim=1).all(), key
+        assert torch.isfinite(context).all()
+
+
 def test_upcast_attention_computes_in_float32_and_returns_the_inputs_dtype():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 7, 8, dtype=torch.float16) * 4 for _ in range(3))
@@ -37,11 +69,12 @@ def test_upcast_attention_computes_in_float32_and_returns_the_inputs_dtype():
     assert torch.equal(out_autocast, out)
 
 
-def test_the_spec_switches_upcast_on_for_every_attention_block(tiny_spec):
-    model = UNet3D(UNetSpec(**{**tiny_spec.__dict__, "upcast_attention": True}))
-    blocks = [m for m in model.modules() if isinstance(m, MultiHeadSelfAttention3D)]
-    assert blocks and all(block.upcast for block in blocks)
-    assert not any(m.upcast for m in UNet3D(tiny_spec).modules() if isinstance(m, MultiHeadSelfAttention3D))
+def test_the_spec_switches_upcast_on_for_every_self_and_cross_attention_block():
+    attention_blocks = (MultiHeadSelfAttention3D, CrossAttentionFusion3D)
+    spec = small_conditioned()
+    on = [m for m in UNet3D(dataclasses.replace(spec, upcast_attention=True)).modules() if isinstance(m, attention_blocks)]
+    assert {type(m) for m in on} == set(attention_blocks) and all(m.upcast for m in on)
+    assert not any(m.upcast for m in UNet3D(spec).modules() if isinstance(m, attention_blocks))
 
 
 @pytest.mark.gpu
