@@ -10,7 +10,7 @@ from cpcbm_blocks import checkpoint
 from cpcbm_blocks.blocks.embedding import TimestepEmbedding, timesteps_to_batch
 from cpcbm_blocks.build import build_blocks
 from cpcbm_blocks.conditioning import ConditionEncoder, EncodedConditions, validate_conditions
-from cpcbm_blocks.contracts import checks_active
+from cpcbm_blocks.contracts import check_device_and_dtype, checks_active
 from cpcbm_blocks.errors import InputError, TraceMismatchError
 from cpcbm_blocks.layout import Op, layout
 from cpcbm_blocks.plan import Plan, Transition, check_input_shape, plan
@@ -126,12 +126,14 @@ class UNet3D(nn.Module):
                 expected = planned
         if self.conditioner is not None and conditions is None:
             if not compiling:  # refuse conditions that do not fit x before the encoder computes anything
-                batch, _, _ = validate_conditions(self.spec, **raw)
+                batch = self.conditioner.validate(**raw)
                 image_size = None if cond_images is None else tuple(cond_images.shape[2:])
-                _check_conditions_match(x, batch_size=batch, image_size=image_size)
+                name = next(name for name in ("text", "cond_images") if raw[name] is not None)
+                _check_conditions_match(x, batch_size=batch, image_size=image_size, name=name)
             conditions = self.encode_conditions(**raw)
         elif conditions is not None and not compiling:
-            _check_conditions_match(x, batch_size=conditions.batch_size, image_size=conditions.image_size)
+            _check_conditions_match(x, batch_size=conditions.batch_size, image_size=conditions.image_size,
+                                    name="conditions")
         emb = self.time_embedding(t, batch_size=x.shape[0])
         if conditions is not None:
             if conditions.timestep_scale_shift is not None:
@@ -177,20 +179,20 @@ def _reject_misplaced_conditions(spec: UNetSpec, conditions: EncodedConditions |
         if given:
             validate_conditions(spec, **raw)  # raises "this UNet's spec has no conditioning"
         if conditions is not None:
-            raise InputError("conditions: this UNet's spec has no conditioning (UNetSpec.conditioning is None), got "
-                             "EncodedConditions. Drop conditions= or build the UNet from UNetSpec.conditioned(...).")
+            raise InputError("conditions: expected None because this UNet's spec has no conditioning "
+                             "(UNetSpec.conditioning is None), got EncodedConditions. Drop conditions= or build the UNet from UNetSpec.conditioned(...).")
     elif conditions is not None:
         if not isinstance(conditions, EncodedConditions):
             raise InputError(f"conditions: expected EncodedConditions from model.encode_conditions(...), got "
                              f"{type(conditions).__name__}.")
         if given:
-            raise InputError(f"{given[0]}: got both raw conditions and conditions=; pass one or the other.")
+            raise InputError(f"{given[0]}: expected either raw conditions or conditions=, got both. Pass one or the other.")
 
 
-def _check_conditions_match(x: Tensor, *, batch_size: int, image_size: tuple[int, ...] | None) -> None:
+def _check_conditions_match(x: Tensor, *, batch_size: int, image_size: tuple[int, ...] | None, name: str) -> None:
     """Conditions (raw or encoded) must have x's batch size, and conditional images x's depth, height and width."""
     if batch_size != x.shape[0]:
-        raise InputError(f"conditions: expected the batch size of x ({x.shape[0]}), got conditions for "
+        raise InputError(f"{name}: expected the batch size of x ({x.shape[0]}), got conditions for "
                          f"{batch_size} sample(s). Give one row of conditions per sample of x.")
     if image_size is not None and tuple(image_size) != tuple(x.shape[2:]):
         raise InputError(f"cond_images: expected depth, height and width {tuple(x.shape[2:])} (those of x), got "
@@ -205,14 +207,5 @@ def _check_volume(x: Tensor, spec: UNetSpec, *, like: Tensor) -> None:
     if not x.is_floating_point():
         raise InputError(f"x: expected a floating-point tensor (float32, bfloat16 or float16), got {x.dtype}. "
                          "Convert it with x.float().")
-    if x.device != like.device:
-        raise InputError(f"x: expected a tensor on the model's device {like.device}, got one on {x.device}. "
-                         f"Move it with x.to({str(like.device)!r}), or the model with model.to(x.device).")
-    allowed = {like.dtype}
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
-        allowed |= {torch.float32, torch.get_autocast_dtype(x.device.type)}
-    if x.dtype not in allowed:
-        raise InputError(f"x: expected dtype {' or '.join(sorted(str(d) for d in allowed))} (the model's weights"
-                         f"{' or the autocast dtype' if len(allowed) > 1 else ''}), got {x.dtype}. Convert it with "
-                         f"x.to({like.dtype}), cast the model with model.to({x.dtype}), or run under torch.autocast.")
+    check_device_and_dtype("x", x, like=like)
     check_input_shape(spec, x.shape, name="x")

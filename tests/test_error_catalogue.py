@@ -24,6 +24,9 @@ import torch
 from cpcbm_blocks import (CheckpointError, Downsample3D, InputError, LevelSpec, MidSpec, ResBlock3D, ShapeContractError,
                           SpecError, TimestepEmbedding, UNet3D, UNetSpec)
 from cpcbm_blocks.checkpoint import WEIGHTS_FILE, from_pretrained, load_weights, save_pretrained
+from cpcbm_blocks.spec import ConditioningSpec
+
+from .test_conditioning import inputs, small_conditioned
 
 ROOT = Path(__file__).resolve().parents[1]
 ERRORS_PAGE = ROOT / "docs" / "errors.md"
@@ -42,6 +45,7 @@ class Context:
     """What the triggers act on: a small UNet, a checkpoint of it, and a scratch directory."""
 
     model: UNet3D
+    conditioned: UNet3D
     checkpoint: Path
     scratch: Path
     empty: Path
@@ -54,10 +58,15 @@ class Context:
         scratch, empty = directory / "scratch", directory / "empty"
         scratch.mkdir()
         empty.mkdir()
-        return cls(model=model, checkpoint=checkpoint, scratch=scratch, empty=empty)
+        conditioned = UNet3D(small_conditioned())
+        return cls(model=model, conditioned=conditioned, checkpoint=checkpoint, scratch=scratch, empty=empty)
 
     def forward(self, x: Any, t: Any = 500, **kwargs: Any) -> Any:
         return self.model(x, t, **kwargs)
+
+    def conditioned_forward(self, batch: int = 2, **changes: Any) -> Any:
+        """The conditioned UNet (text width 12, 3 images, x of shape (2, 1, 4, 16, 16)) with some conditions changed."""
+        return self.conditioned(torch.zeros(batch, 1, 4, 16, 16), 500, **{**inputs(batch=2), **changes})
 
     def x(self, *shape: int, **kwargs: Any) -> torch.Tensor:
         return torch.zeros(shape or (2, 1, 4, 8, 8), **kwargs)
@@ -84,6 +93,8 @@ class Case:
     fix: str
     forward: bool = False
     """The trigger is a UNet forward: the error must come before any module runs."""
+    conditioned: bool = False
+    """The trigger runs the conditioned UNet (checked for compute too)."""
 
 
 def _spec_case(id, mistake, build, argument, expected, actual, fix):
@@ -99,6 +110,27 @@ def _x_case(id, mistake, x, argument, expected, actual, fix, *, error=InputError
 def _t_case(id, mistake, t, argument, expected, actual, fix):
     return Case(id=id, topic="t", mistake=mistake, trigger=lambda ctx: ctx.forward(ctx.x(), t(ctx)), error=InputError,
                 argument=argument, expected=expected, actual=actual, fix=fix, forward=True)
+
+
+def _cond_case(id, mistake, changes, argument, expected, actual, fix, *, batch=2):
+    return Case(id=id, topic="conditions", mistake=mistake,
+                trigger=lambda ctx: ctx.conditioned_forward(batch, **changes()), error=InputError,
+                argument=argument, expected=expected, actual=actual, fix=fix, forward=True, conditioned=True)
+
+
+def _encoded(batch: int):
+    """Conditions encoded by another UNet of the same spec, so that encoding is not counted as the call's compute."""
+    return UNet3D(small_conditioned()).encode_conditions(**inputs(batch=batch))
+
+
+def _both_kinds_of_conditions(ctx: Context) -> Any:
+    encoded = _encoded(2)
+    return ctx.conditioned(torch.zeros(2, 1, 4, 16, 16), 5, conditions=encoded, text=inputs(batch=2)["text"])
+
+
+def _encoded_for_another_batch(ctx: Context) -> Any:
+    encoded = _encoded(2)
+    return ctx.conditioned(torch.zeros(3, 1, 4, 16, 16), 5, conditions=encoded)
 
 
 def _group_norm_degenerate(ctx: Context) -> Any:
@@ -179,6 +211,79 @@ CATALOGUE: list[Case] = [
     _t_case("t-meta", "Timesteps without values (a meta tensor) for a real volume",
             lambda ctx: torch.zeros(2, device="meta"), "t", "expected timesteps with values", "meta device",
             "scheduler's real timesteps"),
+    # ---- conditions (text tokens, conditional images) ----------------------------------------
+    _cond_case("cond-batch-vs-x", "Conditions for 3 samples with a batch of 2 volumes",
+               lambda: {**inputs(batch=3)}, "text", "the batch size of x (2)", "conditions for 3 sample(s)",
+               "one row of conditions per sample"),
+    _cond_case("cond-text-vs-images-batch", "Text for 3 samples, images for 2",
+               lambda: dict(text=torch.randn(3, 5, 12), text_mask=torch.ones(3, 5, dtype=torch.bool)),
+               "text, cond_images", "the same batch size", "{'text': 3, 'cond_images': 2}", "one row per sample"),
+    _cond_case("cond-text-width", "Text tokens from another encoder (width 13 for a spec of 12)",
+               lambda: dict(text=torch.randn(2, 5, 13)), "text", "token width 12", "got 13",
+               "ConditioningSpec(text_channels=...)"),
+    _cond_case("cond-text-rank", "Pooled text (B, E) passed as the token sequence", lambda: dict(text=torch.randn(2, 12)),
+               "text", "3 dimensions (batch, tokens, text_channels)", "got 2", "Pass a tensor of shape (batch, tokens, text_channels)"),
+    _cond_case("cond-text-int", "Token ids instead of token embeddings",
+               lambda: dict(text=torch.ones(2, 5, 12, dtype=torch.int64)), "text", "floating-point tensor",
+               "torch.int64", ".float()"),
+    _cond_case("cond-text-float64", "Float64 text embeddings for a float32 model",
+               lambda: dict(text=torch.randn(2, 5, 12, dtype=torch.float64)), "text", "dtype torch.float32",
+               "got torch.float64", "text.to(torch.float32)"),
+    _cond_case("cond-text-empty", "An empty token sequence for absent text",
+               lambda: dict(text=torch.randn(2, 0, 12), text_mask=torch.ones(2, 0, dtype=torch.bool)),
+               "text", "at least one token", "(2, 0, 12)", "all-False text_mask row"),
+    _cond_case("cond-text-mask-shape", "A text mask for another number of tokens",
+               lambda: dict(text_mask=torch.ones(2, 4, dtype=torch.bool)), "text_mask", "shape (2, 5)", "got (2, 4)",
+               "one entry per token of text"),
+    _cond_case("cond-text-mask-dtype", "A float (attention-bias style) text mask", lambda: dict(text_mask=torch.ones(2, 5)),
+               "text_mask", "a bool tensor", "torch.float32", ".bool()"),
+    _cond_case("cond-text-pooled-shape", "A pooled text vector of the wrong width",
+               lambda: dict(text_pooled=torch.randn(2, 14)), "text_pooled", "shape (2, 12)", "got (2, 14)",
+               "leave it None"),
+    _cond_case("cond-images-channels", "Two conditional images for a spec of three",
+               lambda: dict(cond_images=torch.randn(2, 2, 4, 16, 16), cond_available=torch.ones(2, 2, dtype=torch.bool)),
+               "cond_images", "3 conditional image(s)", "got 2", "conditioning.image_channels"),
+    _cond_case("cond-images-size", "Conditional images on another grid than x",
+               lambda: dict(cond_images=torch.randn(2, 3, 4, 32, 32)), "cond_images",
+               "depth, height and width (4, 16, 16)", "got (4, 32, 32)", "x's grid"),
+    _cond_case("cond-images-not-tensor", "Conditional images as a list", lambda: dict(cond_images=[0.0]),
+               "cond_images", "a torch.Tensor", "got list", "torch.as_tensor"),
+    _cond_case("cond-images-int", "Integer label maps as conditional images",
+               lambda: dict(cond_images=torch.ones(2, 3, 4, 16, 16, dtype=torch.int32)), "cond_images",
+               "floating-point tensor", "torch.int32", ".float()"),
+    _cond_case("cond-images-device", "Conditional images on another device than the model",
+               lambda: dict(cond_images=torch.zeros(2, 3, 4, 16, 16, device="meta")), "cond_images",
+               "the model's device cpu", "got one on meta", "cond_images.to('cpu')"),
+    _cond_case("cond-available-shape", "Availability flags for another number of images",
+               lambda: dict(cond_available=torch.ones(2, 2, dtype=torch.bool)), "cond_available", "shape (2, 3)",
+               "got (2, 2)", "one flag per conditional image"),
+    _cond_case("cond-available-dtype", "Availability given as 0/1 floats", lambda: dict(cond_available=torch.ones(2, 3)),
+               "cond_available", "a bool tensor", "torch.float32", ".bool()"),
+    _cond_case("cond-missing-text", "No text for a spec that conditions on text", lambda: dict(text=None, text_mask=None),
+               "text", "token embeddings (B, L, 12)", "got None", "all-False text_mask row"),
+    _cond_case("cond-missing-images", "No conditional images for a spec that conditions on images",
+               lambda: dict(cond_images=None, cond_available=None), "cond_images", "(B, 3, D, H, W) images",
+               "got None", "cond_available=False"),
+    Case(id="cond-text-to-plain-unet", topic="conditions", mistake="Text given to a UNet whose spec has no conditioning",
+         trigger=lambda ctx: ctx.forward(ctx.x(), 5, text=torch.randn(2, 5, 12)), error=InputError, argument="text",
+         expected="None because this UNet's spec has no conditioning", actual="got a value", fix="UNetSpec.conditioned", forward=True),
+    Case(id="cond-images-to-plain-unet", topic="conditions",
+         mistake="Conditional images given to a UNet whose spec has no conditioning",
+         trigger=lambda ctx: ctx.forward(ctx.x(), 5, cond_images=torch.randn(2, 3, 4, 8, 8)), error=InputError,
+         argument="cond_images", expected="None because this UNet's spec has no conditioning", actual="got a value",
+         fix="UNetSpec.conditioned", forward=True),
+    Case(id="cond-encoded-to-plain-unet", topic="conditions",
+         mistake="Encoded conditions given to a UNet whose spec has no conditioning",
+         trigger=lambda ctx: ctx.forward(ctx.x(), 5, conditions=ctx.conditioned.encode_conditions(**inputs(batch=2))),
+         error=InputError, argument="conditions", expected="None because this UNet's spec has no conditioning",
+         actual="got EncodedConditions", fix="Drop conditions=", forward=True),
+    Case(id="cond-raw-and-encoded", topic="conditions", mistake="Raw and encoded conditions in the same call",
+         trigger=_both_kinds_of_conditions, error=InputError, argument="text", expected="either raw conditions or conditions=",
+         actual="got both", fix="Pass one or the other", forward=True, conditioned=True),
+    Case(id="cond-encoded-batch", topic="conditions", mistake="Conditions encoded for 2 samples reused for a batch of 3",
+         trigger=_encoded_for_another_batch, error=InputError, argument="conditions",
+         expected="the batch size of x (3)", actual="conditions for 2 sample(s)", fix="one row of conditions per sample",
+         forward=True, conditioned=True),
     # ---- the spec ----------------------------------------------------------------------------
     _spec_case("spec-empty-levels", "No levels", lambda: UNetSpec(levels=()),
                "UNetSpec.levels", "at least one level", "an empty sequence", "UNetSpec.default()"),
@@ -232,6 +337,31 @@ CATALOGUE: list[Case] = [
                "99", "another version of cpcbm_blocks"),
     _spec_case("spec-json-invalid", "A spec file that is not JSON", lambda: UNetSpec.from_json("{not json"),
                "spec", "expected JSON text", "invalid JSON", "Check the file"),
+    _spec_case("spec-fusion-kind", "An unknown fusion kind",
+               lambda: small_conditioned().__class__(**{**small_conditioned().__dict__,
+                                                        "mid": MidSpec(fusion="attention", kernel_size=(1, 3, 3))}),
+               "MidSpec.fusion", "one of 'none', 'gated', 'dynamic_conv', 'cross_attention'", "'attention'",
+               "Pick one of the listed fusion kinds"),
+    _spec_case("spec-fusion-without-conditioning", "A fusion step in a spec without conditioning",
+               lambda: tiny_spec(levels=(LevelSpec(channels=8, fusion="gated"),)), "UNetSpec.levels[0].fusion",
+               "'none' when UNetSpec.conditioning is None", "'gated'", "or drop the fusion"),
+    _spec_case("spec-conditioning-empty", "Conditioning on neither text nor images",
+               lambda: ConditioningSpec(text_channels=None, image_channels=0), "ConditioningSpec",
+               "text_channels or image_channels", "'neither'", "UNetSpec.conditioning=None"),
+    _spec_case("spec-cross-attention-without-text", "Cross-attention fusion without text to attend to",
+               lambda: UNetSpec.conditioned(text_channels=None), "UNetSpec.levels[2].fusion",
+               "text to attend to", "text_channels=None", "Use 'dynamic_conv' or 'gated'"),
+    _spec_case("spec-fusion-levels-overlap", "One level given two fusion kinds",
+               lambda: UNetSpec.conditioned(dynamic_conv_levels=(1, 3)), "UNetSpec.conditioned(...)",
+               "disjoint dynamic_conv_levels and cross_attention_levels", "[3]", "one fusion kind"),
+    _spec_case("spec-conditioning-without-fusion", "Conditioning with no fusion site anywhere",
+               lambda: tiny_spec(conditioning=ConditioningSpec()), "UNetSpec fusion schedule",
+               "at least one level or the middle with a fusion kind", "'none' everywhere", "Set LevelSpec.fusion"),
+    _spec_case("spec-router-temperature", "A zero routing temperature for dynamic convolution",
+               lambda: ConditioningSpec(router_temperature=0), "ConditioningSpec.router_temperature", "a number > 0",
+               "0", "1.0"),
+    _spec_case("spec-upcast-not-bool", "A string for the attention upcast flag", lambda: tiny_spec(upcast_attention="fp32"),
+               "UNetSpec.upcast_attention", "a bool", "'fp32'", "True or False"),
     Case(id="spec-not-a-spec", topic="spec", mistake="A spec name instead of a UNetSpec",
          trigger=lambda ctx: UNet3D("default"), error=InputError, argument="spec", expected="expected a UNetSpec",
          actual="got str", fix="UNetSpec.default()"),
@@ -290,7 +420,8 @@ def test_the_catalogue_has_at_least_40_distinct_entries():
 @pytest.mark.parametrize("case", CATALOGUE, ids=lambda case: case.id)
 def test_each_mistake_raises_our_error_naming_argument_expected_actual_and_fix(context, case):
     ran = []
-    submodules = [m for name, m in context.model.named_modules() if name]  # the UNet itself is called, of course
+    model = context.conditioned if case.conditioned else context.model
+    submodules = [m for name, m in model.named_modules() if name]  # the UNet itself is called, of course
     hooks = [m.register_forward_pre_hook(lambda *_: ran.append(1)) for m in submodules]
     try:
         with pytest.raises(case.error) as caught:
@@ -314,6 +445,9 @@ def test_each_mistake_raises_our_error_naming_argument_expected_actual_and_fix(c
 _TOPICS = {
     "x": ("The volume `x`", "`UNet3D.forward(x, t)` validates `x` before any compute."),
     "t": ("The timesteps `t`", "`t` may be an int, a float, a 0-d tensor or one value per sample."),
+    "conditions": ("Conditions: text and conditional images",
+                   "`UNet3D.forward(x, t, text=..., text_mask=..., text_pooled=..., cond_images=..., cond_available=...)` "
+                   "or `conditions=model.encode_conditions(...)`; checked before the condition encoder runs."),
     "spec": ("The spec", "A `UNetSpec` is validated when it is built, before any module exists."),
     "blocks": ("Blocks used on their own", "Each block checks its jaxtyping shape contract in eager mode."),
     "checkpoint": ("Checkpoints", "`save_pretrained` / `from_pretrained` / `load_weights` (`cpcbm_blocks.checkpoint`)."),
