@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from cpcbm_blocks import (CheckpointError, Downsample3D, InputError, LevelSpec, MidSpec, ResBlock3D, ShapeContractError,
-                          SpecError, TimestepEmbedding, UNet3D, UNetSpec)
+from cpcbm_blocks import (CheckpointError, Downsample3D, InputError, LevelSpec, MidSpec, MultiHeadSelfAttention3D,
+                          ResBlock3D, ShapeContractError, SpecError, TimestepEmbedding, UNet3D, UNetSpec)
 from cpcbm_blocks.checkpoint import WEIGHTS_FILE, from_pretrained, load_weights, save_pretrained
 from cpcbm_blocks.spec import ConditioningSpec
 
@@ -375,6 +375,14 @@ CATALOGUE: list[Case] = [
          trigger=lambda ctx: Downsample3D(channels=4, stride=(2, 2, 2))(torch.zeros(1, 4, 3, 4, 4)),
          error=ShapeContractError, argument="return value", expected="d//{self.stride[0]}=1", actual="dimension size 2",
          fix="shapes match the annotation"),
+    Case(id="block-heads", topic="blocks", mistake="An attention block whose channels are not a whole number of heads",
+         trigger=lambda ctx: MultiHeadSelfAttention3D(channels=12, head_channels=8, num_groups=4), error=SpecError,
+         argument="MultiHeadSelfAttention3D(channels=...)", expected="a multiple of head_channels=8", actual="got 12",
+         fix="Use 8 or 16 channels"),
+    Case(id="block-groups", topic="blocks", mistake="A residual block whose channels do not split into the GroupNorm groups",
+         trigger=lambda ctx: ResBlock3D(in_channels=8, out_channels=12, emb_channels=16, num_groups=8), error=SpecError,
+         argument="ResBlock3D(out_channels=...)", expected="a multiple of num_groups=8", actual="got 12",
+         fix="or change num_groups"),
     Case(id="block-embedding-batch", topic="blocks", mistake="Timestep embedding asked for another batch size than t has",
          trigger=lambda ctx: TimestepEmbedding(channels=8, out_channels=16)(torch.tensor([1.0, 2.0]), batch_size=3),
          error=InputError, argument="t", expected="expected shape () or (3,)", actual="got (2,)",
@@ -449,7 +457,8 @@ _TOPICS = {
                    "`UNet3D.forward(x, t, text=..., text_mask=..., text_pooled=..., cond_images=..., cond_available=...)` "
                    "or `conditions=model.encode_conditions(...)`; checked before the condition encoder runs."),
     "spec": ("The spec", "A `UNetSpec` is validated when it is built, before any module exists."),
-    "blocks": ("Blocks used on their own", "Each block checks its jaxtyping shape contract in eager mode."),
+    "blocks": ("Blocks used on their own", "Each block checks its constructor arguments, and its jaxtyping shape "
+               "contract in eager mode."),
     "checkpoint": ("Checkpoints", "`save_pretrained` / `from_pretrained` / `load_weights` (`cpcbm_blocks.checkpoint`)."),
 }
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from cpcbm_blocks.blocks.conv import zero_init
 from cpcbm_blocks.contracts import shape_checked
+from cpcbm_blocks.spec import check_channel_multiple
 
 __all__ = ["MultiHeadSelfAttention3D", "attention", "reference_attention"]
 
@@ -82,6 +83,8 @@ class MultiHeadSelfAttention3D(nn.Module):
 
     def __init__(self, *, channels: int, head_channels: int = 8, num_groups: int = 32, upcast: bool = False) -> None:
         super().__init__()
+        check_channel_multiple("MultiHeadSelfAttention3D(channels=...)", channels, of=head_channels, of_name="head_channels")
+        check_channel_multiple("MultiHeadSelfAttention3D(channels=...)", channels, of=num_groups, of_name="num_groups")
         self.channels = channels
         self.head_channels = head_channels
         self.upcast = upcast

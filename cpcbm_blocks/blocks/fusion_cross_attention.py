@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from cpcbm_blocks.blocks.attention import attention
 from cpcbm_blocks.contracts import shape_checked
+from cpcbm_blocks.spec import check_channel_multiple
 
 __all__ = ["CrossAttentionFusion3D"]
 
@@ -37,6 +38,8 @@ class CrossAttentionFusion3D(nn.Module):
     def __init__(self, *, channels: int, context_channels: int, head_channels: int = 8, num_groups: int = 32,
                  upcast: bool = False) -> None:
         super().__init__()
+        check_channel_multiple("CrossAttentionFusion3D(channels=...)", channels, of=head_channels, of_name="head_channels")
+        check_channel_multiple("CrossAttentionFusion3D(channels=...)", channels, of=num_groups, of_name="num_groups")
         self.channels = channels
         self.upcast = upcast
         self.context_channels = context_channels
