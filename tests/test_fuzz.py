@@ -19,14 +19,17 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from cpcbm_blocks import CpcbmError, InputError, LevelSpec, MidSpec, UNet3D, UNetSpec, plan, record_trace, shape_checks
+from cpcbm_blocks.spec import ConditioningSpec
 
 MAX_CPU_VOXELS = 512
 """Draws with a volume this small run for real on the CPU; larger ones run on the meta device."""
 
 
 SPEC_MISTAKES = ["num_groups", "head_channels", "no levels", "channels", "num_res_blocks", "stride", "kernel_size",
-                 "num_segments", "in_channels", "timestep_injection", "dropout"]
-INPUT_MISTAKES = ["batch", "channels", "spatial", "rank", "dtype", "device", "t"]
+                 "num_segments", "in_channels", "timestep_injection", "dropout", "fusion", "conditioning"]
+INPUT_MISTAKES = ["batch", "channels", "spatial", "rank", "dtype", "device", "t", "text", "text_mask", "cond_images",
+                  "cond_available", "conditions"]
+FUSIONS = ["none", "gated", "dynamic_conv", "cross_attention"]
 
 
 def _pick(draw, mistake: str | None, name: str, valid, invalid):
@@ -41,6 +44,9 @@ def raw_spec_fields(draw):
     num_groups = pick("num_groups", st.sampled_from([1, 2, 4]), st.sampled_from([0, 3]))
     head_channels = pick("head_channels", st.sampled_from([1, 2, 4]), st.sampled_from([0, 3]))
     unit = math.lcm(max(num_groups, 1), max(head_channels, 1))
+    conditioned = draw(st.booleans())
+    fusion = lambda: pick("fusion", st.sampled_from(FUSIONS if conditioned else ["none"]),  # noqa: E731
+                          st.sampled_from(FUSIONS if not conditioned else ["attention"]))
     levels = []
     for _ in range(pick("no levels", st.integers(1, 3), st.just(0))):
         levels.append(dict(
@@ -50,18 +56,25 @@ def raw_spec_fields(draw):
             attention=draw(st.booleans()),
             stride=pick("stride", st.tuples(*[st.sampled_from([1, 2])] * 3), st.tuples(*[st.integers(0, 2)] * 3)),
             kernel_size=pick("kernel_size", st.sampled_from([(3, 3, 3), (1, 3, 3), (1, 1, 1)]), st.just((2, 3, 3))),
+            fusion=fusion(),
         ))
     mid = dict(num_segments=pick("num_segments", st.integers(1, 2), st.just(0)), share_weights=draw(st.booleans()),
-               attention=draw(st.booleans()), kernel_size=draw(st.sampled_from([(3, 3, 3), (1, 3, 3)])))
+               attention=draw(st.booleans()), kernel_size=draw(st.sampled_from([(3, 3, 3), (1, 3, 3)])), fusion=fusion())
     top = dict(num_groups=num_groups, head_channels=head_channels,
                in_channels=pick("in_channels", st.integers(1, 2), st.just(0)), out_channels=draw(st.integers(1, 2)),
                time_embedding_channels=draw(st.sampled_from([4, 8])),
                timestep_injection=pick("timestep_injection", st.sampled_from(["add", "scale_shift"]), st.just("film")),
                dropout=pick("dropout", st.just(0.0), st.just(1.0)))
+    if conditioned:
+        top["conditioning"] = dict(text_channels=draw(st.sampled_from([None, 4])),
+                                   image_channels=pick("conditioning", st.integers(1, 2), st.just(0)),
+                                   text_to_timestep=draw(st.booleans()))
     return levels, mid, top
 
 
 def build_spec(levels, mid, top) -> UNetSpec:
+    conditioning = top.get("conditioning")
+    top = {**top, "conditioning": None if conditioning is None else ConditioningSpec(**conditioning)}
     return UNetSpec(levels=tuple(LevelSpec(**level) for level in levels), mid=MidSpec(**mid), **top)
 
 
@@ -86,7 +99,37 @@ def raw_inputs(draw, spec: UNetSpec):
                           st.lists(st.floats(0, 999), min_size=0, max_size=3).map(torch.tensor),
                           st.just(torch.zeros(max(batch, 1), 1)))
     t = pick("t", valid_t, invalid_t)
-    return shape, dtype, x_on_meta, t
+    conditions = draw(raw_conditions(spec, batch=max(batch, 1), spatial=spatial, mistakes=mistakes))
+    return shape, dtype, x_on_meta, t, conditions
+
+
+@st.composite
+def raw_conditions(draw, spec: UNetSpec, *, batch: int, spatial: list[int], mistakes: set[str]):
+    """Keyword conditions for a forward: what the spec needs (some absent by mask), or with mistakes."""
+    pick = lambda name, valid, invalid: draw(invalid if name in mistakes else valid)  # noqa: E731
+    cond = spec.conditioning
+    conditions = {}
+    if cond is None:
+        if "conditions" in mistakes:  # conditions given to a spec without conditioning
+            conditions["text"] = torch.zeros(batch, 2, 4)
+        return conditions
+    tokens = draw(st.integers(1, 3))
+    if cond.has_text and "conditions" not in mistakes:
+        width = pick("text", st.just(cond.text_channels), st.sampled_from([cond.text_channels + 1]))
+        text_batch = pick("text", st.just(batch), st.just(batch + 1))
+        conditions["text"] = torch.randn(text_batch, tokens, width)
+        conditions["text_mask"] = pick("text_mask", st.lists(st.booleans(), min_size=text_batch * tokens,
+                                                             max_size=text_batch * tokens)
+                                       .map(lambda v: torch.tensor(v).reshape(text_batch, tokens)),
+                                       st.just(torch.ones(text_batch, tokens + 1, dtype=torch.bool)))
+    if cond.has_images and "conditions" not in mistakes:
+        k = pick("cond_images", st.just(cond.image_channels), st.just(cond.image_channels + 1))
+        size = pick("cond_images", st.just(spatial), st.just([2 * v for v in spatial]))
+        conditions["cond_images"] = torch.randn(batch, k, *size)
+        conditions["cond_available"] = pick("cond_available", st.lists(st.booleans(), min_size=batch * k, max_size=batch * k)
+                                            .map(lambda v: torch.tensor(v).reshape(batch, k)),
+                                            st.just(torch.ones(batch, k)))
+    return conditions
 
 
 @settings(max_examples=max(40, settings.default.max_examples))
@@ -98,11 +141,12 @@ def test_every_draw_runs_as_planned_or_is_refused_by_our_own_error_before_comput
     except CpcbmError:
         event("refused: invalid spec")
         return
-    shape, dtype, x_on_meta, t = data.draw(raw_inputs(spec), label="input")
+    shape, dtype, x_on_meta, t, conditions = data.draw(raw_inputs(spec), label="input")
     device = "cpu" if math.prod(shape) <= MAX_CPU_VOXELS else "meta"
     with torch.device(device):
         model = UNet3D(spec)
     x = torch.ones(shape, device="meta" if x_on_meta else device).to(dtype)
+    conditions = {name: value.to(device) for name, value in conditions.items()}
 
     ran = []
     for name, module in model.named_modules():
@@ -110,12 +154,12 @@ def test_every_draw_runs_as_planned_or_is_refused_by_our_own_error_before_comput
             module.register_forward_pre_hook(lambda *_: ran.append(1))
     try:
         with record_trace(model) as trace:
-            out = model(x, t)
+            out = model(x, t, **conditions)
     except CpcbmError as error:
         assert ran == [], f"{type(error).__name__} raised after compute had started: {error}"
         event(f"refused: {type(error).__name__}")
         return
-    event(f"ran on {device}")
+    event(f"ran on {device}" + (" with conditions" if spec.is_conditioned else ""))
     expected = plan(spec, shape)
     assert trace.transitions == list(expected.transitions)
     assert tuple(out.shape) == expected.output_shape
