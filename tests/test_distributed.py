@@ -42,6 +42,8 @@ def _batch(scenario: str, *, step: int, rank: int) -> tuple[torch.Tensor, torch.
 
 
 def _flat_grads(model: torch.nn.Module) -> torch.Tensor:
+    unused = [name for name, p in model.named_parameters() if p.grad is None]
+    assert unused == [], f"parameters without a gradient (DDP would fail at the next step): {unused}"
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
 
