@@ -1,4 +1,8 @@
-"""Every ```python block on every docs page runs (one fresh namespace per page, blocks in order)."""
+"""Every ```python block on every docs page runs (one fresh namespace per page, blocks in order).
+
+A block with a title (```python title="train.py ...") is a script meant to run elsewhere (under
+torchrun, on GPUs); the title says so on the page, and it is not run here.
+"""
 
 import re
 
