@@ -23,6 +23,7 @@ from cpcbm_blocks.conditioning import EncodedConditions as EncodedConditions
 from cpcbm_blocks.contracts import set_shape_checks as set_shape_checks
 from cpcbm_blocks.contracts import shape_checked as shape_checked
 from cpcbm_blocks.contracts import shape_checks as shape_checks
+from cpcbm_blocks.errors import CheckpointError as CheckpointError
 from cpcbm_blocks.errors import CpcbmError as CpcbmError
 from cpcbm_blocks.errors import InputError as InputError
 from cpcbm_blocks.errors import ShapeContractError as ShapeContractError

@@ -39,14 +39,14 @@ _BUILDERS: dict[Op, Callable[[Step, UNetSpec], nn.Module]] = {
     Op.CONV_IN: lambda step, spec: Conv3d(step.in_channels, step.out_channels, kernel_size=step.kernel_size),
     Op.RES: _res,
     Op.ATTN: lambda step, spec: MultiHeadSelfAttention3D(channels=step.in_channels, head_channels=spec.head_channels,
-                                                         num_groups=spec.num_groups),
+                                                         num_groups=spec.num_groups, upcast=spec.upcast_attention),
     Op.DOWN: lambda step, spec: Downsample3D(channels=step.in_channels, stride=step.stride, kernel_size=step.kernel_size),
     Op.UP: lambda step, spec: Upsample3D(channels=step.in_channels, stride=step.stride, kernel_size=step.kernel_size),
     Op.FUSE_GATED: lambda step, spec: GatedInjection3D(channels=step.in_channels),
     Op.FUSE_DYNAMIC_CONV: _dynamic_conv,
     Op.FUSE_CROSS_ATTENTION: lambda step, spec: CrossAttentionFusion3D(
         channels=step.in_channels, context_channels=spec.conditioning.text_channels, head_channels=spec.head_channels,
-        num_groups=spec.num_groups),
+        num_groups=spec.num_groups, upcast=spec.upcast_attention),
     Op.HEAD: lambda step, spec: OutputHead(in_channels=step.in_channels, out_channels=step.out_channels,
                                            num_groups=spec.num_groups, kernel_size=step.kernel_size),
 }

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from cpcbm_blocks.blocks.cond_image_encoder import CondImageEncoder3D
 from cpcbm_blocks.blocks.fusion_gated import GatedFusion3D
+from cpcbm_blocks.contracts import check_device_and_dtype
 from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.layout import Op, layout
 from cpcbm_blocks.plan import check_input_shape
@@ -111,11 +112,38 @@ class ConditionEncoder(nn.Module):
             nn.init.zeros_(self.timestep_modulation.weight)
             nn.init.zeros_(self.timestep_modulation.bias)
 
+    def validate(self, *, text: Tensor | None = None, text_mask: Tensor | None = None,
+                 text_pooled: Tensor | None = None, cond_images: Tensor | None = None,
+                 cond_available: Tensor | None = None) -> int:
+        """Check the raw conditions against the spec and against this encoder's device and dtype; return the batch.
+
+        Raises [`InputError`][cpcbm_blocks.errors.InputError] before any compute.
+        """
+        batch, _, _ = validate_conditions(self.spec, text=text, text_mask=text_mask, text_pooled=text_pooled,
+                                          cond_images=cond_images, cond_available=cond_available)
+        self._check_devices_and_dtypes(text=text, text_mask=text_mask, text_pooled=text_pooled,
+                                       cond_images=cond_images, cond_available=cond_available)
+        return batch
+
+    def _check_devices_and_dtypes(self, **conditions: Tensor | None) -> None:
+        like = next(self.parameters())
+        for name, value in conditions.items():
+            if value is None:
+                continue
+            if value.is_floating_point():
+                check_device_and_dtype(name, value, like=like)
+            elif value.device != like.device:
+                raise InputError(f"{name}: expected a tensor on the model's device {like.device}, got one on "
+                                 f"{value.device}. Move it with {name}.to({str(like.device)!r}).")
+
     def forward(self, *, text: Tensor | None = None, text_mask: Tensor | None = None, text_pooled: Tensor | None = None,
                 cond_images: Tensor | None = None, cond_available: Tensor | None = None) -> EncodedConditions:
         batch, text_mask, cond_available = validate_conditions(
             self.spec, text=text, text_mask=text_mask, text_pooled=text_pooled, cond_images=cond_images,
             cond_available=cond_available)
+        if not torch.compiler.is_compiling():
+            self._check_devices_and_dtypes(text=text, text_mask=text_mask, text_pooled=text_pooled,
+                                           cond_images=cond_images, cond_available=cond_available)
         cond = self.spec.conditioning
         features, image_present = None, None
         if cond.has_images:
@@ -161,10 +189,11 @@ def _given(**arguments: Tensor | None) -> list[str]:
 
 def _tensor(name: str, value, *, rank: int, floating: bool, layout_text: str) -> Tensor:
     if not isinstance(value, Tensor):
-        raise InputError(f"{name}: expected a torch.Tensor of shape {layout_text}, got {type(value).__name__}.")
+        raise InputError(f"{name}: expected a torch.Tensor of shape {layout_text}, got {type(value).__name__}. "
+                         "Convert it with torch.as_tensor(...).")
     if value.ndim != rank:
         raise InputError(f"{name}: expected {rank} dimensions {layout_text}, got {value.ndim} with shape "
-                         f"{tuple(value.shape)}.")
+                         f"{tuple(value.shape)}. Pass a tensor of shape {layout_text}.")
     if floating and not value.is_floating_point():
         raise InputError(f"{name}: expected a floating-point tensor, got {value.dtype}. Convert it with .float().")
     if not floating and value.dtype != torch.bool:
@@ -184,7 +213,7 @@ def _refuse_unused(spec: UNetSpec, given: list[str]) -> None:
             reason = "does not condition on images (conditioning.image_channels=0)"
         else:
             continue
-        raise InputError(f"{name}: this UNet's spec {reason}, got a value. Drop {name}, or build the UNet from a "
+        raise InputError(f"{name}: expected None because this UNet's spec {reason}, got a value. Drop {name}, or build the UNet from a "
                          "spec that uses it (e.g. UNetSpec.conditioned(...)).")
 
 
@@ -202,9 +231,9 @@ def validate_conditions(spec: UNetSpec, *, text, text_mask, text_pooled, cond_im
     batches: dict[str, int] = {}
     if cond.has_text:
         if text is None:
-            raise InputError(f"text: this spec conditions on text (conditioning.text_channels={cond.text_channels}), "
-                             "got None. Pass token embeddings (B, L, E); mark a sample's text as absent with an "
-                             "all-False text_mask row.")
+            raise InputError(f"text: expected token embeddings (B, L, {cond.text_channels}) because this spec conditions "
+                             f"on text (conditioning.text_channels={cond.text_channels}), got None. Pass them; mark a "
+                             "sample's text as absent with an all-False text_mask row.")
         _tensor("text", text, rank=3, floating=True, layout_text="(batch, tokens, text_channels)")
         if text.shape[2] != cond.text_channels:
             raise InputError(f"text: expected token width {cond.text_channels} (conditioning.text_channels), got "
@@ -219,17 +248,18 @@ def validate_conditions(spec: UNetSpec, *, text, text_mask, text_pooled, cond_im
         _tensor("text_mask", text_mask, rank=2, floating=False, layout_text="(batch, tokens)")
         if tuple(text_mask.shape) != tuple(text.shape[:2]):
             raise InputError(f"text_mask: expected shape {tuple(text.shape[:2])} (batch, tokens of text), got "
-                             f"{tuple(text_mask.shape)}.")
+                             f"{tuple(text_mask.shape)}. Give one entry per token of text (True = real token).")
         if text_pooled is not None:
             _tensor("text_pooled", text_pooled, rank=2, floating=True, layout_text="(batch, text_channels)")
             if tuple(text_pooled.shape) != (text.shape[0], cond.text_channels):
                 raise InputError(f"text_pooled: expected shape {(text.shape[0], cond.text_channels)}, got "
-                                 f"{tuple(text_pooled.shape)}.")
+                                 f"{tuple(text_pooled.shape)}. Pass the text encoder's pooled vector, or leave it None "
+                                 "for the masked mean of the tokens.")
     if cond.has_images:
         if cond_images is None:
-            raise InputError(f"cond_images: this spec conditions on {cond.image_channels} image(s) "
-                             "(conditioning.image_channels), got None. Pass (B, k, D, H, W) images; mark absent ones "
-                             "with cond_available=False (zeros are a legitimate image).")
+            raise InputError(f"cond_images: expected (B, {cond.image_channels}, D, H, W) images because this spec "
+                             f"conditions on {cond.image_channels} image(s) (conditioning.image_channels), got None. "
+                             "Pass them; mark absent ones with cond_available=False (zeros are a legitimate image).")
         _tensor("cond_images", cond_images, rank=5, floating=True, layout_text="(batch, k, depth, height, width)")
         if cond_images.shape[1] != cond.image_channels:
             raise InputError(f"cond_images: expected {cond.image_channels} conditional image(s) on axis 1 "
@@ -242,7 +272,7 @@ def validate_conditions(spec: UNetSpec, *, text, text_mask, text_pooled, cond_im
         _tensor("cond_available", cond_available, rank=2, floating=False, layout_text="(batch, k)")
         if tuple(cond_available.shape) != tuple(cond_images.shape[:2]):
             raise InputError(f"cond_available: expected shape {tuple(cond_images.shape[:2])} (batch, k of cond_images), "
-                             f"got {tuple(cond_available.shape)}.")
+                             f"got {tuple(cond_available.shape)}. Give one flag per conditional image (True = present).")
     if len(set(batches.values())) > 1:
         raise InputError(f"text, cond_images: expected the same batch size, got {batches}. Give every condition one "
                          "row per sample.")

@@ -31,9 +31,10 @@ from beartype import beartype
 from beartype.roar import BeartypeCallHintViolation
 from jaxtyping import TypeCheckError, jaxtyped
 
-from cpcbm_blocks.errors import ShapeContractError
+from cpcbm_blocks.errors import InputError, ShapeContractError
 
-__all__ = ["CHECKS_AT_IMPORT", "checks_active", "set_shape_checks", "shape_checked", "shape_checks"]
+__all__ = ["CHECKS_AT_IMPORT", "check_device_and_dtype", "checks_active", "set_shape_checks", "shape_checked",
+           "shape_checks"]
 
 _OFF_VALUES = ("0", "false", "no", "off")
 
@@ -118,9 +119,30 @@ def shape_checked(fn: F) -> F:
         except ShapeContractError:
             raise
         except TypeCheckError as error:
-            raise ShapeContractError(f"{fn.__qualname__}: {_reason(error)}\n{error}") from error
+            raise ShapeContractError(f"{fn.__qualname__}: {_reason(error)}. Pass tensors whose shapes match the "
+                                     f"annotation reported below.\n{error}") from error
 
     name = "shape_checked_" + fn.__qualname__.replace(".", "_").replace("<", "_").replace(">", "_")
     renamed = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}
     wrapper.__code__ = wrapper.__code__.replace(**renamed)
     return functools.wraps(fn)(wrapper)  # type: ignore[return-value]
+
+
+def check_device_and_dtype(name: str, value: torch.Tensor, *, like: torch.Tensor) -> None:
+    """Refuse a floating-point input that is not on the device of the weights `like`, or not of their dtype.
+
+    Under `torch.autocast` for that device, float32 and the autocast dtype are accepted too (autocast
+    casts them per operation). Without this check, torch fails deep inside the first layer ("mat1 and
+    mat2 must have the same dtype", "Input type (double) and bias type (float) should be the same").
+    """
+    if value.device != like.device:
+        raise InputError(f"{name}: expected a tensor on the model's device {like.device}, got one on {value.device}. "
+                         f"Move it with {name}.to({str(like.device)!r}), or the model with model.to({name}.device).")
+    allowed = {like.dtype}
+    device_type = value.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        allowed |= {torch.float32, torch.get_autocast_dtype(device_type)}
+    if value.dtype not in allowed:
+        raise InputError(f"{name}: expected dtype {' or '.join(sorted(str(d) for d in allowed))} (the model's weights"
+                         f"{' or the autocast dtype' if len(allowed) > 1 else ''}), got {value.dtype}. Convert it with "
+                         f"{name}.to({like.dtype}), cast the model with model.to({value.dtype}), or run under torch.autocast.")

@@ -78,7 +78,8 @@ def check_input_shape(spec: UNetSpec, shape: Sequence[int], *, name: str = "x",
     shape = tuple(int(v) for v in shape)
     expected_channels = spec.in_channels if channels is None else channels
     if len(shape) != 5:
-        hint = " Add a batch axis, e.g. x.unsqueeze(0)." if len(shape) == 4 else ""
+        hint = {4: " Add a batch axis, e.g. x.unsqueeze(0).", 3: " Add batch and channel axes, e.g. x[None, None]."}.get(
+            len(shape), " Reshape it to (batch, channels, depth, height, width).")
         raise InputError(f"{name}: expected 5 dimensions (batch, channels, depth, height, width), got {len(shape)} "
                          f"with shape {shape}.{hint}")
     batch, channels, *spatial = shape
@@ -87,13 +88,15 @@ def check_input_shape(spec: UNetSpec, shape: Sequence[int], *, name: str = "x",
                          f"in shape {shape}. Pass a volume with {expected_channels} channel(s) or change UNetSpec.in_channels.")
     if min(shape) < 1:
         axis = ("batch", "channels", *_AXES)[shape.index(min(shape))]
-        raise InputError(f"{name}: expected every axis to be non-empty, got {axis} = {min(shape)} in shape {shape}.")
+        raise InputError(f"{name}: expected every axis to be non-empty, got {axis} = {min(shape)} in shape {shape}. "
+                         f"Pass at least one sample and one voxel along every axis.")
     for axis, size, multiple in zip(_AXES, spatial, spec.stride_product):
         if size % multiple:
             below, above = (size // multiple) * multiple, (size // multiple + 1) * multiple
             nearest = " or ".join(str(v) for v in (below, above) if v > 0)
-            raise InputError(f"{name}: {axis} {size} is not a multiple of {multiple}, the product of the {axis} strides "
-                             f"of the spec's levels. Use {axis} {nearest} (the nearest valid sizes), or pad/crop the volume.")
+            raise InputError(f"{name}: expected {axis} to be a multiple of {multiple} (the product of the {axis} strides "
+                             f"of the spec's levels), got {axis} {size}. Use {axis} {nearest} (the nearest valid sizes), "
+                             "or pad/crop the volume.")
     return shape  # type: ignore[return-value]
 
 
@@ -119,4 +122,31 @@ def plan(spec: UNetSpec, input_shape: tuple[int, ...]) -> Plan:
         if step.gives_skip:
             skips.append(out)
         current = out
+    _check_group_norm_sizes(spec, full, transitions)
     return Plan(spec=spec, input_shape=full, transitions=tuple(transitions))
+
+
+def _check_group_norm_sizes(spec: UNetSpec, input_shape: tuple[int, ...], transitions: list[Transition]) -> None:
+    """Reject an input whose feature maps would leave a GroupNorm group holding a single value.
+
+    Every feature map between `conv_in` and the head is group-normalised. Where a map has one channel
+    per group (`channels == num_groups`) and a 1x1x1 volume, each group holds one value per sample:
+    GroupNorm maps it to exactly 0 (the features are erased, whatever the batch size), and torch
+    raises "Expected more than 1 value per channel when training" for a batch of 1. The spec alone
+    cannot rule this out (the default has 32 channels in 32 groups at level 1), so it is an input
+    check: a larger volume always fixes it.
+    """
+    for transition in transitions:
+        maps = [transition.out_shape] if transition.step.op is Op.CONV_IN else [transition.in_shape]
+        if transition.step.op is not Op.HEAD and transition.step.op is not Op.CONV_IN:
+            maps.append(transition.out_shape)
+        for channels, d, h, w in maps:
+            values = channels // spec.num_groups * d * h * w
+            if values < 2:
+                bigger = (input_shape[0], input_shape[1], input_shape[2] * 2, *input_shape[3:])
+                raise InputError(
+                    f"x: expected every GroupNorm group to hold at least 2 values per sample, got 1 value per group: "
+                    f"shape {input_shape} leaves a {d}x{h}x{w} feature map of {channels} channels in "
+                    f"num_groups={spec.num_groups} groups at {transition.step.describe()}, which GroupNorm would "
+                    f"normalise to 0. Use a larger volume, e.g. {bigger}, or fewer groups (UNetSpec.num_groups at "
+                    f"most {channels // 2}).")

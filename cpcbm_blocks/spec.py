@@ -85,6 +85,17 @@ def _as_fusion(where: str, value: Any) -> "FusionKind":
         raise _fail(where, f"one of {choices}", value, "Pick one of the listed fusion kinds.") from None
 
 
+def check_channel_multiple(where: str, channels: int, *, of: int, of_name: str) -> None:
+    """Raise [`SpecError`][cpcbm_blocks.errors.SpecError] unless `channels` is a multiple of `of`.
+
+    Used by the spec and by the block constructors, so a block built on its own refuses, for
+    example, 12 channels with 8 channels per head (which would otherwise silently run 1 head of 12).
+    """
+    if channels % of:
+        raise _fail(where, f"a multiple of {of_name}={of}", channels,
+                    f"Use {_nearest_multiples(channels, of)} channels, or change {of_name}.")
+
+
 def _nearest_multiples(value: int, multiple: int) -> str:
     below, above = (value // multiple) * multiple, (value // multiple + 1) * multiple
     return " or ".join(str(v) for v in (below, above) if v > 0)
@@ -227,6 +238,8 @@ class UNetSpec:
     """Dropout probability inside the residual blocks."""
     conditioning: ConditioningSpec | None = None
     """Text and conditional-image inputs; None for an unconditioned UNet (the seed's)."""
+    upcast_attention: bool = False
+    """Compute attention in float32 when the model runs in float16 (scores overflow past 65504 otherwise)."""
 
     def __post_init__(self) -> None:
         levels = self.levels
@@ -249,13 +262,13 @@ class UNetSpec:
                         "Pick one of the listed values.") from None
         for name in ("in_channels", "out_channels", "num_groups", "head_channels", "time_embedding_channels"):
             _check_int(f"UNetSpec.{name}", getattr(self, name), minimum=1)
+        if not isinstance(self.upcast_attention, bool):
+            raise _fail("UNetSpec.upcast_attention", "a bool", self.upcast_attention, "Pass True or False.")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise _fail("UNetSpec.dropout", "a probability in [0, 1)", self.dropout, "Use e.g. 0.0 or 0.1.")
         for i, level in enumerate(self.levels):
-            if level.channels % self.num_groups:
-                raise _fail(f"UNetSpec.levels[{i}].channels", f"a multiple of num_groups={self.num_groups}",
-                            level.channels, f"Use {_nearest_multiples(level.channels, self.num_groups)} "
-                            "channels, or change num_groups.")
+            check_channel_multiple(f"UNetSpec.levels[{i}].channels", level.channels, of=self.num_groups,
+                                   of_name="num_groups")
         if self.conditioning is not None and not isinstance(self.conditioning, ConditioningSpec):
             raise _fail("UNetSpec.conditioning", "a ConditioningSpec or None", self.conditioning,
                         "Build it with ConditioningSpec(...).")

@@ -1,16 +1,18 @@
 """`UNet3D`: the documented diffusion UNet, run step by step with every transition asserted."""
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from jaxtyping import Bool, Float, Real
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from cpcbm_blocks import checkpoint
 from cpcbm_blocks.blocks.embedding import TimestepEmbedding, timesteps_to_batch
 from cpcbm_blocks.build import build_blocks
 from cpcbm_blocks.conditioning import ConditionEncoder, EncodedConditions, validate_conditions
-from cpcbm_blocks.contracts import checks_active
+from cpcbm_blocks.contracts import check_device_and_dtype, checks_active
 from cpcbm_blocks.errors import InputError, TraceMismatchError
 from cpcbm_blocks.layout import Op, Section, Step, layout
 from cpcbm_blocks.plan import Plan, Transition, check_input_shape, plan
@@ -97,6 +99,15 @@ class UNet3D(nn.Module):
         levels = sorted({s.group for s in steps if s.section is not Section.MID})
         return tuple(levels), any(s.section is Section.MID for s in steps)
 
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the spec and the weights into `directory` (see [`checkpoint`][cpcbm_blocks.checkpoint])."""
+        return checkpoint.save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> "UNet3D":
+        """Build the model saved in `directory` by [`save_pretrained`][cpcbm_blocks.unet.UNet3D.save_pretrained]."""
+        return checkpoint.from_pretrained(directory, device=device)
+
     def plan(self, input_shape: tuple[int, ...]) -> Plan:
         """The expected transitions for an input of `input_shape` (see [`plan`][cpcbm_blocks.plan.plan])."""
         return plan(self.spec, tuple(input_shape))
@@ -147,20 +158,27 @@ class UNet3D(nn.Module):
         raw = {"text": text, "text_mask": text_mask, "text_pooled": text_pooled, "cond_images": cond_images,
                "cond_available": cond_available}
         if not compiling:
-            _check_volume(x, self.spec)
+            _check_volume(x, self.spec, like=self.time_embedding.mlp[0].weight)
             t = timesteps_to_batch(t, batch_size=x.shape[0], device=x.device)
             _reject_misplaced_conditions(self.spec, conditions, raw)
+            planned = plan(self.spec, tuple(x.shape)).transitions  # also validates the shape against the spec
             if checking or self._trace_sink is not None:
-                expected = plan(self.spec, tuple(x.shape)).transitions
+                expected = planned
         if self.conditioner is not None and conditions is None:
+            if not compiling:  # refuse conditions that do not fit x before the encoder computes anything
+                batch = self.conditioner.validate(**raw)
+                image_size = None if cond_images is None else tuple(cond_images.shape[2:])
+                name = next(name for name in ("text", "cond_images") if raw[name] is not None)
+                _check_conditions_match(x, batch_size=batch, image_size=image_size, name=name)
             if self._checkpoint_conditions and torch.is_grad_enabled():
                 conditions = checkpoint(self.encode_conditions, use_reentrant=False, **raw)
             else:
                 conditions = self.encode_conditions(**raw)
+        elif conditions is not None and not compiling:
+            _check_conditions_match(x, batch_size=conditions.batch_size, image_size=conditions.image_size,
+                                    name="conditions")
         emb = self.time_embedding(t, batch_size=x.shape[0])
         if conditions is not None:
-            if not compiling:
-                _check_conditions_match(x, conditions)
             if conditions.timestep_scale_shift is not None:
                 scale, shift = conditions.timestep_scale_shift.chunk(2, dim=1)
                 emb = emb * (1 + scale) + shift
@@ -212,31 +230,33 @@ def _reject_misplaced_conditions(spec: UNetSpec, conditions: EncodedConditions |
         if given:
             validate_conditions(spec, **raw)  # raises "this UNet's spec has no conditioning"
         if conditions is not None:
-            raise InputError("conditions: this UNet's spec has no conditioning (UNetSpec.conditioning is None), got "
-                             "EncodedConditions. Drop conditions= or build the UNet from UNetSpec.conditioned(...).")
+            raise InputError("conditions: expected None because this UNet's spec has no conditioning "
+                             "(UNetSpec.conditioning is None), got EncodedConditions. Drop conditions= or build the UNet from UNetSpec.conditioned(...).")
     elif conditions is not None:
         if not isinstance(conditions, EncodedConditions):
             raise InputError(f"conditions: expected EncodedConditions from model.encode_conditions(...), got "
                              f"{type(conditions).__name__}.")
         if given:
-            raise InputError(f"{given[0]}: got both raw conditions and conditions=; pass one or the other.")
+            raise InputError(f"{given[0]}: expected either raw conditions or conditions=, got both. Pass one or the other.")
 
 
-def _check_conditions_match(x: Tensor, conditions: EncodedConditions) -> None:
-    """Encoded conditions must have x's batch size, and conditional images x's depth, height and width."""
-    if conditions.batch_size != x.shape[0]:
-        raise InputError(f"conditions: expected the batch size of x ({x.shape[0]}), got conditions for "
-                         f"{conditions.batch_size} sample(s). Give one row of conditions per sample of x.")
-    if conditions.image_size is not None and tuple(conditions.image_size) != tuple(x.shape[2:]):
+def _check_conditions_match(x: Tensor, *, batch_size: int, image_size: tuple[int, ...] | None, name: str) -> None:
+    """Conditions (raw or encoded) must have x's batch size, and conditional images x's depth, height and width."""
+    if batch_size != x.shape[0]:
+        raise InputError(f"{name}: expected the batch size of x ({x.shape[0]}), got conditions for "
+                         f"{batch_size} sample(s). Give one row of conditions per sample of x.")
+    if image_size is not None and tuple(image_size) != tuple(x.shape[2:]):
         raise InputError(f"cond_images: expected depth, height and width {tuple(x.shape[2:])} (those of x), got "
-                         f"{tuple(conditions.image_size)}. Resample the conditional images onto x's grid.")
+                         f"{tuple(image_size)}. Resample the conditional images onto x's grid.")
 
 
-def _check_volume(x: Tensor, spec: UNetSpec) -> None:
+def _check_volume(x: Tensor, spec: UNetSpec, *, like: Tensor) -> None:
+    """Validate `x` against the spec and against the model's weights (`like`): type, dtype, device, shape."""
     if not isinstance(x, Tensor):
         raise InputError(f"x: expected a torch.Tensor of shape (batch, {spec.in_channels}, depth, height, width), "
                          f"got {type(x).__name__}. Convert it with torch.as_tensor(...).")
     if not x.is_floating_point():
         raise InputError(f"x: expected a floating-point tensor (float32, bfloat16 or float16), got {x.dtype}. "
                          "Convert it with x.float().")
+    check_device_and_dtype("x", x, like=like)
     check_input_shape(spec, x.shape, name="x")

@@ -65,7 +65,8 @@ def unet_specs(draw, *, max_levels: int = 5, max_channels_per_group: int = 2):
     return UNetSpec(levels=tuple(levels), mid=mid, in_channels=draw(st.integers(1, 3)),
                     out_channels=draw(st.integers(1, 3)), num_groups=num_groups, head_channels=head_channels,
                     time_embedding_channels=draw(st.sampled_from([8, 16])),
-                    timestep_injection=draw(st.sampled_from(list(TimestepInjection))))
+                    timestep_injection=draw(st.sampled_from(list(TimestepInjection))),
+                    upcast_attention=draw(st.booleans()))
 
 
 @st.composite

@@ -44,7 +44,7 @@ def test_trace_reads_a_spec_file_and_runs_a_real_cpu_forward(tmp_path, capsys):
 
 def test_bad_input_shape_exits_two_with_a_clear_message(capsys):
     assert main(["trace", "--input-shape", "1,1,10,256,256"]) == 2
-    assert "depth 10 is not a multiple of 8" in capsys.readouterr().err
+    assert "expected depth to be a multiple of 8" in capsys.readouterr().err
 
 
 def test_the_module_and_console_entry_points_run():

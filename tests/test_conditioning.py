@@ -159,10 +159,10 @@ def test_a_conditioned_unet_trains_a_few_steps_reduce_the_loss():
 
 
 @pytest.mark.parametrize(("spec_kind", "change", "fragments"), [
-    ("plain", {"text": torch.randn(2, 5, E)}, ["text: this UNet's spec has no conditioning", "UNetSpec.conditioned"]),
-    ("plain", {"cond_images": torch.randn(2, 3, 4, 16, 16)}, ["cond_images: this UNet's spec has no conditioning"]),
-    ("cond", {"text": None}, ["text: this spec conditions on text", "got None", "all-False text_mask"]),
-    ("cond", {"cond_images": None}, ["cond_images: this spec conditions on 3 image(s)", "got None", "cond_available=False"]),
+    ("plain", {"text": torch.randn(2, 5, E)}, ["text: expected None because this UNet's spec has no conditioning", "UNetSpec.conditioned"]),
+    ("plain", {"cond_images": torch.randn(2, 3, 4, 16, 16)}, ["cond_images: expected None because this UNet's spec has no conditioning"]),
+    ("cond", {"text": None}, ["text: expected token embeddings", "this spec conditions on text", "got None", "all-False text_mask"]),
+    ("cond", {"cond_images": None}, ["cond_images: expected (B, 3, D, H, W) images", "this spec conditions on 3 image(s)", "got None", "cond_available=False"]),
     ("cond", {"text": torch.randn(2, 5, E + 1)}, ["text: expected token width 12", "got 13"]),
     ("cond", {"text": torch.randn(3, 5, E), "text_mask": torch.ones(3, 5, dtype=torch.bool)},
      ["text, cond_images: expected the same batch size", "'text': 3", "'cond_images': 2"]),
@@ -194,10 +194,10 @@ def test_encoded_conditions_must_match_x_and_not_be_mixed_with_raw_ones():
     conditions = model.encode_conditions(**inputs(batch=2))
     with pytest.raises(InputError, match="conditions: expected the batch size of x \\(3\\)"):
         model(torch.randn(3, 1, 4, 16, 16), 5, conditions=conditions)
-    with pytest.raises(InputError, match="got both raw conditions and conditions="):
+    with pytest.raises(InputError, match="expected either raw conditions or conditions=, got both"):
         model(torch.randn(2, 1, 4, 16, 16), 5, conditions=conditions, text=inputs()["text"])
     plain = UNet3D(UNetSpec.default(sample_size=(4, 16, 16), channels=(8, 16, 16, 16), num_groups=4, head_channels=4))
-    with pytest.raises(InputError, match="conditions: this UNet's spec has no conditioning"):
+    with pytest.raises(InputError, match="conditions: expected None because this UNet's spec has no conditioning"):
         plain(torch.randn(2, 1, 4, 16, 16), 5, conditions=conditions)
 
 
@@ -248,9 +248,9 @@ def test_with_fusion_gates_at_their_initial_zero_the_conditions_cannot_change_th
 
 
 @pytest.mark.parametrize(("conditioning", "given", "fragment"), [
-    (dict(text_channels=None), {"text": torch.randn(2, 5, E)}, "text: this UNet's spec does not condition on text"),
+    (dict(text_channels=None), {"text": torch.randn(2, 5, E)}, "text: expected None because this UNet's spec does not condition on text"),
     (dict(image_channels=0), {"cond_available": torch.ones(2, 3, dtype=torch.bool)},
-     "cond_available: this UNet's spec does not condition on images"),
+     "cond_available: expected None because this UNet's spec does not condition on images"),
 ])
 def test_a_condition_of_a_kind_the_spec_does_not_use_is_refused(conditioning, given, fragment):
     spec = UNetSpec.conditioned(sample_size=(4, 16, 16), channels=(8, 16, 16, 16), num_groups=4, head_channels=4,

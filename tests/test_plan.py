@@ -73,9 +73,9 @@ def test_plan_is_consistent_for_random_specs(data):
     ((1, 8, 256, 256), ["x: expected 5 dimensions", "got 4", "x.unsqueeze(0)"]),
     ((1, 1, 1, 8, 256, 256), ["x: expected 5 dimensions", "got 6"]),
     ((1, 3, 8, 256, 256), ["x: expected 1 channel(s)", "got 3", "UNetSpec.in_channels"]),
-    ((1, 1, 10, 256, 256), ["x: depth 10 is not a multiple of 8", "depth 8 or 16", "nearest valid sizes"]),
-    ((1, 1, 8, 250, 256), ["x: height 250 is not a multiple of 16", "240 or 256"]),
-    ((1, 1, 8, 256, 8), ["x: width 8 is not a multiple of 16", "width 16"]),
+    ((1, 1, 10, 256, 256), ["x: expected depth to be a multiple of 8", "got depth 10", "depth 8 or 16", "nearest valid sizes"]),
+    ((1, 1, 8, 250, 256), ["x: expected height to be a multiple of 16", "got height 250", "240 or 256"]),
+    ((1, 1, 8, 256, 8), ["x: expected width to be a multiple of 16", "got width 8", "width 16"]),
     ((0, 1, 8, 256, 256), ["x: expected every axis to be non-empty", "batch = 0"]),
 ])
 def test_input_shapes_that_cannot_work_are_rejected_before_planning(shape, fragments):

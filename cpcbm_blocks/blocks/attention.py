@@ -1,5 +1,6 @@
 """`MultiHeadSelfAttention3D` over the `d*h*w` voxels, and the one attention function it uses."""
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from cpcbm_blocks.blocks.conv import zero_init
 from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.errors import InputError
+from cpcbm_blocks.spec import check_channel_multiple
 
 __all__ = ["AttentionBackend", "MultiHeadSelfAttention3D", "attention", "attention_backend", "reference_attention",
            "set_attention_backend"]
@@ -59,23 +61,41 @@ def attention_backend(backend: AttentionBackend | str) -> Iterator[None]:
 
 @shape_checked
 def attention(q: Float[Tensor, "b heads n e"], k: Float[Tensor, "b heads m e"], v: Float[Tensor, "b heads m e"],
-              key_mask: Bool[Tensor, "b m"] | None = None) -> Float[Tensor, "b heads n e"]:
+              key_mask: Bool[Tensor, "b m"] | None = None, *, upcast: bool = False) -> Float[Tensor, "b heads n e"]:
     """Scaled dot-product attention, `softmax(q k^T / sqrt(e)) v`, through `F.scaled_dot_product_attention`.
 
     This is the library's single attention kernel: self- and cross-attention both call it, so
-    PyTorch's fused CPU/GPU kernels (flash, memory-efficient) serve every block. `key_mask` marks the
-    keys that may be attended to (True = keep). The backend is chosen with
-    [`attention_backend`][cpcbm_blocks.blocks.attention.attention_backend] (default: SDPA).
+    PyTorch's fused CPU/GPU kernels (flash, memory-efficient) serve every block. The backend is chosen
+    with [`attention_backend`][cpcbm_blocks.blocks.attention.attention_backend] (default: SDPA).
 
-    A row whose keys are all masked has no defined softmax (SDPA returns NaN there; pytorch#103749):
-    such rows attend to nothing and return zeros, computed without a host sync.
+    **Arguments:**
+
+    - `q`, `k`, `v`: queries, keys and values, per head.
+    - `key_mask`: the keys each sample may attend to (True = keep). A sample whose keys are all
+      masked gets a zero output (and zero gradients), never NaN: its row is computed unmasked and then
+      multiplied by 0, because a softmax over no key is 0/0 and some backends return NaN for it
+      (pytorch#103749, #103963).
+    - `upcast`: compute in float32, with autocast off, and return in the inputs' dtype. In float16
+      the scores `q k^T` overflow past 65504 (any backend that forms them in half precision, such as
+      the math backend on GPU); upcasting trades speed and memory for range.
     """
-    if key_mask is None:
-        return _kernel(q, k, v, None)
-    has_key = key_mask.any(dim=-1)
-    keep = key_mask | ~has_key[:, None]  # an empty row attends everywhere, then is zeroed below
-    out = _kernel(q, k, v, keep)
-    return out * has_key[:, None, None, None].to(out.dtype)
+    keep_row = None
+    keep = None
+    if key_mask is not None:
+        keep_row = key_mask.any(dim=-1)
+        keep = key_mask | ~keep_row[:, None]  # an empty row attends everywhere, then is zeroed below
+    if upcast and q.dtype != torch.float32:
+        with _autocast_off(q.device.type):
+            out = _kernel(q.float(), k.float(), v.float(), keep).to(q.dtype)
+    else:
+        out = _kernel(q, k, v, keep)
+    return out if keep_row is None else out * keep_row[:, None, None, None].to(out.dtype)
+
+
+def _autocast_off(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _kernel(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
@@ -117,12 +137,17 @@ class MultiHeadSelfAttention3D(nn.Module):
     - `channels`: channels of the volume; a multiple of `head_channels` and of `num_groups`.
     - `head_channels`: channels per head.
     - `num_groups`: GroupNorm groups of the pre-norm.
+    - `upcast`: compute the attention in float32 when the inputs are float16/bfloat16 (see
+      [`attention`][cpcbm_blocks.blocks.attention.attention]).
     """
 
-    def __init__(self, *, channels: int, head_channels: int = 8, num_groups: int = 32) -> None:
+    def __init__(self, *, channels: int, head_channels: int = 8, num_groups: int = 32, upcast: bool = False) -> None:
         super().__init__()
+        check_channel_multiple("MultiHeadSelfAttention3D(channels=...)", channels, of=head_channels, of_name="head_channels")
+        check_channel_multiple("MultiHeadSelfAttention3D(channels=...)", channels, of=num_groups, of_name="num_groups")
         self.channels = channels
         self.head_channels = head_channels
+        self.upcast = upcast
         self.num_heads = channels // head_channels
         self.norm = nn.GroupNorm(num_groups, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
@@ -133,5 +158,5 @@ class MultiHeadSelfAttention3D(nn.Module):
         _, _, d, h, w = x.shape
         tokens = rearrange(self.norm(x), "b c d h w -> b (d h w) c")
         q, k, v = rearrange(self.qkv(tokens), "b n (three heads e) -> three b heads n e", three=3, heads=self.num_heads)
-        out = rearrange(attention(q, k, v), "b heads n e -> b n (heads e)")
+        out = rearrange(attention(q, k, v, upcast=self.upcast), "b heads n e -> b n (heads e)")
         return x + rearrange(self.proj_out(out), "b (d h w) c -> b c d h w", d=d, h=h, w=w)

@@ -23,7 +23,12 @@ def timesteps_to_batch(t: int | float | Tensor, *, batch_size: int, device: torc
         raise InputError(f"t: expected a number, a 0-d tensor or a ({batch_size},) tensor of timesteps, "
                          f"got {type(t).__name__}. Pass e.g. t=500 or torch.full(({batch_size},), 500).")
     if not isinstance(t, Tensor):
+        if not (math.isfinite(t) and t >= 0):  # checked here too, as a meta tensor made from it has no value
+            raise InputError(f"t: expected finite, non-negative timesteps, got {t!r}. Check the scheduler's timestep range.")
         t = torch.tensor(float(t), device=device)
+    if t.device.type == "meta" and device.type != "meta":
+        raise InputError(f"t: expected timesteps with values (on {device} or the CPU), got a tensor on the meta device. "
+                         "Pass the scheduler's real timesteps.")
     if t.dtype == torch.bool or t.is_complex():
         raise InputError(f"t: expected an integer or floating-point tensor, got {t.dtype}. Convert with t.float().")
     if t.ndim == 0:

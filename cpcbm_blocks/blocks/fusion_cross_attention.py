@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from cpcbm_blocks.blocks.attention import attention
 from cpcbm_blocks.contracts import shape_checked
+from cpcbm_blocks.spec import check_channel_multiple
 
 __all__ = ["CrossAttentionFusion3D"]
 
@@ -30,11 +31,17 @@ class CrossAttentionFusion3D(nn.Module):
     - `context_channels`: width of the condition tokens.
     - `head_channels`: channels per head.
     - `num_groups`: GroupNorm groups of the pre-norm.
+    - `upcast`: compute the attention in float32 when the inputs are float16/bfloat16 (see
+      [`attention`][cpcbm_blocks.blocks.attention.attention]).
     """
 
-    def __init__(self, *, channels: int, context_channels: int, head_channels: int = 8, num_groups: int = 32) -> None:
+    def __init__(self, *, channels: int, context_channels: int, head_channels: int = 8, num_groups: int = 32,
+                 upcast: bool = False) -> None:
         super().__init__()
+        check_channel_multiple("CrossAttentionFusion3D(channels=...)", channels, of=head_channels, of_name="head_channels")
+        check_channel_multiple("CrossAttentionFusion3D(channels=...)", channels, of=num_groups, of_name="num_groups")
         self.channels = channels
+        self.upcast = upcast
         self.context_channels = context_channels
         self.num_heads = channels // head_channels
         self.norm = nn.GroupNorm(num_groups, channels)
@@ -52,7 +59,7 @@ class CrossAttentionFusion3D(nn.Module):
                       "b n (heads e) -> b heads n e", heads=self.num_heads)
         k, v = rearrange(self.to_kv(self.context_norm(context)), "b m (two heads e) -> two b heads m e",
                          two=2, heads=self.num_heads)
-        out = self.proj_out(rearrange(attention(q, k, v, context_mask), "b heads n e -> b n (heads e)"))
+        out = self.proj_out(rearrange(attention(q, k, v, context_mask, upcast=self.upcast), "b heads n e -> b n (heads e)"))
         out = rearrange(out, "b (d h w) c -> b c d h w", d=d, h=h, w=w)
         has_context = context_mask.any(dim=1).to(out.dtype)[:, None, None, None, None]
         return x + torch.tanh(self.gate)[None, :, None, None, None] * out * has_context

@@ -5,6 +5,7 @@ from torch import Tensor, nn
 
 from cpcbm_blocks.blocks.conv import Conv3d, zero_init
 from cpcbm_blocks.contracts import shape_checked
+from cpcbm_blocks.spec import check_channel_multiple
 
 __all__ = ["OutputHead"]
 
@@ -25,6 +26,7 @@ class OutputHead(nn.Module):
     def __init__(self, *, in_channels: int, out_channels: int, num_groups: int = 32,
                  kernel_size: tuple[int, int, int] = (3, 3, 3)) -> None:
         super().__init__()
+        check_channel_multiple("OutputHead(in_channels=...)", in_channels, of=num_groups, of_name="num_groups")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.norm = nn.GroupNorm(num_groups, in_channels)

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from cpcbm_blocks.blocks.conv import Conv3d, zero_init
 from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.errors import InputError
-from cpcbm_blocks.spec import TimestepInjection
+from cpcbm_blocks.spec import TimestepInjection, check_channel_multiple
 
 __all__ = ["ResBlock3D"]
 
@@ -39,6 +39,8 @@ class ResBlock3D(nn.Module):
                  kernel_size: tuple[int, int, int] = (3, 3, 3),
                  timestep_injection: TimestepInjection = TimestepInjection.ADD, dropout: float = 0.0) -> None:
         super().__init__()
+        check_channel_multiple("ResBlock3D(in_channels=...)", in_channels, of=num_groups, of_name="num_groups")
+        check_channel_multiple("ResBlock3D(out_channels=...)", out_channels, of=num_groups, of_name="num_groups")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.emb_channels = emb_channels
