@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from jaxtyping import Bool, Float, Real
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from cpcbm_blocks import checkpoint
 from cpcbm_blocks.blocks.embedding import TimestepEmbedding, timesteps_to_batch
@@ -73,7 +73,7 @@ class UNet3D(nn.Module):
         (tested); the cost is one more forward of those steps. A skip is concatenated inside the
         checkpointed call, so the concatenation is not kept either. With `conditions=True` the
         condition encoder is checkpointed too (it keeps only its encoded outputs). Levels are numbered
-        from 1 (shallowest); `levels=()`, `mid=False` and `conditions=False` switch checkpointing off. Only training (grad
+        from 1 (shallowest); `levels=()`, `mid=False` and `conditions=False` switch it off. Only training (grad
         enabled) is affected. The setting lives on the module, not in the spec: it changes memory and
         time, never the function. Returns the model.
         """
@@ -171,7 +171,7 @@ class UNet3D(nn.Module):
                 name = next(name for name in ("text", "cond_images") if raw[name] is not None)
                 _check_conditions_match(x, batch_size=batch, image_size=image_size, name=name)
             if self._checkpoint_conditions and torch.is_grad_enabled():
-                conditions = checkpoint(self.encode_conditions, use_reentrant=False, **raw)
+                conditions = recompute_in_backward(self.encode_conditions, use_reentrant=False, **raw)
             else:
                 conditions = self.encode_conditions(**raw)
         elif conditions is not None and not compiling:
@@ -189,7 +189,7 @@ class UNet3D(nn.Module):
             skip = skips.pop() if step.takes_skip else None
             h_in = h
             if position in self._checkpointed and torch.is_grad_enabled():
-                h = checkpoint(_run_step, step, block, h, skip, emb, conditions, use_reentrant=False)
+                h = recompute_in_backward(_run_step, step, block, h, skip, emb, conditions, use_reentrant=False)
             else:
                 h = _run_step(step, block, h, skip, emb, conditions)
             if expected is not None:

@@ -156,7 +156,7 @@ def test_bad_arguments_are_rejected_with_what_to_do():
         memory_plan(UNetSpec.default(), (1, 1, 8, 64, 64), dtype="fp8")
     with pytest.raises(InputError, match="checkpoint_levels: expected level numbers in 1..4"):
         memory_plan(UNetSpec.default(), (1, 1, 8, 64, 64), checkpoint_levels=(5,))
-    with pytest.raises(InputError, match="x: width 60 is not a multiple of 16"):
+    with pytest.raises(InputError, match="x: expected width to be a multiple of 16"):
         memory_plan(UNetSpec.default(), (1, 1, 8, 64, 60))
 
 
