@@ -106,7 +106,7 @@ def _kernel(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
     if _backend.value is AttentionBackend.NAIVE:
         return reference_attention(q, k, v, keep)
     mask = None if keep is None else keep[:, None, None, :]
-    if q.device.type == "meta":
+    if not torch.fx._symbolic_trace.is_fx_symbolic_tracing() and q.device.type == "meta":
         if mask is not None:  # as SDPA does before its fused kernels: a boolean mask becomes an additive one
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask)[0]

@@ -49,6 +49,8 @@ def conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_w kd
         y = F.conv2d(rearrange(x, "b c d h w -> (b d) c h w"), weight.squeeze(2), bias, stride[1:], padding[1:],
                      groups=groups)
         return rearrange(y, "(b d) c h w -> b c d h w", b=batch)
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # sizes are symbolic: keep the one plain operator
+        return F.conv3d(x, weight, bias, stride, padding, groups=groups)
     if folds(x.shape[2], weight.shape[2], groups):
         return _folded(x, weight, bias, stride, padding)
     if x.device.type == "cpu" and groups == 1 and _hits_slow_conv3d(x.shape):
