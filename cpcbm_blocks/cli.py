@@ -7,7 +7,7 @@ only when all of them agree (and, with `--expect`, when they also equal a docume
 
 `cpcbm-blocks plan` runs one training step of the same UNet on `meta` and prints, per transition and
 in total, parameters, FLOPs, activations saved for backward and the predicted peak memory
-([`memory_plan`][cpcbm_blocks.memory.memory_plan]); `--fit-gib N` also gives the largest batch that fits.
+(`memory_plan`); `--fit-gib N` also gives the largest batch that fits.
 """
 
 import argparse

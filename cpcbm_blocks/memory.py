@@ -1,6 +1,6 @@
 """`memory_plan`: parameters, FLOPs and training memory of a spec's UNet, measured before running it.
 
-The plan is not a formula. [`memory_plan`][cpcbm_blocks.memory.memory_plan] builds the real
+The plan is not a formula. `memory_plan` builds the real
 [`UNet3D`][cpcbm_blocks.unet.UNet3D] on PyTorch's `meta` device (tensors with shapes and dtypes but no
 data) and runs one training step on it: forward, a mean-squared-error loss, backward, and an Adam
 update. A `TorchDispatchMode` sees every operator of that step:
@@ -357,7 +357,7 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     - `input_shape`: the training batch's shape; the batch size is its first entry.
     - `dtype`: `"fp32"`, `"bf16"` or `"fp16"`: the dtype of the parameters and the activations.
     - `checkpoint_levels`, `checkpoint_mid`, `checkpoint_conditions`: gradient checkpointing, as
-      [`UNet3D.set_gradient_checkpointing`][cpcbm_blocks.unet.UNet3D.set_gradient_checkpointing] sets it.
+      `UNet3D.set_gradient_checkpointing` sets it.
     - `attention_backend`: `"sdpa"` (fused, the default) or `"naive"` (materialises the scores).
     - `text_tokens`: tokens per text condition, for a spec conditioned on text (CLIP: 77).
     """

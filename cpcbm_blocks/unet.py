@@ -94,7 +94,7 @@ class UNet3D(nn.Module):
 
     @property
     def gradient_checkpointing(self) -> tuple[tuple[int, ...], bool]:
-        """The checkpointed `(levels, mid)`, as set by [`set_gradient_checkpointing`][cpcbm_blocks.unet.UNet3D.set_gradient_checkpointing]."""
+        """The checkpointed `(levels, mid)`, as set by `set_gradient_checkpointing`."""
         steps = [self.steps[position] for position in self._checkpointed]
         levels = sorted({s.group for s in steps if s.section is not Section.MID})
         return tuple(levels), any(s.section is Section.MID for s in steps)

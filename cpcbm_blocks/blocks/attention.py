@@ -28,7 +28,7 @@ class AttentionBackend(str, Enum):
     """`F.scaled_dot_product_attention`: PyTorch's fused kernels, which never hold the `n x m` scores
     (flash attention on CPU, flash or memory-efficient on CUDA). The default."""
     NAIVE = "naive"
-    """[`reference_attention`][cpcbm_blocks.blocks.attention.reference_attention]: two einsums and a
+    """`reference_attention`: two einsums and a
     softmax, which materialise (and save for backward) the `b x heads x n x m` score tensor."""
 
 
@@ -50,7 +50,7 @@ def set_attention_backend(backend: AttentionBackend | str) -> None:
 
 @contextmanager
 def attention_backend(backend: AttentionBackend | str) -> Iterator[None]:
-    """Context manager form of [`set_attention_backend`][cpcbm_blocks.blocks.attention.set_attention_backend]."""
+    """Context manager form of `set_attention_backend`."""
     before = _backend.value
     set_attention_backend(backend)
     try:
@@ -66,7 +66,7 @@ def attention(q: Float[Tensor, "b heads n e"], k: Float[Tensor, "b heads m e"], 
 
     This is the library's single attention kernel: self- and cross-attention both call it, so
     PyTorch's fused CPU/GPU kernels (flash, memory-efficient) serve every block. The backend is chosen
-    with [`attention_backend`][cpcbm_blocks.blocks.attention.attention_backend] (default: SDPA).
+    with `attention_backend` (default: SDPA).
 
     **Arguments:**
 
