@@ -65,9 +65,11 @@ def _folded(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, .
     depth, taps = x.shape[2], weight.shape[2]
     depth_out = (depth + 2 * padding[0] - taps) // stride[0] + 1
     zero = weight.new_zeros(weight.shape[:2] + weight.shape[3:])
-    blocks = [[weight[:, :, tap] if 0 <= (tap := i - o * stride[0] + padding[0]) < taps else zero for i in range(depth)]
-              for o in range(depth_out)]
-    folded = torch.cat([torch.cat(row, dim=1) for row in blocks], dim=0)
+    rows = []
+    for o in range(depth_out):  # plain loops: torch.compile cannot trace a walrus inside a comprehension
+        taps_of_row = [i - o * stride[0] + padding[0] for i in range(depth)]
+        rows.append(torch.cat([weight[:, :, tap] if 0 <= tap < taps else zero for tap in taps_of_row], dim=1))
+    folded = torch.cat(rows, dim=0)
     y = F.conv2d(rearrange(x, "b c d h w -> b (d c) h w"), folded, None if bias is None else bias.repeat(depth_out),
                  stride[1:], padding[1:])
     return rearrange(y, "b (d c) h w -> b c d h w", d=depth_out)
