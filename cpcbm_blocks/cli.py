@@ -4,6 +4,10 @@
 runs it on PyTorch's `meta` device (or a real device with `--device cpu`), and prints every
 transition in the seed's `h:` notation with the actual shapes next to the expected ones. It exits 0
 only when all of them agree (and, with `--expect`, when they also equal a documented trace).
+
+`cpcbm-blocks plan` runs one training step of the same UNet on `meta` and prints, per transition and
+in total, parameters, FLOPs, activations saved for backward and the predicted peak memory
+(`memory_plan`); `--fit-gib N` also gives the largest batch that fits.
 """
 
 import argparse
@@ -16,6 +20,7 @@ from pathlib import Path
 import torch
 
 from cpcbm_blocks.errors import CpcbmError
+from cpcbm_blocks.memory import DTYPES, memory_plan
 from cpcbm_blocks.notation import parse_trace, render_trace
 from cpcbm_blocks.plan import plan
 from cpcbm_blocks.spec import UNetSpec
@@ -155,6 +160,43 @@ def trace_command(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _levels(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated level numbers such as 1,2 (or 'none'), got {text!r}") from None
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    spec, spec_name = _load_spec(args.spec)
+    input_shape = tuple(args.input_shape)
+    if args.batch is not None:
+        input_shape = (args.batch, *input_shape[1:])
+    warm_up_seconds = _warm_up_meta_kernels()
+    result = memory_plan(spec, input_shape, dtype=args.dtype, checkpoint_levels=args.checkpoint_levels,
+                         checkpoint_mid=args.checkpoint_mid, checkpoint_conditions=args.checkpoint_conditions,
+                         attention_backend=args.attention,
+                         text_tokens=args.text_tokens)
+    largest = None if args.fit_gib is None else result.largest_batch(int(args.fit_gib * 2**30))
+    if args.format == "json":
+        print(json.dumps({"spec": spec.to_dict(), "spec_source": spec_name, **result.to_dict(),
+                          "fit_gib": args.fit_gib, "largest_batch": largest,
+                          "torch_meta_import_seconds": round(warm_up_seconds, 4)}, indent=2))
+        return 0
+    checkpointing = ", ".join([*(f"level {v}" for v in result.checkpoint_levels), *(["mid"] if result.checkpoint_mid else []),
+                               *(["conditions"] if result.checkpoint_conditions else [])])
+    print(f"cpcbm-blocks plan: {spec_name}, input {result.input_shape}, {args.dtype}, attention {result.attention_backend.value}, "
+          f"checkpointing {checkpointing or 'off'}; a training step (forward, MSE loss, backward, Adam) on meta")
+    print(result.render())
+    if largest is not None:
+        print(f"largest batch that fits in {args.fit_gib:g} GiB: {largest}")
+    warm = f"; torch's one-time meta-kernel import took {warm_up_seconds:.2f} s before it" if warm_up_seconds > 0.05 else ""
+    print(f"planned in {result.planning_seconds:.2f} s{warm}.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpcbm-blocks", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +211,27 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--expect", metavar="FILE",
                        help="also require the trace to equal a documented h: trace (text or Markdown file)")
     trace.set_defaults(run=trace_command)
+
+    plan_parser = commands.add_parser("plan", help="parameters, FLOPs and training memory per transition, before running")
+    plan_parser.add_argument("--input-shape", type=_input_shape, default=DEFAULT_INPUT_SHAPE, metavar="B,C,D,H,W",
+                             help="training batch shape (default: 1,1,8,256,256)")
+    plan_parser.add_argument("--batch", type=int, help="override the batch size of --input-shape")
+    plan_parser.add_argument("--spec", metavar="default|conditioned|FILE.json",
+                             help="a preset or a spec written by UNetSpec.to_json() (default: default)")
+    plan_parser.add_argument("--text-tokens", type=int, default=TEXT_TOKENS,
+                             help=f"tokens per text condition, for a spec conditioned on text (default: {TEXT_TOKENS})")
+    plan_parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                             help="dtype of parameters and activations (default: fp32)")
+    plan_parser.add_argument("--checkpoint-levels", type=_levels, default=(), metavar="L1,L2",
+                             help="levels to run with gradient checkpointing, e.g. 1,2 (default: none)")
+    plan_parser.add_argument("--checkpoint-mid", action="store_true", help="also checkpoint the middle")
+    plan_parser.add_argument("--checkpoint-conditions", action="store_true",
+                             help="also checkpoint the condition encoder (conditioned specs)")
+    plan_parser.add_argument("--attention", choices=("sdpa", "naive"), default="sdpa",
+                             help="attention backend: fused SDPA (default) or naive (materialises the scores)")
+    plan_parser.add_argument("--fit-gib", type=float, metavar="N", help="also report the largest batch that fits in N GiB")
+    plan_parser.add_argument("--format", choices=("text", "json"), default="text")
+    plan_parser.set_defaults(run=plan_command)
     return parser
 
 

@@ -1,10 +1,12 @@
 """`UNet3D`: the documented diffusion UNet, run step by step with every transition asserted."""
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from jaxtyping import Bool, Float, Real
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from cpcbm_blocks import checkpoint
 from cpcbm_blocks.blocks.embedding import TimestepEmbedding, timesteps_to_batch
@@ -12,7 +14,7 @@ from cpcbm_blocks.build import build_blocks
 from cpcbm_blocks.conditioning import ConditionEncoder, EncodedConditions, validate_conditions
 from cpcbm_blocks.contracts import check_device_and_dtype, checks_active
 from cpcbm_blocks.errors import InputError, TraceMismatchError
-from cpcbm_blocks.layout import Op, layout
+from cpcbm_blocks.layout import Op, Section, Step, layout
 from cpcbm_blocks.plan import Plan, Transition, check_input_shape, plan
 from cpcbm_blocks.spec import UNetSpec
 
@@ -58,6 +60,44 @@ class UNet3D(nn.Module):
         self.blocks = build_blocks(spec)
         self.conditioner = ConditionEncoder(spec) if spec.is_conditioned else None
         self._trace_sink: list[Transition] | None = None
+        self._checkpointed: frozenset[int] = frozenset()
+        self._checkpoint_conditions = False
+
+    def set_gradient_checkpointing(self, *, levels: Iterable[int] = (), mid: bool = False,
+                                   conditions: bool = False) -> "UNet3D":
+        """Recompute the steps of the given levels (and of the middle) in backward instead of saving them.
+
+        Every step of a checkpointed level, on the way down and on the way up, runs under
+        `torch.utils.checkpoint` (non-reentrant): it keeps only its inputs for backward and runs its
+        forward again when the gradient reaches it. Gradients are the same as without checkpointing
+        (tested); the cost is one more forward of those steps. A skip is concatenated inside the
+        checkpointed call, so the concatenation is not kept either. With `conditions=True` the
+        condition encoder is checkpointed too (it keeps only its encoded outputs). Levels are numbered
+        from 1 (shallowest); `levels=()`, `mid=False` and `conditions=False` switch it off. Only training (grad
+        enabled) is affected. The setting lives on the module, not in the spec: it changes memory and
+        time, never the function. Returns the model.
+        """
+        levels = tuple(levels)
+        number_of_levels = len(self.spec.levels)
+        for level in levels:
+            if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= number_of_levels:
+                raise InputError(f"levels: expected level numbers in 1..{number_of_levels} (1 = shallowest), got "
+                                 f"{levels!r}. Pass e.g. levels=(1, 2) or levels=range(1, {number_of_levels + 1}).")
+        for name, value in (("mid", mid), ("conditions", conditions)):
+            if not isinstance(value, bool):
+                raise InputError(f"{name}: expected True or False, got {value!r}.")
+        self._checkpoint_conditions = conditions
+        self._checkpointed = frozenset(position for position, step in enumerate(self.steps)
+                                       if (step.section is Section.MID and mid)
+                                       or (step.section in (Section.DOWN, Section.UP) and step.group in levels))
+        return self
+
+    @property
+    def gradient_checkpointing(self) -> tuple[tuple[int, ...], bool]:
+        """The checkpointed `(levels, mid)`, as set by `set_gradient_checkpointing`."""
+        steps = [self.steps[position] for position in self._checkpointed]
+        levels = sorted({s.group for s in steps if s.section is not Section.MID})
+        return tuple(levels), any(s.section is Section.MID for s in steps)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the spec and the weights into `directory` (see [`checkpoint`][cpcbm_blocks.checkpoint])."""
@@ -130,7 +170,10 @@ class UNet3D(nn.Module):
                 image_size = None if cond_images is None else tuple(cond_images.shape[2:])
                 name = next(name for name in ("text", "cond_images") if raw[name] is not None)
                 _check_conditions_match(x, batch_size=batch, image_size=image_size, name=name)
-            conditions = self.encode_conditions(**raw)
+            if self._checkpoint_conditions and torch.is_grad_enabled():
+                conditions = recompute_in_backward(self.encode_conditions, use_reentrant=False, **raw)
+            else:
+                conditions = self.encode_conditions(**raw)
         elif conditions is not None and not compiling:
             _check_conditions_match(x, batch_size=conditions.batch_size, image_size=conditions.image_size,
                                     name="conditions")
@@ -145,16 +188,10 @@ class UNet3D(nn.Module):
             block = self.blocks[step.module_key]
             skip = skips.pop() if step.takes_skip else None
             h_in = h
-            if skip is not None:
-                h = torch.cat([h, skip], dim=1)
-            if step.op is Op.RES:
-                h = block(h, emb)
-            elif step.op is Op.FUSE_CROSS_ATTENTION:
-                h = block(h, conditions.context[step.condition_key], conditions.context_mask[step.condition_key])
-            elif step.op.is_fusion:
-                h = block(h, conditions.maps[step.condition_key].expand_as(h))
+            if position in self._checkpointed and torch.is_grad_enabled():
+                h = recompute_in_backward(_run_step, step, block, h, skip, emb, conditions, use_reentrant=False)
             else:
-                h = block(h)
+                h = _run_step(step, block, h, skip, emb, conditions)
             if expected is not None:
                 self._observe(expected[position], h_in, skip, h, raise_on_mismatch=checking)
             if step.gives_skip:
@@ -170,6 +207,20 @@ class UNet3D(nn.Module):
         if raise_on_mismatch and actual != expected:
             raise TraceMismatchError(f"{expected.step.describe()}: expected {expected.render()}, "
                                      f"got {actual.render()}.")
+
+
+def _run_step(step: Step, block: nn.Module, h: Tensor, skip: Tensor | None, emb: Tensor,
+              conditions: EncodedConditions | None) -> Tensor:
+    """One step: concatenate the skip (if any), then run the step's module with what its op takes."""
+    if skip is not None:
+        h = torch.cat([h, skip], dim=1)
+    if step.op is Op.RES:
+        return block(h, emb)
+    if step.op is Op.FUSE_CROSS_ATTENTION:
+        return block(h, conditions.context[step.condition_key], conditions.context_mask[step.condition_key])
+    if step.op.is_fusion:
+        return block(h, conditions.maps[step.condition_key].expand_as(h))
+    return block(h)
 
 
 def _reject_misplaced_conditions(spec: UNetSpec, conditions: EncodedConditions | None, raw: dict) -> None:

@@ -1,7 +1,10 @@
 """The typed 3D blocks. Each lives in its own file and can be used on its own."""
 
+from cpcbm_blocks.blocks.attention import AttentionBackend as AttentionBackend
 from cpcbm_blocks.blocks.attention import MultiHeadSelfAttention3D as MultiHeadSelfAttention3D
 from cpcbm_blocks.blocks.attention import attention as attention
+from cpcbm_blocks.blocks.attention import attention_backend as attention_backend
+from cpcbm_blocks.blocks.attention import set_attention_backend as set_attention_backend
 from cpcbm_blocks.blocks.cond_image_encoder import CondImageEncoder3D as CondImageEncoder3D
 from cpcbm_blocks.blocks.conv import Conv3d as Conv3d
 from cpcbm_blocks.blocks.embedding import TimestepEmbedding as TimestepEmbedding

@@ -1,6 +1,10 @@
 """`MultiHeadSelfAttention3D` over the `d*h*w` voxels, and the one attention function it uses."""
 
 import contextlib
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -10,9 +14,49 @@ from torch import Tensor, nn
 
 from cpcbm_blocks.blocks.conv import zero_init
 from cpcbm_blocks.contracts import shape_checked
+from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.spec import check_channel_multiple
 
-__all__ = ["MultiHeadSelfAttention3D", "attention", "reference_attention"]
+__all__ = ["AttentionBackend", "MultiHeadSelfAttention3D", "attention", "attention_backend", "reference_attention",
+           "set_attention_backend"]
+
+
+class AttentionBackend(str, Enum):
+    """How [`attention`][cpcbm_blocks.blocks.attention.attention] computes `softmax(q k^T / sqrt(e)) v`."""
+
+    SDPA = "sdpa"
+    """`F.scaled_dot_product_attention`: PyTorch's fused kernels, which never hold the `n x m` scores
+    (flash attention on CPU, flash or memory-efficient on CUDA). The default."""
+    NAIVE = "naive"
+    """`reference_attention`: two einsums and a
+    softmax, which materialise (and save for backward) the `b x heads x n x m` score tensor."""
+
+
+class _Backend(threading.local):
+    value: AttentionBackend = AttentionBackend.SDPA
+
+
+_backend = _Backend()
+
+
+def set_attention_backend(backend: AttentionBackend | str) -> None:
+    """Choose the attention backend for the calling thread (`"sdpa"`, the default, or `"naive"`)."""
+    try:
+        _backend.value = AttentionBackend(backend)
+    except ValueError:
+        choices = ", ".join(repr(b.value) for b in AttentionBackend)
+        raise InputError(f"backend: expected one of {choices}, got {backend!r}. Pick one of the listed values.") from None
+
+
+@contextmanager
+def attention_backend(backend: AttentionBackend | str) -> Iterator[None]:
+    """Context manager form of `set_attention_backend`."""
+    before = _backend.value
+    set_attention_backend(backend)
+    try:
+        yield
+    finally:
+        _backend.value = before
 
 
 @shape_checked
@@ -21,7 +65,8 @@ def attention(q: Float[Tensor, "b heads n e"], k: Float[Tensor, "b heads m e"], 
     """Scaled dot-product attention, `softmax(q k^T / sqrt(e)) v`, through `F.scaled_dot_product_attention`.
 
     This is the library's single attention kernel: self- and cross-attention both call it, so
-    PyTorch's fused CPU/GPU kernels (flash, memory-efficient) serve every block.
+    PyTorch's fused CPU/GPU kernels (flash, memory-efficient) serve every block. The backend is chosen
+    with `attention_backend` (default: SDPA).
 
     **Arguments:**
 
@@ -35,15 +80,15 @@ def attention(q: Float[Tensor, "b heads n e"], k: Float[Tensor, "b heads m e"], 
       the math backend on GPU); upcasting trades speed and memory for range.
     """
     keep_row = None
-    mask = None
+    keep = None
     if key_mask is not None:
         keep_row = key_mask.any(dim=-1)
-        mask = (key_mask | ~keep_row[:, None])[:, None, None, :]
+        keep = key_mask | ~keep_row[:, None]  # an empty row attends everywhere, then is zeroed below
     if upcast and q.dtype != torch.float32:
         with _autocast_off(q.device.type):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
+            out = _kernel(q.float(), k.float(), v.float(), keep).to(q.dtype)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = _kernel(q, k, v, keep)
     return out if keep_row is None else out * keep_row[:, None, None, None].to(out.dtype)
 
 
@@ -53,8 +98,23 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+def _kernel(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None) -> Tensor:
+    """The selected backend. On the `meta` device (used by the memory planner) SDPA's dispatcher has no
+    fused kernel to pick and falls back to its math path, which materialises the scores; there the
+    fused CPU kernel's own meta function is called instead, so that a plan on `meta` saves what a real
+    run saves (the output and the log-sum-exp, no scores)."""
+    if _backend.value is AttentionBackend.NAIVE:
+        return reference_attention(q, k, v, keep)
+    mask = None if keep is None else keep[:, None, None, :]
+    if not torch.fx._symbolic_trace.is_fx_symbolic_tracing() and q.device.type == "meta":
+        if mask is not None:  # as SDPA does before its fused kernels: a boolean mask becomes an additive one
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask)[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
-    """The plain formula, materialising the score matrix; only for tests against [`attention`][cpcbm_blocks.blocks.attention.attention]."""
+    """The plain formula, materialising the score matrix: the `"naive"` backend, and the oracle of the tests."""
     scores = torch.einsum("bhne,bhme->bhnm", q, k) / q.shape[-1] ** 0.5
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))

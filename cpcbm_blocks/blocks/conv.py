@@ -1,12 +1,27 @@
-"""`Conv3d`: `torch.nn.Conv3d` that runs a depth-1 kernel as a 2-D convolution.
+"""`Conv3d` and `conv3d`: a 3-D convolution that runs as a 2-D one wherever that is exact and faster.
 
-A `(1, k, k)` kernel never mixes depth slices, so it is a 2-D convolution applied to every slice.
-Running it as `F.conv2d` over `(B*D, C, H, W)` computes the same numbers with the same weights (a
-test checks this against `F.conv3d`), but picks PyTorch's fast 2-D kernels: for the small batch-1
-volumes of the deep levels, `Conv3d` falls back to `slow_conv3d`, several times slower.
-The parameters keep `nn.Conv3d`'s names and 5-D shapes, so state dicts are interchangeable.
+Three exact reformulations, all with the same weights (tests check each against `F.conv3d`, gradients
+included):
+
+* **Planar kernels.** A `(1, k, k)` kernel never mixes depth slices, so it is a 2-D convolution
+  applied to every slice: `F.conv2d` over `(B*D, C, H, W)`.
+* **Shallow volumes.** When the volume is no deeper than the kernel (`D <= k_d`, e.g. the 2-slice
+  level of an 8-slice MRI stack), every output slice is a sum of 2-D convolutions of the input
+  slices with the kernel's depth taps. Folding depth into channels makes that one `F.conv2d` from
+  `D*C_in` to `D_out*C_out` channels with a block weight (tap `i - o*s_d + p_d` in block `(o, i)`,
+  zero where it would fall outside the kernel). For `D <= k_d` this does no more multiply-adds than
+  the 3-D form, which spends a third of them on the zero padding at `D = 2`.
+* **Shallow but wide volumes, on CPU.** PyTorch's CPU backend choice looks at `N*C*D*H` only
+  (`use_mkldnn` in ATen's `Convolution.cpp`): a batch-1 volume such as `(1, 32, 8, 64, 64)` runs
+  `slow_conv3d` although oneDNN's kernel is several times faster. Moving depth to the last axis
+  (input, kernel, stride and padding together) is the same convolution, and its `N*C*H*W` picks oneDNN.
+
+The first two matter for the deep levels of the default UNet (where `slow_conv3d` would run), the
+third for inputs smaller than the nominal 256x256. `Conv3d`'s parameters keep `nn.Conv3d`'s names and
+5-D shapes, so state dicts are interchangeable.
 """
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Float
@@ -14,25 +29,60 @@ from torch import Tensor, nn
 
 __all__ = ["Conv3d", "conv3d", "zero_init"]
 
+_SLOW_CONV3D_LIMIT = 20480
+"""PyTorch (2.x, CPU, float32, batch 1, groups 1) runs a 3-D convolution with `slow_conv3d` when
+`N*C*D*H` is at most this (`use_mkldnn` in aten/src/ATen/native/Convolution.cpp)."""
+
+
+def folds(depth: int, kernel_depth: int, groups: int = 1) -> bool:
+    """True when a volume of this `depth` runs as one 2-D convolution with depth folded into channels."""
+    return groups == 1 and 1 < kernel_depth and depth <= kernel_depth
+
 
 def conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_w kd kh kw"], bias: Tensor | None = None, *,
            stride: tuple[int, int, int] = (1, 1, 1), groups: int = 1) -> Float[Tensor, "b c_out d_out h_out w_out"]:
-    """`F.conv3d` with "same" padding that runs a depth-1 kernel (and depth stride 1) as `F.conv2d`.
-
-    Same numbers, same weights; the 2-D path folds depth into the batch (`(b d) c h w`) and picks
-    PyTorch's fast 2-D kernels instead of `slow_conv3d`.
-    """
+    """`F.conv3d` with "same" padding, run through the fastest exact form (see the module docs)."""
     padding = tuple(k // 2 for k in weight.shape[2:])
-    if weight.shape[2] != 1 or stride[0] != 1:
+    stride = tuple(stride)
+    if weight.shape[2] == 1 and stride[0] == 1:
+        batch = x.shape[0]
+        y = F.conv2d(rearrange(x, "b c d h w -> (b d) c h w"), weight.squeeze(2), bias, stride[1:], padding[1:],
+                     groups=groups)
+        return rearrange(y, "(b d) c h w -> b c d h w", b=batch)
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # sizes are symbolic: keep the one plain operator
         return F.conv3d(x, weight, bias, stride, padding, groups=groups)
-    batch = x.shape[0]
-    y = F.conv2d(rearrange(x, "b c d h w -> (b d) c h w"), weight.squeeze(2), bias, stride[1:], padding[1:],
-                 groups=groups)
-    return rearrange(y, "(b d) c h w -> b c d h w", b=batch)
+    if folds(x.shape[2], weight.shape[2], groups):
+        return _folded(x, weight, bias, stride, padding)
+    if x.device.type == "cpu" and groups == 1 and _hits_slow_conv3d(x.shape):
+        (sd, sh, sw), (pd, ph, pw) = stride, padding
+        y = F.conv3d(rearrange(x, "b c d h w -> b c h w d"), rearrange(weight, "o i d h w -> o i h w d"), bias,
+                     (sh, sw, sd), (ph, pw, pd))
+        return rearrange(y, "b c h w d -> b c d h w")
+    return F.conv3d(x, weight, bias, stride, padding, groups=groups)
+
+
+def _folded(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...]) -> Tensor:
+    depth, taps = x.shape[2], weight.shape[2]
+    depth_out = (depth + 2 * padding[0] - taps) // stride[0] + 1
+    zero = weight.new_zeros(weight.shape[:2] + weight.shape[3:])
+    rows = []
+    for o in range(depth_out):  # plain loops: torch.compile cannot trace a walrus inside a comprehension
+        taps_of_row = [i - o * stride[0] + padding[0] for i in range(depth)]
+        rows.append(torch.cat([weight[:, :, tap] if 0 <= tap < taps else zero for tap in taps_of_row], dim=1))
+    folded = torch.cat(rows, dim=0)
+    y = F.conv2d(rearrange(x, "b c d h w -> b (d c) h w"), folded, None if bias is None else bias.repeat(depth_out),
+                 stride[1:], padding[1:])
+    return rearrange(y, "b (d c) h w -> b c d h w", d=depth_out)
+
+
+def _hits_slow_conv3d(shape: tuple[int, ...]) -> bool:
+    """True when PyTorch would pick `slow_conv3d` for this input and would not with depth moved last."""
+    n, c, d, h, w = shape
+    return n * c * d * h <= _SLOW_CONV3D_LIMIT < n * c * h * w
 
 
 class Conv3d(nn.Conv3d):
-    """`nn.Conv3d` ("same" padding by default) with a 2-D fast path for depth-1 kernels."""
+    """`nn.Conv3d` ("same" padding by default) with exact 2-D fast paths (see the module docs)."""
 
     def __init__(self, in_channels: int, out_channels: int, *, kernel_size: tuple[int, int, int],
                  stride: tuple[int, int, int] = (1, 1, 1), bias: bool = True) -> None:
@@ -43,6 +93,10 @@ class Conv3d(nn.Conv3d):
     def planar(self) -> bool:
         """True when the kernel and stride leave depth alone, so the 2-D path applies."""
         return self.kernel_size[0] == 1 and self.stride[0] == 1
+
+    def folds(self, depth: int) -> bool:
+        """True when a volume of this `depth` runs as one 2-D convolution with depth folded into channels."""
+        return not self.planar and folds(depth, self.kernel_size[0], self.groups)
 
     def forward(self, x: Float[Tensor, "b c_in d h w"]) -> Float[Tensor, "b c_out d_out h_out w_out"]:
         return conv3d(x, self.weight, self.bias, stride=self.stride, groups=self.groups)

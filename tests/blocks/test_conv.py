@@ -42,3 +42,43 @@ def test_state_dict_keys_and_shapes_match_torch_conv3d():
     ours = Conv3d(2, 3, kernel_size=(1, 3, 3))
     theirs = torch.nn.Conv3d(2, 3, kernel_size=(1, 3, 3))
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+@given(batch=st.integers(1, 2), depth=st.integers(1, 3), size=st.integers(3, 9), depth_stride=st.sampled_from([1, 2]),
+       stride=st.sampled_from([1, 2]), taps=st.sampled_from([3, 5]))
+def test_a_volume_no_deeper_than_the_kernel_folds_into_one_conv2d_equal_to_conv3d(batch, depth, size, depth_stride,
+                                                                                   stride, taps):
+    torch.manual_seed(0)
+    conv = Conv3d(3, 5, kernel_size=(taps, 3, 3), stride=(depth_stride, stride, stride))
+    assert conv.folds(depth) and not conv.folds(taps + 1)
+    x = torch.randn(batch, 3, depth, size, size, requires_grad=True)
+    _assert_equals_conv3d_with_gradients(conv, conv(x), x, tolerance=1e-5)
+
+
+def test_deeper_volumes_keep_the_3d_convolution():
+    conv = Conv3d(2, 2, kernel_size=(3, 3, 3))
+    x = torch.randn(1, 2, 4, 6, 6)
+    assert not conv.folds(4)
+    torch.testing.assert_close(conv(x), F.conv3d(x, conv.weight, conv.bias, padding=1))
+
+
+@given(depth=st.sampled_from([4, 8]), depth_stride=st.sampled_from([1, 2]), stride=st.sampled_from([1, 2]))
+def test_a_shallow_wide_volume_runs_depth_last_on_onednn_and_equals_conv3d(depth, depth_stride, stride):
+    torch.manual_seed(0)
+    conv = Conv3d(32, 8, kernel_size=(3, 3, 3), stride=(depth_stride, stride, stride))
+    x = torch.randn(1, 32, depth, 32, 32, requires_grad=True)  # N*C*D*H <= 20480 < N*C*H*W
+    with torch.profiler.profile() as profile:
+        out = conv(x)
+    assert "aten::slow_conv3d_forward" not in {event.key for event in profile.key_averages()}
+    _assert_equals_conv3d_with_gradients(conv, out, x, tolerance=1e-4)
+
+
+def _assert_equals_conv3d_with_gradients(conv, out, x, *, tolerance):
+    """`out = conv(x)` equals `F.conv3d` with the same weights, and so do the gradients of x, weight and bias."""
+    reference = F.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+    torch.testing.assert_close(out, reference, rtol=tolerance, atol=tolerance)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
+    theirs = torch.autograd.grad(reference, (x, conv.weight, conv.bias), grad)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

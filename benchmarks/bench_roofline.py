@@ -1,0 +1,65 @@
+"""Achieved FLOP/s of our whole train step vs this machine's roofline, measured in the same run.
+
+Three variants alternate: our default UNet's train step (forward + backward, fp32, batch 1), a single
+`Conv3d` 32->32 3x3x3 forward + backward on the full-resolution level's tensor `(1, 32, 8, H, W)`, and
+an fp32 4096^3 matmul. FLOPs are nominal (`FlopCounterMode`: convolutions, matmuls, attention).
+
+    python benchmarks/bench_roofline.py --size 128 --repeats 3
+"""
+
+import argparse
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import alternate, median, save, setup, table
+
+from cpcbm_blocks import UNet3D, UNetSpec
+from cpcbm_blocks.memory import CPU_ATTENTION_FLOP_FORMULAS
+
+
+def flops_of(run) -> int:
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOP_FORMULAS) as counter:
+        run()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    env = setup()
+    shape = (1, 1, 8, args.size, args.size)
+    torch.manual_seed(0)
+    model = UNet3D(UNetSpec.default())
+    x, target, t = torch.randn(shape), torch.randn(shape), torch.tensor([500])
+    conv = torch.nn.Conv3d(32, 32, 3, padding=1)
+    feature = torch.randn(1, 32, 8, args.size, args.size, requires_grad=True)
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+
+    def unet_step():
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x, t), target).backward()
+
+    def conv_step():
+        conv.zero_grad(set_to_none=True)
+        conv(feature).sum().backward()
+
+    def matmul():
+        torch.mm(a, b)
+
+    variants = {"UNet train step": unet_step, "Conv3d 32->32 fwd+bwd": conv_step, "matmul 4096^3": matmul}
+    flops = {name: flops_of(run) for name, run in variants.items()}
+    times = alternate(variants, repeats=args.repeats, warmup=1)
+    rate = {name: flops[name] / median(times[name]) for name in variants}
+    rows = [[name, median(times[name]), flops[name] / 1e9, rate[name] / 1e9, rate["UNet train step"] / rate[name]]
+            for name in variants]
+    text = table(["variant", "median s", "GFLOP", "GFLOP/s", "UNet GFLOP/s / this"], rows)
+    print(f"\nRoofline at (1,1,8,{args.size},{args.size}), fp32, {args.repeats} alternating rounds:\n{text}")
+    save(f"roofline_{args.size}", env, {f"roofline_{args.size}": text},
+         {"size": args.size, "times": times, "flops": flops, "rates": rate})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Train step (forward + backward, fp32, batch 1): our default UNet vs MONAI's DiffusionModelUNet.
+
+MONAI is configured as close as it allows to our default: 3-D, channels (32, 64, 128, 256), 2 res
+blocks per level, attention at the last level only, 8 channels per head, 32 groups, SDPA attention
+(`use_flash_attention=True`). It cannot keep depth at 1 past the third level (it halves every axis)
+and uses 3x3x3 kernels everywhere, so it does more FLOPs; both counts are printed (FlopCounterMode
+over a real step). Optionally also our UNet under `torch.compile` (inductor).
+
+    python benchmarks/bench_train_step.py --sizes 64,128 --repeats 3 [--compile]
+
+`pip install monai` (after torch) to include MONAI. Variants alternate A B A B after a warm-up.
+"""
+
+import argparse
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import alternate, median, save, setup, table
+
+from cpcbm_blocks import UNet3D, UNetSpec
+from cpcbm_blocks.memory import CPU_ATTENTION_FLOP_FORMULAS
+
+
+def monai_unet():
+    from monai.networks.nets import DiffusionModelUNet
+    return DiffusionModelUNet(spatial_dims=3, in_channels=1, out_channels=1, channels=(32, 64, 128, 256),
+                              attention_levels=(False, False, False, True), num_res_blocks=2, num_head_channels=8,
+                              norm_num_groups=32, use_flash_attention=True)
+
+
+def train_step(model, x, t, target):
+    def run():
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x, t), target).backward()
+    return run
+
+
+def count_flops(step) -> int:
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOP_FORMULAS) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="64,128", help="H=W of (1,1,8,H,W), comma-separated")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time our UNet under torch.compile (inductor)")
+    parser.add_argument("--no-monai", action="store_true")
+    args = parser.parse_args()
+    env = setup()
+    rows, data = [], []
+    for size in (int(v) for v in args.sizes.split(",")):
+        shape = (1, 1, 8, size, size)
+        torch.manual_seed(0)
+        x, target, t = torch.randn(shape), torch.randn(shape), torch.tensor([500])
+        ours = UNet3D(UNetSpec.default())
+        variants = {"cpcbm_blocks": train_step(ours, x, t, target)}
+        if not args.no_monai:
+            variants["MONAI"] = train_step(monai_unet(), x, t, target)
+        if args.compile:
+            variants["cpcbm_blocks compiled"] = train_step(torch.compile(ours), x, t, target)
+        flops = {name: count_flops(step) for name, step in variants.items() if "compiled" not in name}
+        times = alternate(variants, repeats=args.repeats, warmup=1)
+        base = median(times["cpcbm_blocks"])
+        for name, values in times.items():
+            nominal = flops.get(name, flops["cpcbm_blocks"])
+            rows.append([f"1,1,8,{size},{size}", name, median(values), min(values), max(values),
+                         median(values) / base, nominal / 1e9, nominal / median(values) / 1e9])
+            data.append({"size": size, "variant": name, "seconds": values, "median_s": median(values),
+                         "ratio_to_ours": median(values) / base, "gflop": nominal / 1e9})
+        print(f"\n{size}x{size}: " + ", ".join(f"{k} {median(v):.3f} s" for k, v in times.items()), flush=True)
+    headers = ["input", "model", "median s", "min s", "max s", "time / ours", "GFLOP (fwd+bwd)", "GFLOP/s"]
+    text = table(headers, rows)
+    print(f"\nTrain step, fp32, batch 1, {args.repeats} alternating rounds after 1 warm-up each:\n{text}")
+    save("train_step", env, {"train_step": text}, {"rows": data, "repeats": args.repeats})
+
+
+if __name__ == "__main__":
+    main()

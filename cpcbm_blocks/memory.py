@@ -1,0 +1,444 @@
+"""`memory_plan`: parameters, FLOPs and training memory of a spec's UNet, measured before running it.
+
+The plan is not a formula. `memory_plan` builds the real
+[`UNet3D`][cpcbm_blocks.unet.UNet3D] on PyTorch's `meta` device (tensors with shapes and dtypes but no
+data) and runs one training step on it: forward, a mean-squared-error loss, backward, and an Adam
+update. A `TorchDispatchMode` sees every operator of that step:
+
+* **FLOPs** are counted by `torch.utils.flop_counter`'s formulas (the ones `FlopCounterMode` uses:
+  convolutions, matmuls, attention; element-wise ops count 0, as everywhere), per step and per pass.
+  Backward includes the recomputation of checkpointed steps, because it really runs.
+* **Memory** is the set of live tensor storages: each storage is added when an operator creates it
+  and removed when PyTorch frees it (a weak reference to the storage), so views, in-place ops and
+  freed temporaries are accounted exactly as the allocator would see them. Activations *saved for
+  backward* are the storages created during the forward that are still alive when it returns (the
+  autograd graph holds them), attributed to the step that created them.
+* **Peak** is the largest live total over the whole step, plus the parameters, plus the Adam state
+  (which exists from the second step on, so it is added to the part before the first update).
+
+What the plan does not see: allocator overheads (caching, fragmentation, page rounding), the CUDA
+context and cuDNN/oneDNN workspaces, the Python process itself, and autocast's weight-cast cache
+(`dtype` casts the whole model, as pure low-precision training does). The tests compare it with a
+real CPU run; `benchmarks/` compare the peak with a measured one.
+
+```python
+from cpcbm_blocks import UNetSpec
+from cpcbm_blocks.memory import memory_plan
+
+p = memory_plan(UNetSpec.default(), (1, 1, 8, 256, 256), checkpoint_levels=(1, 2))
+print(p.render())
+p.largest_batch(24 * 2**30)   # the largest batch whose predicted peak fits in 24 GiB
+```
+"""
+
+import time
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
+
+from cpcbm_blocks.blocks.attention import AttentionBackend
+from cpcbm_blocks.blocks.attention import attention_backend as use_attention_backend
+from cpcbm_blocks.contracts import shape_checks
+from cpcbm_blocks.errors import InputError
+from cpcbm_blocks.layout import Op, Section, Step
+from cpcbm_blocks.plan import Transition, plan
+from cpcbm_blocks.spec import UNetSpec
+
+__all__ = ["CPU_ATTENTION_FLOP_FORMULAS", "DTYPES", "MemoryPlan", "StepCost", "memory_plan"]
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The dtypes a plan can be made for, by the names the command line uses."""
+
+_aten = torch.ops.aten
+
+
+def _raw(formula):
+    """Mark a formula of torch's registry (already shape-wrapped) so `FlopCounterMode` takes it as is."""
+    def counted(*args, **kwargs):
+        return formula(*args, **kwargs)
+    counted._get_raw = True
+    return counted
+
+
+CPU_ATTENTION_FLOP_FORMULAS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _raw(sdpa_flop),
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _raw(sdpa_backward_flop),
+}
+"""The fused CPU attention kernel is missing from torch's FLOP registry; it does the work of the GPU
+ones. Pass this as `FlopCounterMode(custom_mapping=...)` to count attention in a real CPU run."""
+
+_FLOP_FORMULAS = {**flop_registry, **CPU_ATTENTION_FLOP_FORMULAS}
+
+_BEFORE = -1  # owner of what runs before the first step (the timestep embedding)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepCost:
+    """What one transition of the UNet costs in a training step (batch included)."""
+
+    transition: Transition
+    checkpointed: bool
+    parameters: int
+    """Parameters of the step's module (0 for a later use of weights shared with an earlier step)."""
+    forward_flops: int
+    backward_flops: int
+    """Includes the recomputed forward when the step is checkpointed."""
+    saved_bytes: int
+    """Bytes of the tensors this step created that the autograd graph still holds after the forward."""
+    attention_score_bytes: int
+    """Bytes of `heads x n x m` score tensors this step creates (0 for a fused attention backend)."""
+
+    @property
+    def step(self) -> Step:
+        return self.transition.step
+
+    @property
+    def where(self) -> str:
+        """The level the step belongs to, as used to find the dominant level: `level 3`, `mid`, `stem/head`."""
+        if self.step.section is Section.MID:
+            return "mid"
+        if self.step.group == 0:
+            return "stem/head"
+        return f"level {self.step.group}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryPlan:
+    """The cost of one training step of a spec's UNet; see the module docs for what is measured."""
+
+    spec: UNetSpec
+    input_shape: tuple[int, int, int, int, int]
+    dtype: str
+    attention_backend: AttentionBackend
+    checkpoint_levels: tuple[int, ...]
+    checkpoint_mid: bool
+    checkpoint_conditions: bool
+    text_tokens: int
+    steps: tuple[StepCost, ...]
+    parameter_count: int
+    embedding_parameters: int
+    """Parameters outside the transitions: the timestep embedding and, if any, the condition encoder."""
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    """Adam's two moment estimates (and its step counters)."""
+    input_bytes: int
+    """The input volume, its timesteps, the conditions (if any) and the regression target."""
+    embedding_saved_bytes: int
+    """Saved by what runs before the first step: the timestep embedding and the condition encoder."""
+    embedding_forward_flops: int
+    forward_flops: int
+    backward_flops: int
+    peak_bytes: int
+    """Predicted peak of a steady-state training step (Adam state included)."""
+    planning_seconds: float
+
+    @property
+    def saved_bytes(self) -> int:
+        """All activations held for backward at the end of the forward."""
+        return self.embedding_saved_bytes + sum(s.saved_bytes for s in self.steps)
+
+    @property
+    def attention_score_bytes(self) -> int:
+        return sum(s.attention_score_bytes for s in self.steps)
+
+    def by_level(self) -> dict[str, dict[str, int]]:
+        """Saved bytes, FLOPs and parameters summed per level (down and up together), `mid` and `stem/head`."""
+        levels: dict[str, dict[str, int]] = {}
+        for s in self.steps:
+            row = levels.setdefault(s.where, {"saved_bytes": 0, "flops": 0, "parameters": 0})
+            row["saved_bytes"] += s.saved_bytes
+            row["flops"] += s.forward_flops + s.backward_flops
+            row["parameters"] += s.parameters
+        return levels
+
+    def dominant_level(self) -> str:
+        """The level that holds the most activation memory for backward."""
+        levels = self.by_level()
+        return max(levels, key=lambda name: levels[name]["saved_bytes"])
+
+    def largest_batch(self, budget_bytes: int) -> int:
+        """The largest batch whose predicted peak is at most `budget_bytes` (0 if not even batch 1 fits).
+
+        Found with real plans, not extrapolated: the batch is doubled until the predicted peak no
+        longer fits, then bisected (about `2 log2(batch)` plans, about a second each at full size).
+        """
+        def fits(batch: int) -> bool:
+            return (self if self.input_shape[0] == batch else self.with_batch(batch)).peak_bytes <= budget_bytes
+
+        if not fits(1):
+            return 0
+        low, high = 1, 2
+        while fits(high):
+            low, high = high, high * 2
+        while high - low > 1:  # low fits, high does not
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        return low
+
+    def with_batch(self, batch: int) -> "MemoryPlan":
+        """The same plan for another batch size."""
+        return memory_plan(self.spec, (batch, *self.input_shape[1:]), dtype=self.dtype,
+                           checkpoint_levels=self.checkpoint_levels, checkpoint_mid=self.checkpoint_mid,
+                           checkpoint_conditions=self.checkpoint_conditions, attention_backend=self.attention_backend, text_tokens=self.text_tokens)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able data: totals, per-level sums and one row per transition."""
+        return {
+            "input_shape": list(self.input_shape), "dtype": self.dtype, "attention_backend": self.attention_backend.value,
+            "checkpoint_levels": list(self.checkpoint_levels), "checkpoint_mid": self.checkpoint_mid,
+            "checkpoint_conditions": self.checkpoint_conditions,
+            "parameter_count": self.parameter_count, "parameter_bytes": self.parameter_bytes,
+            "gradient_bytes": self.gradient_bytes, "optimizer_bytes": self.optimizer_bytes,
+            "input_bytes": self.input_bytes, "saved_bytes": self.saved_bytes,
+            "attention_score_bytes": self.attention_score_bytes, "forward_flops": self.forward_flops,
+            "backward_flops": self.backward_flops, "peak_bytes": self.peak_bytes,
+            "dominant_level": self.dominant_level(), "levels": self.by_level(),
+            "planning_seconds": round(self.planning_seconds, 3),
+            "steps": [{"where": s.step.describe(), "transition": s.transition.render(), "module": s.step.module_key,
+                       "checkpointed": s.checkpointed, "parameters": s.parameters, "forward_flops": s.forward_flops,
+                       "backward_flops": s.backward_flops, "saved_bytes": s.saved_bytes,
+                       "attention_score_bytes": s.attention_score_bytes} for s in self.steps],
+        }
+
+    def render(self) -> str:
+        """A table per transition, per-level sums and the totals, as `cpcbm-blocks plan` prints them."""
+        lines = [f"{'#':>3}  {'where':34} {'transition':52} {'ckpt':4} {'params':>9} {'fwd GFLOP':>10} "
+                 f"{'bwd GFLOP':>10} {'saved MiB':>10} {'scores MiB':>10}"]
+        for i, s in enumerate(self.steps, start=1):
+            lines.append(f"{i:>3}  {s.step.describe():34} {s.transition.render():52} {'yes' if s.checkpointed else '':4} "
+                         f"{s.parameters:>9,} {s.forward_flops / 1e9:>10.2f} {s.backward_flops / 1e9:>10.2f} "
+                         f"{_mib(s.saved_bytes):>10.1f} {_mib(s.attention_score_bytes):>10.1f}")
+        lines.append("")
+        lines.append(f"{'level':10} {'saved MiB':>10} {'GFLOP (fwd+bwd)':>16} {'params':>11}")
+        for name, row in self.by_level().items():
+            lines.append(f"{name:10} {_mib(row['saved_bytes']):>10.1f} {row['flops'] / 1e9:>16.2f} {row['parameters']:>11,}")
+        lines.append("")
+        lines.append(f"parameters        {self.parameter_count:,} ({_mib(self.parameter_bytes):.1f} MiB; "
+                     f"gradients {_mib(self.gradient_bytes):.1f} MiB; Adam state {_mib(self.optimizer_bytes):.1f} MiB)")
+        lines.append(f"FLOPs             forward {self.forward_flops / 1e9:.2f} G, backward {self.backward_flops / 1e9:.2f} G")
+        lines.append(f"saved for backward {_mib(self.saved_bytes):.1f} MiB (attention scores {_mib(self.attention_score_bytes):.1f} MiB); "
+                     f"dominant level: {self.dominant_level()}")
+        lines.append(f"predicted peak    {self.peak_bytes / 2**30:.3f} GiB for a training step with Adam "
+                     f"(tensors only: no allocator cache, CUDA context or workspaces)")
+        return "\n".join(lines)
+
+
+def _mib(n: int) -> float:
+    return n / 2**20
+
+
+class _Recorder(TorchDispatchMode):
+    """Counts FLOPs and follows every tensor storage from creation to release, by owner (a step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owner = _BEFORE
+        self.live: dict[int, tuple[int, int, str]] = {}  # storage id -> (bytes, owner, phase)
+        self.live_bytes = 0
+        self.excluded: set[int] = set()
+        self.peak_by_phase: dict[str, int] = {}
+        self.phase = "forward"
+        self.flops: dict[tuple[str, int], int] = {}
+        self.score_bytes: dict[int, int] = {}
+        self.score_shapes: dict[int, tuple[int, int, int]] = {}  # attention step -> (n, m, b * heads * n * m)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = _FLOP_FORMULAS.get(func._overloadpacket)
+        if formula is not None:
+            key = (self.phase, self.owner)
+            self.flops[key] = self.flops.get(key, 0) + formula(*args, **kwargs, out_val=out)
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, Tensor):
+                self._track(tensor)
+        return out
+
+    def exclude(self, tensors: Iterable[Tensor]) -> None:
+        """Storages that exist before the step (parameters, inputs): views of them allocate nothing."""
+        self.excluded.update(t.untyped_storage()._cdata for t in tensors)
+
+    def _track(self, tensor: Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.live or key in self.excluded:
+            return
+        nbytes = storage.nbytes()
+        self.live[key] = (nbytes, self.owner, self.phase)
+        self.live_bytes += nbytes
+        self.peak_by_phase[self.phase] = max(self.peak_by_phase.get(self.phase, 0), self.live_bytes)
+        weakref.finalize(storage, self._release, key)
+        scores = self.score_shapes.get(self.owner)
+        if (scores is not None and self.phase == "forward" and tensor.ndim >= 3
+                and tuple(tensor.shape[-2:]) == scores[:2] and tensor.numel() == scores[2]):
+            self.score_bytes[self.owner] = self.score_bytes.get(self.owner, 0) + nbytes
+
+    def _release(self, key: int) -> None:
+        nbytes, _, _ = self.live.pop(key)
+        self.live_bytes -= nbytes
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+        self.peak_by_phase[phase] = max(self.peak_by_phase.get(phase, 0), self.live_bytes)
+
+
+def _owner_hooks(model, recorder: _Recorder) -> list:
+    """Point the recorder at the step that is running, in forward and in backward."""
+    steps = model.steps
+    positions: dict[str, list[int]] = {}
+    for position, step in enumerate(steps):
+        positions.setdefault(step.module_key, []).append(position)
+    uses: dict[str, int] = {}
+    handles = []
+
+    def in_backward() -> bool:
+        return torch._C._current_graph_task_id() != -1
+
+    for key, module in model.blocks.items():
+        def pre(module, args, key=key):
+            if in_backward():  # a checkpointed step recomputing: its owner was set by the grad hook
+                return
+            use = uses.get(key, 0)
+            uses[key] = use + 1
+            recorder.owner = positions[key][use % len(positions[key])]
+
+        def post(module, args, output, key=key):
+            if in_backward():
+                return
+            position = recorder.owner
+            recorder.owner = position + 1  # a skip concatenated before the next step belongs to it
+            if output.requires_grad:
+                def entered_backward(*_, position=position):
+                    recorder.owner = position
+                handles.append(torch.autograd.graph.register_multi_grad_hook([output], entered_backward))
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    return handles
+
+
+def _conditions(spec: UNetSpec, input_shape: tuple[int, ...], dtype: torch.dtype, text_tokens: int) -> dict[str, Tensor]:
+    """Meta conditions of the shapes a conditioned spec takes (none for an unconditioned one)."""
+    cond = spec.conditioning
+    if cond is None:
+        return {}
+    conditions = {}
+    if cond.has_text:
+        conditions["text"] = torch.empty(input_shape[0], text_tokens, cond.text_channels, dtype=dtype)
+    if cond.has_images:
+        conditions["cond_images"] = torch.empty(input_shape[0], cond.image_channels, *input_shape[2:], dtype=dtype)
+    return conditions
+
+
+def _check_levels(spec: UNetSpec, levels: Iterable[int]) -> tuple[int, ...]:
+    levels = tuple(sorted(set(levels)))
+    if any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= len(spec.levels) for v in levels):
+        raise InputError(f"checkpoint_levels: expected level numbers in 1..{len(spec.levels)} (1 = shallowest), "
+                         f"got {levels!r}. Pass e.g. checkpoint_levels=(1, 2).")
+    return levels
+
+
+def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "fp32",
+                checkpoint_levels: Iterable[int] = (), checkpoint_mid: bool = False, checkpoint_conditions: bool = False,
+                attention_backend: AttentionBackend | str = AttentionBackend.SDPA, text_tokens: int = 77) -> MemoryPlan:
+    """Plan one training step of `spec`'s UNet on a batch of `input_shape` (B, C, D, H, W).
+
+    **Arguments:**
+
+    - `spec`: the network.
+    - `input_shape`: the training batch's shape; the batch size is its first entry.
+    - `dtype`: `"fp32"`, `"bf16"` or `"fp16"`: the dtype of the parameters and the activations.
+    - `checkpoint_levels`, `checkpoint_mid`, `checkpoint_conditions`: gradient checkpointing, as
+      `UNet3D.set_gradient_checkpointing` sets it.
+    - `attention_backend`: `"sdpa"` (fused, the default) or `"naive"` (materialises the scores).
+    - `text_tokens`: tokens per text condition, for a spec conditioned on text (CLIP: 77).
+    """
+    from cpcbm_blocks.unet import UNet3D  # unet imports blocks; keep this module importable on its own
+
+    if dtype not in DTYPES:
+        raise InputError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}. Use e.g. dtype='bf16'.")
+    backend = AttentionBackend(attention_backend)
+    expected = plan(spec, tuple(input_shape))
+    levels = _check_levels(spec, checkpoint_levels)
+    started = time.perf_counter()
+    torch_dtype = DTYPES[dtype]
+    with torch.device("meta"):
+        model = UNet3D(spec).to(torch_dtype).set_gradient_checkpointing(
+            levels=levels, mid=bool(checkpoint_mid), conditions=bool(checkpoint_conditions))
+        x = torch.empty(expected.input_shape, dtype=torch_dtype)
+        t = torch.empty(expected.input_shape[0])
+        target = torch.empty(expected.output_shape, dtype=torch_dtype)
+        conditions = _conditions(spec, expected.input_shape, torch_dtype, text_tokens)
+    parameters = list(model.parameters())
+    parameter_bytes = sum(p.numel() * p.element_size() for p in parameters)
+    inputs = [x, t, target, *conditions.values()]
+    input_bytes = sum(v.numel() * v.element_size() for v in inputs)
+
+    recorder = _Recorder()
+    recorder.exclude([*parameters, *model.buffers(), *inputs])
+    for position, transition in enumerate(expected.transitions):
+        if transition.step.op is Op.ATTN:
+            channels, d, h, w = transition.in_shape
+            n = d * h * w
+            recorder.score_shapes[position] = (n, n, expected.batch_size * (channels // spec.head_channels) * n * n)
+    handles = _owner_hooks(model, recorder)
+    # foreach: what Adam runs on CUDA, and a dozen operators instead of one per parameter here.
+    optimizer = torch.optim.Adam(parameters, foreach=True)
+    try:
+        with recorder, shape_checks(False), use_attention_backend(backend):
+            out = model(x, t, **conditions)
+            recorder.owner = len(expected.transitions)  # the loss
+            saved = {key: owner for key, (_, owner, phase) in recorder.live.items() if phase == "forward"}
+            saved.pop(out.untyped_storage()._cdata, None)
+            saved_by_owner: dict[int, int] = {}
+            for key, owner in saved.items():
+                saved_by_owner[owner] = saved_by_owner.get(owner, 0) + recorder.live[key][0]
+            loss = torch.nn.functional.mse_loss(out, target)
+            recorder.set_phase("backward")
+            loss.backward()
+            del out, loss
+            gradient_bytes = sum(p.grad.untyped_storage().nbytes() for p in parameters if p.grad is not None)
+            before_update = max(recorder.peak_by_phase.values())
+            recorder.set_phase("optimizer")
+            optimizer.step()
+            optimizer_bytes = sum(v.untyped_storage().nbytes() for state in optimizer.state.values()
+                                  for v in state.values() if isinstance(v, Tensor) and v.device.type == "meta")
+            during_update = recorder.peak_by_phase["optimizer"]
+    finally:
+        for handle in handles:
+            handle.remove()
+    # CPU step counters of Adam are a few bytes; the meta state tensors are the moments.
+    peak = parameter_bytes + input_bytes + max(before_update + optimizer_bytes, during_update)
+
+    params_by_key = {key: sum(p.numel() for p in module.parameters()) for key, module in model.blocks.items()}
+    seen: set[str] = set()
+    costs = []
+    for position, transition in enumerate(expected.transitions):
+        key = transition.step.module_key
+        costs.append(StepCost(
+            transition=transition, checkpointed=position in model._checkpointed,
+            parameters=0 if key in seen else params_by_key[key],
+            forward_flops=recorder.flops.get(("forward", position), 0),
+            backward_flops=recorder.flops.get(("backward", position), 0),
+            saved_bytes=saved_by_owner.get(position, 0),
+            attention_score_bytes=recorder.score_bytes.get(position, 0)))
+        seen.add(key)
+    forward_flops = sum(v for (phase, _), v in recorder.flops.items() if phase == "forward")
+    backward_flops = sum(v for (phase, _), v in recorder.flops.items() if phase == "backward")
+    return MemoryPlan(
+        spec=spec, input_shape=expected.input_shape, dtype=dtype, attention_backend=backend, checkpoint_levels=levels,
+        checkpoint_mid=bool(checkpoint_mid), checkpoint_conditions=bool(checkpoint_conditions), text_tokens=text_tokens, steps=tuple(costs), parameter_count=sum(p.numel() for p in parameters),
+        embedding_parameters=sum(p.numel() for p in parameters) - sum(params_by_key.values()),
+        parameter_bytes=parameter_bytes, gradient_bytes=gradient_bytes, optimizer_bytes=optimizer_bytes,
+        input_bytes=input_bytes, embedding_saved_bytes=saved_by_owner.get(_BEFORE, 0),
+        embedding_forward_flops=recorder.flops.get(("forward", _BEFORE), 0),
+        forward_flops=forward_flops, backward_flops=backward_flops, peak_bytes=peak,
+        planning_seconds=time.perf_counter() - started)

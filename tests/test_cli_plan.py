@@ -1,0 +1,26 @@
+import json
+
+from cpcbm_blocks.cli import main
+
+
+def test_plan_with_no_arguments_plans_the_default_at_full_size(capsys):
+    assert main(["plan"]) == 0
+    out = capsys.readouterr().out
+    assert "input (1, 1, 8, 256, 256), fp32, attention sdpa, checkpointing off" in out
+    assert "dominant level: level 1" in out and "predicted peak" in out
+    assert " 39  output head (beyond the seed trace)" in out
+
+
+def test_plan_json_with_checkpointing_naive_attention_and_a_memory_budget(capsys):
+    argv = ["plan", "--format", "json", "--input-shape", "1,1,8,128,128", "--checkpoint-levels", "1,2",
+            "--checkpoint-mid", "--attention", "naive", "--dtype", "bf16", "--fit-gib", "0.5"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["checkpoint_levels"] == [1, 2] and report["checkpoint_mid"] and report["dtype"] == "bf16"
+    assert report["attention_score_bytes"] > 0 and report["largest_batch"] >= 1
+    assert len(report["steps"]) == 39 and report["steps"][1]["checkpointed"]
+
+
+def test_plan_rejects_a_level_that_does_not_exist(capsys):
+    assert main(["plan", "--checkpoint-levels", "7"]) == 2
+    assert "checkpoint_levels: expected level numbers in 1..4" in capsys.readouterr().err

@@ -1,0 +1,193 @@
+"""The memory/FLOP planner: planned on `meta`, checked against real CPU runs of the same spec."""
+
+import ctypes
+import ctypes.util
+import gc
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cpcbm_blocks import InputError, LevelSpec, MidSpec, UNet3D, UNetSpec, attention_backend, shape_checks
+from cpcbm_blocks.memory import CPU_ATTENTION_FLOP_FORMULAS, memory_plan
+
+from .conftest import randomize_
+
+
+def _measure_spec() -> UNetSpec:
+    """Wide enough that tensors, not the autograd graph's own small objects, dominate what is held."""
+    # Planar kernels throughout: PyTorch's 2-D convolutions are fast on CPU at these small sizes.
+    return UNetSpec(levels=(LevelSpec(channels=32, stride=(2, 2, 2), kernel_size=(1, 3, 3)),
+                            LevelSpec(channels=32, attention=True, stride=(1, 2, 2), kernel_size=(1, 3, 3))),
+                    mid=MidSpec(kernel_size=(1, 3, 3)), num_groups=8, head_channels=8, time_embedding_channels=32)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _glibc_bytes_in_use():
+    """Bytes glibc's malloc has handed out and not taken back (heap in use + mmapped chunks)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2) to measure what a CPU forward holds")
+    libc.mallinfo2.restype = _MallInfo2
+
+    def in_use() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
+@pytest.mark.parametrize("checkpointing", [{}, {"levels": (1,), "mid": True}], ids=["plain", "checkpointed"])
+def test_planned_saved_activations_equal_what_a_real_cpu_forward_holds_within_5_percent(checkpointing):
+    """Measured independently of the planner: what malloc holds after a forward with grad, minus
+    what it holds after the same forward without grad (both keep only the output)."""
+    in_use = _glibc_bytes_in_use()
+    spec, shape = _measure_spec(), (1, 1, 8, 32, 32)
+    torch.manual_seed(0)
+    model = randomize_(UNet3D(spec), scale=0.05).set_gradient_checkpointing(**checkpointing)
+    x, t = torch.randn(shape), torch.tensor([3.0])
+    model(x, t).sum().backward()  # warm up: one-time allocations of the kernels are not activations
+    held = {}
+    for grad in (True, False):
+        gc.collect()
+        before = in_use()
+        with torch.set_grad_enabled(grad):
+            out = model(x, t)
+        held[grad] = in_use() - before
+        del out
+    measured = held[True] - held[False]
+    planned = memory_plan(spec, shape, checkpoint_levels=checkpointing.get("levels", ()),
+                          checkpoint_mid=checkpointing.get("mid", False)).saved_bytes
+    assert measured == pytest.approx(planned, rel=0.05)
+
+
+def test_planned_forward_flops_equal_flop_counter_mode_on_a_real_cpu_forward(tiny_spec):
+    shape = (2, 1, 4, 8, 8)
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOP_FORMULAS) as counter, shape_checks(False):
+        UNet3D(tiny_spec)(torch.randn(shape), 5)
+    planned = memory_plan(tiny_spec, shape)
+    assert planned.forward_flops == counter.get_total_flops() > 0
+    assert planned.embedding_forward_flops + sum(s.forward_flops for s in planned.steps) == planned.forward_flops
+    assert planned.backward_flops == pytest.approx(2 * planned.forward_flops, rel=0.1)
+
+
+SMALL = (1, 1, 8, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def default_plan():
+    """The default spec's plan at a small size (on meta the cost is per operator, not per voxel)."""
+    return memory_plan(UNetSpec.default(), SMALL)
+
+
+def test_the_plan_grows_with_batch_and_input_size(default_plan):
+    spec, small = UNetSpec.default(), default_plan
+    for bigger in ((1, 1, 8, 64, 64), (1, 1, 16, 32, 32)):
+        plan = memory_plan(spec, bigger)
+        assert plan.saved_bytes > small.saved_bytes and plan.peak_bytes > small.peak_bytes
+        assert plan.forward_flops > small.forward_flops and plan.parameter_count == small.parameter_count
+    two = memory_plan(spec, (2, 1, 8, 32, 32))
+    assert two.saved_bytes > small.saved_bytes and two.peak_bytes > small.peak_bytes
+    assert two.forward_flops == 2 * small.forward_flops
+
+
+def test_the_default_plan_counts_parameters_gradients_and_adam_state_from_the_real_model(default_plan):
+    spec, plan = UNetSpec.default(), default_plan
+    with torch.device("meta"):
+        count = sum(p.numel() for p in UNet3D(spec).parameters())
+    assert plan.parameter_count == count == plan.embedding_parameters + sum(s.parameters for s in plan.steps)
+    assert plan.gradient_bytes == plan.parameter_bytes == 4 * count
+    assert plan.optimizer_bytes >= 2 * plan.parameter_bytes
+    assert plan.peak_bytes > plan.parameter_bytes + plan.gradient_bytes + plan.optimizer_bytes + plan.saved_bytes / 2
+
+
+def test_checkpointing_lowers_the_saved_bytes_and_adds_the_recomputation_to_backward(default_plan):
+    spec, shape, plain = UNetSpec.default(), SMALL, default_plan
+    checkpointed = memory_plan(spec, shape, checkpoint_levels=(1, 2, 3, 4), checkpoint_mid=True)
+    assert checkpointed.saved_bytes * 3 < plain.saved_bytes
+    assert checkpointed.peak_bytes <= plain.peak_bytes  # equal where the Adam update is the peak
+    assert checkpointed.forward_flops == plain.forward_flops
+    # Backward runs the checkpointed forwards again, up to the last operator whose saved tensors it
+    # needs (non-reentrant checkpointing stops early: a block's last convolution is not redone).
+    assert plain.backward_flops + plain.forward_flops / 2 < checkpointed.backward_flops
+    assert checkpointed.backward_flops < plain.backward_flops + plain.forward_flops
+    assert all(s.checkpointed == (s.step.group != 0 or s.step.section.value == "mid") for s in checkpointed.steps)
+
+
+def test_the_naive_backend_materialises_the_scores_and_the_fused_one_does_not(default_plan):
+    spec, shape, fused = UNetSpec.default(), SMALL, default_plan
+    naive = memory_plan(spec, shape, attention_backend="naive")
+    assert fused.attention_score_bytes == 0
+    for s in naive.steps:
+        if s.step.op.value == "attn":
+            channels, d, h, w = s.transition.in_shape
+            heads, n = channels // spec.head_channels, d * h * w
+            assert s.attention_score_bytes >= 4 * heads * n * n  # at least one fp32 (heads, n, n) tensor
+        else:
+            assert s.attention_score_bytes == 0
+    assert naive.saved_bytes > fused.saved_bytes and naive.forward_flops == fused.forward_flops
+
+
+def test_bf16_halves_the_activations(default_plan):
+    fp32, bf16 = default_plan, memory_plan(UNetSpec.default(), SMALL, dtype="bf16")
+    assert bf16.saved_bytes == pytest.approx(fp32.saved_bytes / 2, rel=0.02)
+    assert bf16.parameter_bytes * 2 == fp32.parameter_bytes
+
+
+def test_the_largest_batch_fits_and_one_more_does_not(tiny_spec):
+    plan = memory_plan(tiny_spec, (1, 1, 4, 8, 8))
+    budget = plan.with_batch(3).peak_bytes + 1
+    assert plan.largest_batch(budget) == 3
+    assert plan.with_batch(4).peak_bytes > budget
+    assert plan.largest_batch(plan.parameter_bytes) == 0
+
+
+def test_the_dominant_level_of_the_default_is_the_full_resolution_one(default_plan):
+    assert default_plan.dominant_level() == "level 1"
+    assert "dominant level: level 1" in default_plan.render()
+
+
+def test_bad_arguments_are_rejected_with_what_to_do():
+    with pytest.raises(InputError, match="dtype: expected one of"):
+        memory_plan(UNetSpec.default(), (1, 1, 8, 64, 64), dtype="fp8")
+    with pytest.raises(InputError, match="checkpoint_levels: expected level numbers in 1..4"):
+        memory_plan(UNetSpec.default(), (1, 1, 8, 64, 64), checkpoint_levels=(5,))
+    with pytest.raises(InputError, match="x: expected width to be a multiple of 16"):
+        memory_plan(UNetSpec.default(), (1, 1, 8, 64, 60))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_planned_peak_matches_cuda_max_memory_allocated_within_10_percent():
+    spec, shape = UNetSpec.default(), (1, 1, 8, 128, 128)
+    device = torch.device("cuda")
+    model = UNet3D(spec).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), foreach=True)
+    x, t, target = torch.randn(shape, device=device), torch.tensor([3.0], device=device), torch.randn(shape, device=device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x, t), target).backward()
+        optimizer.step()
+
+    with shape_checks(False), attention_backend("sdpa"):
+        step()  # the Adam state exists from here on, as in the plan's steady state
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() == pytest.approx(memory_plan(spec, shape).peak_bytes, rel=0.10)
+
+
+def test_a_conditioned_spec_is_planned_with_its_conditions_and_its_encoder_can_be_checkpointed():
+    spec = UNetSpec.conditioned()
+    plain = memory_plan(spec, SMALL)
+    checkpointed = memory_plan(spec, SMALL, checkpoint_conditions=True)
+    assert plain.input_bytes > memory_plan(UNetSpec.default(), SMALL).input_bytes  # text and images are inputs
+    assert plain.embedding_parameters > 0 and plain.embedding_saved_bytes > 0
+    assert checkpointed.embedding_saved_bytes < plain.embedding_saved_bytes / 3
+    assert checkpointed.forward_flops == plain.forward_flops and checkpointed.backward_flops > plain.backward_flops

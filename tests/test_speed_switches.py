@@ -1,0 +1,147 @@
+"""The memory and speed switches change time and memory, never the function."""
+
+import pytest
+import torch
+
+from cpcbm_blocks import InputError, UNet3D, attention_backend, set_attention_backend, shape_checks
+from cpcbm_blocks.blocks.attention import AttentionBackend, attention, reference_attention
+
+from .conftest import randomize_
+
+
+def _model(spec, seed=0):
+    torch.manual_seed(seed)
+    return randomize_(UNet3D(spec), scale=0.1, seed=seed)
+
+
+def _grads(model, x, t):
+    model.zero_grad(set_to_none=True)
+    out = model(x, t)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(("levels", "mid"), [((1,), False), ((2,), True), ((1, 2), True)])
+def test_gradient_checkpointing_gives_the_plain_models_outputs_and_gradients(tiny_spec, levels, mid):
+    model = _model(tiny_spec)
+    x, t = torch.randn(2, 1, 4, 8, 8), torch.tensor([3.0, 700.0])
+    out, grads = _grads(model, x, t)
+    model.set_gradient_checkpointing(levels=levels, mid=mid)
+    assert model.gradient_checkpointing == (levels, mid)
+    out_ckpt, grads_ckpt = _grads(model, x, t)
+    torch.testing.assert_close(out_ckpt, out)
+    assert grads_ckpt.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], msg=name)
+
+
+def test_checkpointed_steps_really_recompute_in_backward(tiny_spec):
+    model = _model(tiny_spec).set_gradient_checkpointing(levels=(1,))
+    calls = []
+    model.blocks["down1_res1"].register_forward_pre_hook(lambda *_: calls.append(1))
+    model(torch.randn(1, 1, 4, 8, 8), 5).sum().backward()
+    assert len(calls) == 2  # forward, then again in backward
+    with torch.no_grad():
+        model(torch.randn(1, 1, 4, 8, 8), 5)
+    assert len(calls) == 3  # no checkpointing (and no recompute) without grad
+
+
+def test_checkpointing_rejects_levels_that_do_not_exist(tiny_spec):
+    with pytest.raises(InputError, match=r"levels: expected level numbers in 1..2"):
+        UNet3D(tiny_spec).set_gradient_checkpointing(levels=(3,))
+    with pytest.raises(InputError, match="mid: expected True or False"):
+        UNet3D(tiny_spec).set_gradient_checkpointing(mid="yes")
+
+
+def test_channels_last_3d_inputs_give_the_same_outputs_and_gradients(tiny_spec):
+    model = _model(tiny_spec)
+    x, t = torch.randn(2, 1, 4, 8, 8), torch.tensor([3.0, 700.0])
+    out, grads = _grads(model, x, t)
+    out_cl, grads_cl = _grads(model, x.contiguous(memory_format=torch.channels_last_3d), t)
+    torch.testing.assert_close(out_cl, out, rtol=1e-4, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads_cl[name], grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bf16_autocast_forward_and_backward_stay_finite(tiny_spec):
+    model = _model(tiny_spec)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 1, 4, 8, 8), torch.tensor([3.0, 700.0]))
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    assert torch.isfinite(out.float()).all()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+
+
+def test_the_unet_gives_the_same_result_with_the_fused_and_the_naive_attention(tiny_spec):
+    model = _model(tiny_spec)
+    x = torch.randn(2, 1, 4, 8, 8)
+    with attention_backend("sdpa"):
+        fused, fused_grads = _grads(model, x, 5)
+    with attention_backend("naive"):
+        naive, naive_grads = _grads(model, x, 5)
+    torch.testing.assert_close(fused, naive, rtol=1e-5, atol=1e-5)
+    for name in fused_grads:
+        torch.testing.assert_close(fused_grads[name], naive_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_sdpa_backend_calls_torchs_fused_attention_and_the_naive_one_does_not(monkeypatch):
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    q = torch.randn(1, 2, 5, 4)
+    attention(q, q, q)
+    assert calls == [1]
+    with attention_backend(AttentionBackend.NAIVE):
+        torch.testing.assert_close(attention(q, q, q), reference_attention(q, q, q))
+    assert calls == [1]
+
+
+def test_the_meta_device_plans_the_fused_kernel_which_keeps_no_scores():
+    q = torch.empty(1, 2, 64, 4, device="meta", requires_grad=True)
+    out = attention(q, q, q)
+    assert out.shape == q.shape and "Flash" in type(out.grad_fn).__name__
+
+
+def test_an_unknown_attention_backend_is_rejected():
+    with pytest.raises(InputError, match="backend: expected one of 'sdpa', 'naive'"):
+        set_attention_backend("flash")
+
+
+def test_compile_fullgraph_has_no_graph_breaks_and_matches_eager(tiny_spec):
+    torch._dynamo.reset()
+    model = _model(tiny_spec).eval()
+    x, t = torch.randn(1, 1, 4, 8, 8), torch.tensor([3.0])
+    with shape_checks(False), torch.no_grad():
+        explanation = torch._dynamo.explain(model)(x, t)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x, t), model(x, t))
+    torch._dynamo.reset()
+
+
+def test_checkpointing_a_conditioned_unet_with_its_encoder_gives_the_same_gradients():
+    from cpcbm_blocks import UNetSpec
+    spec = UNetSpec.conditioned(text_channels=8, channels=(8, 16), attention_levels=(2,), num_groups=4, head_channels=4,
+                                sample_size=(4, 8, 8), time_embedding_channels=16)
+    model = _model(spec)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 4, 8, 8, generator=generator)
+    conditions = {"text": torch.randn(2, 5, 8, generator=generator),
+                  "cond_images": torch.randn(2, spec.conditioning.image_channels, 4, 8, 8, generator=generator)}
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        out = model(x, torch.tensor([3.0, 700.0]), **conditions)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out, plain = grads()
+    model.set_gradient_checkpointing(levels=(1, 2), mid=True, conditions=True)
+    out_ckpt, checkpointed = grads()
+    torch.testing.assert_close(out_ckpt, out)
+    assert checkpointed.keys() == plain.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
