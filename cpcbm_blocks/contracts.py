@@ -11,7 +11,7 @@ beartype on every eager call. The measurements behind this design are in the pro
   [`shape_checks`][cpcbm_blocks.contracts.shape_checks] switch checks at run time (one attribute
   read per call when off).
 * Under `torch.compile`, `torch.export` and fx tracing the checks are skipped automatically: a plain
-  `@jaxtyped` wrapper raises false errors there (`isinstance` against jaxtyping types is False inside
+  `jaxtyped` wrapper raises false errors there (`isinstance` against jaxtyping types is False inside
   dynamo; pytorch#122093).
 * Each decorated function gets its own code object, so torch.compile's per-code recompile limit is
   not shared by every block (jaxtyping#384).
@@ -104,7 +104,7 @@ def _reason(exc: BaseException) -> str:
 def shape_checked(fn: F) -> F:
     """Check `fn`'s jaxtyping annotations with beartype on every eager call.
 
-    The project's only way to turn annotations into checks; a plain `@jaxtyped` in library code is
+    The project's only way to turn annotations into checks; a plain `jaxtyped` decorator in library code is
     forbidden because it breaks `torch.compile`. See the module docstring for the switches.
     """
     if not CHECKS_AT_IMPORT:
