@@ -114,16 +114,21 @@ class ConditionEncoder(nn.Module):
 
     def validate(self, *, text: Tensor | None = None, text_mask: Tensor | None = None,
                  text_pooled: Tensor | None = None, cond_images: Tensor | None = None,
-                 cond_available: Tensor | None = None) -> int:
-        """Check the raw conditions against the spec and against this encoder's device and dtype; return the batch.
+                 cond_available: Tensor | None = None) -> dict[str, Tensor | None]:
+        """Check the raw conditions against the spec and this encoder's device and dtype.
 
-        Raises [`InputError`][cpcbm_blocks.errors.InputError] before any compute.
+        Returns them ready for [`encode`][cpcbm_blocks.conditioning.ConditionEncoder.encode], with
+        missing masks filled in as "all present". Raises
+        [`InputError`][cpcbm_blocks.errors.InputError] before any compute.
         """
-        batch, _, _ = validate_conditions(self.spec, text=text, text_mask=text_mask, text_pooled=text_pooled,
-                                          cond_images=cond_images, cond_available=cond_available)
-        self._check_devices_and_dtypes(text=text, text_mask=text_mask, text_pooled=text_pooled,
-                                       cond_images=cond_images, cond_available=cond_available)
-        return batch
+        _, text_mask, cond_available = validate_conditions(
+            self.spec, text=text, text_mask=text_mask, text_pooled=text_pooled, cond_images=cond_images,
+            cond_available=cond_available)
+        conditions = {"text": text, "text_mask": text_mask, "text_pooled": text_pooled, "cond_images": cond_images,
+                      "cond_available": cond_available}
+        if not torch.compiler.is_compiling():
+            self._check_devices_and_dtypes(**conditions)
+        return conditions
 
     def _check_devices_and_dtypes(self, **conditions: Tensor | None) -> None:
         like = next(self.parameters())
@@ -138,12 +143,14 @@ class ConditionEncoder(nn.Module):
 
     def forward(self, *, text: Tensor | None = None, text_mask: Tensor | None = None, text_pooled: Tensor | None = None,
                 cond_images: Tensor | None = None, cond_available: Tensor | None = None) -> EncodedConditions:
-        batch, text_mask, cond_available = validate_conditions(
-            self.spec, text=text, text_mask=text_mask, text_pooled=text_pooled, cond_images=cond_images,
-            cond_available=cond_available)
-        if not torch.compiler.is_compiling():
-            self._check_devices_and_dtypes(text=text, text_mask=text_mask, text_pooled=text_pooled,
-                                           cond_images=cond_images, cond_available=cond_available)
+        """Validate, then encode (see [`validate`][cpcbm_blocks.conditioning.ConditionEncoder.validate])."""
+        return self.encode(**self.validate(text=text, text_mask=text_mask, text_pooled=text_pooled,
+                                           cond_images=cond_images, cond_available=cond_available))
+
+    def encode(self, *, text: Tensor | None, text_mask: Tensor | None, text_pooled: Tensor | None,
+               cond_images: Tensor | None, cond_available: Tensor | None) -> EncodedConditions:
+        """Encode conditions that [`validate`][cpcbm_blocks.conditioning.ConditionEncoder.validate] returned."""
+        batch = (text if text is not None else cond_images).shape[0]
         cond = self.spec.conditioning
         features, image_present = None, None
         if cond.has_images:

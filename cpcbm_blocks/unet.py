@@ -165,15 +165,16 @@ class UNet3D(nn.Module):
             if checking or self._trace_sink is not None:
                 expected = planned
         if self.conditioner is not None and conditions is None:
-            if not compiling:  # refuse conditions that do not fit x before the encoder computes anything
-                batch = self.conditioner.validate(**raw)
+            raw = self.conditioner.validate(**raw)  # refuses conditions that do not fit before any compute
+            if not compiling:
+                batch = (text if text is not None else cond_images).shape[0]
                 image_size = None if cond_images is None else tuple(cond_images.shape[2:])
-                name = next(name for name in ("text", "cond_images") if raw[name] is not None)
-                _check_conditions_match(x, batch_size=batch, image_size=image_size, name=name)
+                _check_conditions_match(x, batch_size=batch, image_size=image_size,
+                                        name="text" if text is not None else "cond_images")
             if self._checkpoint_conditions and torch.is_grad_enabled():
-                conditions = recompute_in_backward(self.encode_conditions, use_reentrant=False, **raw)
+                conditions = recompute_in_backward(self.conditioner.encode, use_reentrant=False, **raw)
             else:
-                conditions = self.encode_conditions(**raw)
+                conditions = self.conditioner.encode(**raw)
         elif conditions is not None and not compiling:
             _check_conditions_match(x, batch_size=conditions.batch_size, image_size=conditions.image_size,
                                     name="conditions")
