@@ -117,7 +117,7 @@ class ConditionEncoder(nn.Module):
                  cond_available: Tensor | None = None) -> dict[str, Tensor | None]:
         """Check the raw conditions against the spec and this encoder's device and dtype.
 
-        Returns them ready for [`encode`][cpcbm_blocks.conditioning.ConditionEncoder.encode], with
+        Returns them ready for `encode`, with
         missing masks filled in as "all present". Raises
         [`InputError`][cpcbm_blocks.errors.InputError] before any compute.
         """
@@ -143,13 +143,13 @@ class ConditionEncoder(nn.Module):
 
     def forward(self, *, text: Tensor | None = None, text_mask: Tensor | None = None, text_pooled: Tensor | None = None,
                 cond_images: Tensor | None = None, cond_available: Tensor | None = None) -> EncodedConditions:
-        """Validate, then encode (see [`validate`][cpcbm_blocks.conditioning.ConditionEncoder.validate])."""
+        """Validate, then encode (see `validate`)."""
         return self.encode(**self.validate(text=text, text_mask=text_mask, text_pooled=text_pooled,
                                            cond_images=cond_images, cond_available=cond_available))
 
     def encode(self, *, text: Tensor | None, text_mask: Tensor | None, text_pooled: Tensor | None,
                cond_images: Tensor | None, cond_available: Tensor | None) -> EncodedConditions:
-        """Encode conditions that [`validate`][cpcbm_blocks.conditioning.ConditionEncoder.validate] returned."""
+        """Encode conditions that `validate` returned."""
         batch = (text if text is not None else cond_images).shape[0]
         cond = self.spec.conditioning
         features, image_present = None, None
