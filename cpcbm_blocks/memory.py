@@ -31,6 +31,8 @@ p.largest_batch(24 * 2**30)   # the largest batch whose predicted peak fits in 2
 ```
 """
 
+import bisect
+import math
 import time
 import weakref
 from collections.abc import Iterable
@@ -120,6 +122,8 @@ class MemoryPlan:
     checkpoint_levels: tuple[int, ...]
     checkpoint_mid: bool
     checkpoint_conditions: bool
+    selective: bool
+    """Selective recomputation of memory-bound operators in the steps not fully checkpointed."""
     text_tokens: int
     steps: tuple[StepCost, ...]
     parameter_count: int
@@ -187,14 +191,15 @@ class MemoryPlan:
         """The same plan for another batch size."""
         return memory_plan(self.spec, (batch, *self.input_shape[1:]), dtype=self.dtype,
                            checkpoint_levels=self.checkpoint_levels, checkpoint_mid=self.checkpoint_mid,
-                           checkpoint_conditions=self.checkpoint_conditions, attention_backend=self.attention_backend, text_tokens=self.text_tokens)
+                           checkpoint_conditions=self.checkpoint_conditions, selective=self.selective,
+                           attention_backend=self.attention_backend, text_tokens=self.text_tokens)
 
     def to_dict(self) -> dict:
         """Plain JSON-able data: totals, per-level sums and one row per transition."""
         return {
             "input_shape": list(self.input_shape), "dtype": self.dtype, "attention_backend": self.attention_backend.value,
             "checkpoint_levels": list(self.checkpoint_levels), "checkpoint_mid": self.checkpoint_mid,
-            "checkpoint_conditions": self.checkpoint_conditions,
+            "checkpoint_conditions": self.checkpoint_conditions, "selective": self.selective,
             "parameter_count": self.parameter_count, "parameter_bytes": self.parameter_bytes,
             "gradient_bytes": self.gradient_bytes, "optimizer_bytes": self.optimizer_bytes,
             "input_bytes": self.input_bytes, "saved_bytes": self.saved_bytes,
@@ -241,6 +246,8 @@ class _Recorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.owner = _BEFORE
+        # (first autograd sequence number, owner): whose forward created the autograd nodes from there on
+        self.owner_from: list[tuple[int, int]] = [(-1, _BEFORE)]
         self.live: dict[int, tuple[int, int, str]] = {}  # storage id -> (bytes, owner, phase)
         self.live_bytes = 0
         self.excluded: set[int] = set()
@@ -252,6 +259,8 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.phase == "backward":
+            self._owner_of_running_node()
         out = func(*args, **kwargs)
         formula = _FLOP_FORMULAS.get(func._overloadpacket)
         if formula is not None:
@@ -261,6 +270,25 @@ class _Recorder(TorchDispatchMode):
             if isinstance(tensor, Tensor):
                 self._track(tensor)
         return out
+
+    def set_owner(self, owner: int) -> None:
+        """The forward of `owner` starts: what it creates, and the autograd nodes it records, are its."""
+        self.owner = owner
+        self.owner_from.append((torch._C._autograd._get_sequence_nr(), owner))
+
+    def _owner_of_running_node(self) -> None:
+        """In backward, the owner is whoever's forward recorded the autograd node being run.
+
+        Nodes run in reverse order of creation, but not step by step: the condition encoder's
+        backward, say, runs after the stem's although its outputs fed steps deep in the network.
+        A node's sequence number says which forward recorded it; gradient accumulation into
+        parameters has none and keeps the current owner.
+        """
+        node = torch._C._current_autograd_node()
+        if node is None or node._sequence_nr() >= 2**63:  # AccumulateGrad: UINT64_MAX
+            return
+        sequence = node._sequence_nr()
+        self.owner = self.owner_from[bisect.bisect_right(self.owner_from, (sequence, math.inf)) - 1][1]
 
     def exclude(self, tensors: Iterable[Tensor]) -> None:
         """Storages that exist before the step (parameters, inputs): views of them allocate nothing."""
@@ -291,7 +319,7 @@ class _Recorder(TorchDispatchMode):
 
 
 def _owner_hooks(model, recorder: _Recorder) -> list:
-    """Point the recorder at the step that is running, in forward and in backward."""
+    """Point the recorder at the step whose forward is running (backward: see `_Recorder`)."""
     steps = model.steps
     positions: dict[str, list[int]] = {}
     for position, step in enumerate(steps):
@@ -299,26 +327,20 @@ def _owner_hooks(model, recorder: _Recorder) -> list:
     uses: dict[str, int] = {}
     handles = []
 
-    def in_backward() -> bool:
+    def in_backward() -> bool:  # a checkpointed step recomputing its forward
         return torch._C._current_graph_task_id() != -1
 
     for key, module in model.blocks.items():
         def pre(module, args, key=key):
-            if in_backward():  # a checkpointed step recomputing: its owner was set by the grad hook
+            if in_backward():
                 return
             use = uses.get(key, 0)
             uses[key] = use + 1
-            recorder.owner = positions[key][use % len(positions[key])]
+            recorder.set_owner(positions[key][use % len(positions[key])])
 
-        def post(module, args, output, key=key):
-            if in_backward():
-                return
-            position = recorder.owner
-            recorder.owner = position + 1  # a skip concatenated before the next step belongs to it
-            if output.requires_grad:
-                def entered_backward(*_, position=position):
-                    recorder.owner = position
-                handles.append(torch.autograd.graph.register_multi_grad_hook([output], entered_backward))
+        def post(module, args, output):
+            if not in_backward():
+                recorder.set_owner(recorder.owner + 1)  # a skip concatenated before the next step belongs to it
 
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post))
@@ -348,7 +370,7 @@ def _check_levels(spec: UNetSpec, levels: Iterable[int]) -> tuple[int, ...]:
 
 def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "fp32",
                 checkpoint_levels: Iterable[int] = (), checkpoint_mid: bool = False, checkpoint_conditions: bool = False,
-                attention_backend: AttentionBackend | str = AttentionBackend.SDPA, text_tokens: int = 77) -> MemoryPlan:
+                selective: bool = True, attention_backend: AttentionBackend | str = AttentionBackend.SDPA, text_tokens: int = 77) -> MemoryPlan:
     """Plan one training step of `spec`'s UNet on a batch of `input_shape` (B, C, D, H, W).
 
     **Arguments:**
@@ -358,6 +380,8 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     - `dtype`: `"fp32"`, `"bf16"` or `"fp16"`: the dtype of the parameters and the activations.
     - `checkpoint_levels`, `checkpoint_mid`, `checkpoint_conditions`: gradient checkpointing, as
       `UNet3D.set_gradient_checkpointing` sets it.
+    - `selective`: selective recomputation of memory-bound operators in every other step (on by
+      default, as in `UNet3D`; see `cpcbm_blocks.recompute`).
     - `attention_backend`: `"sdpa"` (fused, the default) or `"naive"` (materialises the scores).
     - `text_tokens`: tokens per text condition, for a spec conditioned on text (CLIP: 77).
     """
@@ -372,7 +396,8 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     torch_dtype = DTYPES[dtype]
     with torch.device("meta"):
         model = UNet3D(spec).to(torch_dtype).set_gradient_checkpointing(
-            levels=levels, mid=bool(checkpoint_mid), conditions=bool(checkpoint_conditions))
+            levels=levels, mid=bool(checkpoint_mid), conditions=bool(checkpoint_conditions),
+            selective=bool(selective))
         x = torch.empty(expected.input_shape, dtype=torch_dtype)
         t = torch.empty(expected.input_shape[0])
         target = torch.empty(expected.output_shape, dtype=torch_dtype)
@@ -395,7 +420,7 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     try:
         with recorder, shape_checks(False), use_attention_backend(backend):
             out = model(x, t, **conditions)
-            recorder.owner = len(expected.transitions)  # the loss
+            recorder.set_owner(len(expected.transitions))  # the loss
             saved = {key: owner for key, (_, owner, phase) in recorder.live.items() if phase == "forward"}
             saved.pop(out.untyped_storage()._cdata, None)
             saved_by_owner: dict[int, int] = {}
@@ -435,7 +460,8 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     backward_flops = sum(v for (phase, _), v in recorder.flops.items() if phase == "backward")
     return MemoryPlan(
         spec=spec, input_shape=expected.input_shape, dtype=dtype, attention_backend=backend, checkpoint_levels=levels,
-        checkpoint_mid=bool(checkpoint_mid), checkpoint_conditions=bool(checkpoint_conditions), text_tokens=text_tokens, steps=tuple(costs), parameter_count=sum(p.numel() for p in parameters),
+        checkpoint_mid=bool(checkpoint_mid), checkpoint_conditions=bool(checkpoint_conditions), selective=bool(selective),
+        text_tokens=text_tokens, steps=tuple(costs), parameter_count=sum(p.numel() for p in parameters),
         embedding_parameters=sum(p.numel() for p in parameters) - sum(params_by_key.values()),
         parameter_bytes=parameter_bytes, gradient_bytes=gradient_bytes, optimizer_bytes=optimizer_bytes,
         input_bytes=input_bytes, embedding_saved_bytes=saved_by_owner.get(_BEFORE, 0),

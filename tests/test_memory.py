@@ -108,7 +108,9 @@ def test_the_default_plan_counts_parameters_gradients_and_adam_state_from_the_re
 def test_checkpointing_lowers_the_saved_bytes_and_adds_the_recomputation_to_backward(default_plan):
     spec, shape, plain = UNetSpec.default(), SMALL, default_plan
     checkpointed = memory_plan(spec, shape, checkpoint_levels=(1, 2, 3, 4), checkpoint_mid=True)
-    assert checkpointed.saved_bytes * 3 < plain.saved_bytes
+    # 3x fewer than plain PyTorch holds, and fewer than selective recomputation (the default) holds
+    assert checkpointed.saved_bytes * 3 < memory_plan(spec, shape, selective=False).saved_bytes
+    assert checkpointed.saved_bytes < plain.saved_bytes
     assert checkpointed.peak_bytes <= plain.peak_bytes  # equal where the Adam update is the peak
     assert checkpointed.forward_flops == plain.forward_flops
     # Backward runs the checkpointed forwards again, up to the last operator whose saved tensors it

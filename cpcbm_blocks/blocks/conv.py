@@ -17,7 +17,17 @@ included):
   (input, kernel, stride and padding together) is the same convolution, and its `N*C*H*W` picks oneDNN.
 
 The first two matter for the deep levels of the default UNet (where `slow_conv3d` would run), the
-third for inputs smaller than the nominal 256x256. `Conv3d`'s parameters keep `nn.Conv3d`'s names and
+third for inputs smaller than the nominal 256x256.
+
+And one for training on CPU:
+
+* **The weight gradient by depth taps.** oneDNN computes a 3-D convolution's weight gradient at
+  about 40 GFLOP/s on this project's CPUs, a third of the speed of its forward and input gradient
+  (`benchmarks/bench_conv_backward.py`). Tap `a` of the kernel's depth axis only ever pairs output
+  slice `o` with input slice `o*s_d + a - p_d`, so its gradient is a 2-D weight gradient over the
+  batch of matching `(output, input)` slice pairs; the kernel's `k_d` taps are `k_d` such 2-D
+  gradients, which oneDNN computes about twice as fast. Only the weight gradient changes; the
+  forward and the input gradient are `F.conv3d`'s own. `Conv3d`'s parameters keep `nn.Conv3d`'s names and
 5-D shapes, so state dicts are interchangeable.
 """
 
@@ -27,7 +37,7 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
-__all__ = ["Conv3d", "conv3d", "zero_init"]
+__all__ = ["Conv3d", "conv3d", "weight_grad_by_depth_taps", "zero_init"]
 
 _SLOW_CONV3D_LIMIT = 20480
 """PyTorch (2.x, CPU, float32, batch 1, groups 1) runs a 3-D convolution with `slow_conv3d` when
@@ -53,12 +63,78 @@ def conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_w kd
         return F.conv3d(x, weight, bias, stride, padding, groups=groups)
     if folds(x.shape[2], weight.shape[2], groups):
         return _folded(x, weight, bias, stride, padding)
-    if x.device.type == "cpu" and groups == 1 and _hits_slow_conv3d(x.shape):
+    if _cpu_kernels(x) and groups == 1 and _hits_slow_conv3d(x.shape):
         (sd, sh, sw), (pd, ph, pw) = stride, padding
-        y = F.conv3d(rearrange(x, "b c d h w -> b c h w d"), rearrange(weight, "o i d h w -> o i h w d"), bias,
-                     (sh, sw, sd), (ph, pw, pd))
+        y = _conv3d(rearrange(x, "b c d h w -> b c h w d"), rearrange(weight, "o i d h w -> o i h w d"), bias,
+                    (sh, sw, sd), (ph, pw, pd), 1)
         return rearrange(y, "b c h w d -> b c d h w")
+    return _conv3d(x, weight, bias, stride, padding, groups)
+
+
+def _conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...],
+            groups: int) -> Tensor:
+    """`F.conv3d`; on CPU, when the weight needs a gradient, with the weight gradient by depth taps."""
+    if (_cpu_kernels(x) and weight.requires_grad and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")  # autocast casts inside F.conv3d, not in our backward
+            and not torch.compiler.is_compiling()):  # compiled graphs: inductor picks its own kernels
+        return _Conv3dWeightGradByDepthTaps.apply(x, weight, bias, stride, padding, groups)
     return F.conv3d(x, weight, bias, stride, padding, groups=groups)
+
+
+class _Conv3dWeightGradByDepthTaps(torch.autograd.Function):
+    """`F.conv3d` whose backward computes the weight gradient with `weight_grad_by_depth_taps`."""
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, groups):
+        return F.conv3d(x, weight, bias, stride, padding, groups=groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, padding, groups = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding, ctx.groups = stride, padding, groups
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_x = grad_weight = grad_bias = None
+        if need_x:  # input gradient alone: asking aten for the bias gradient too takes a path 4x slower
+            grad_x = torch.ops.aten.convolution_backward(grad_out, x, weight, None, ctx.stride, ctx.padding, (1, 1, 1),
+                                                         False, (0, 0, 0), ctx.groups, [True, False, False])[0]
+        if need_bias:
+            grad_bias = grad_out.sum(dim=(0, 2, 3, 4))
+        if need_weight:
+            grad_weight = weight_grad_by_depth_taps(grad_out, x, weight, stride=ctx.stride, padding=ctx.padding,
+                                                    groups=ctx.groups)
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def weight_grad_by_depth_taps(grad_out: Float[Tensor, "b c_out d_out h_out w_out"], x: Float[Tensor, "b c_in d h w"],
+                              weight: Float[Tensor, "c_out c_w kd kh kw"], *, stride: tuple[int, int, int],
+                              padding: tuple[int, int, int], groups: int = 1) -> Float[Tensor, "c_out c_w kd kh kw"]:
+    """The gradient of `F.conv3d(x, weight, stride=stride, padding=padding, groups=groups)`'s weight, as
+    `kd` 2-D weight gradients (see the module docs). Equal to the 3-D one up to summation order."""
+    taps, depth_stride, depth_padding = weight.shape[2], stride[0], padding[0]
+    depth, depth_out = x.shape[2], grad_out.shape[2]
+    # One copy each, slices first: every tap then reads contiguous runs of whole slices.
+    x_slices = rearrange(x, "b c d h w -> b d c h w").contiguous()
+    grad_slices = rearrange(grad_out, "b c d h w -> b d c h w").contiguous()
+    planar = weight[:, :, 0]
+    per_tap = []
+    for tap in range(taps):
+        offset = tap - depth_padding  # output slice o meets input slice o * depth_stride + offset
+        first = max(0, -(offset // depth_stride))
+        last = min(depth_out - 1, (depth - 1 - offset) // depth_stride)
+        if last < first:  # this tap only ever meets the zero padding
+            per_tap.append(torch.zeros_like(planar))
+            continue
+        inputs = x_slices[:, first * depth_stride + offset:last * depth_stride + offset + 1:depth_stride]
+        grads = grad_slices[:, first:last + 1]
+        per_tap.append(torch.ops.aten.convolution_backward(
+            grads.flatten(0, 1), inputs.flatten(0, 1), planar, None, stride[1:], padding[1:], (1, 1), False, (0, 0),
+            groups, [False, True, False])[1])
+    return torch.stack(per_tap, dim=2)
 
 
 def _folded(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...]) -> Tensor:
@@ -73,6 +149,11 @@ def _folded(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, .
     y = F.conv2d(rearrange(x, "b c d h w -> b (d c) h w"), folded, None if bias is None else bias.repeat(depth_out),
                  stride[1:], padding[1:])
     return rearrange(y, "b (d c) h w -> b c d h w", d=depth_out)
+
+
+def _cpu_kernels(x: Tensor) -> bool:
+    """Take the CPU paths: on CPU, and on `meta`, where the memory planner plans a CPU training step."""
+    return x.device.type in ("cpu", "meta")
 
 
 def _hits_slow_conv3d(shape: tuple[int, ...]) -> bool:

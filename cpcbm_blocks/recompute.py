@@ -1,0 +1,55 @@
+"""Selective recomputation: keep what was expensive to compute, recompute the rest in backward.
+
+A residual block at the full 256x256 resolution holds six 64 MiB tensors for backward: the input of
+each GroupNorm, of each SiLU and of each convolution. Only the convolutions were expensive to
+compute; GroupNorm, SiLU, additions, concatenations and nearest-neighbour upsampling are
+memory-bound and cost a few milliseconds to run again. `recompute_memory_bound(fn, ...)` runs `fn`
+under `torch.utils.checkpoint` (non-reentrant) with a selective policy
+(`create_selective_checkpoint_contexts`): the outputs of compute-bound operators (convolutions,
+matrix products, fused attention) are kept, everything else is dropped after the forward and
+recomputed from them when the gradient arrives. Only 1x1x1 convolutions (projections, with `C_in`
+multiply-adds per output against `27 C_in` for a 3x3x3 kernel) run twice.
+
+[`UNet3D`][cpcbm_blocks.unet.UNet3D] runs every step this way in eager training (on by default;
+`set_gradient_checkpointing(selective=False)` switches it off), which halves the activations held
+for backward for a few percent of step time (`benchmarks/bench_memory.py`). Full gradient
+checkpointing of a level (`set_gradient_checkpointing(levels=...)`) goes further: it keeps only the
+step's inputs and runs the convolutions again. Under `torch.compile` neither policy is applied by
+this module: AOTAutograd's partitioner chooses what to save and recompute in a compiled graph.
+"""
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+__all__ = ["COMPUTE_BOUND", "recompute_memory_bound"]
+
+_aten = torch.ops.aten
+
+COMPUTE_BOUND = frozenset({
+    _aten.convolution.default,
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten._scaled_dot_product_flash_attention.default,
+    _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default,
+})
+"""The operators whose outputs are kept: recomputing them would cost real FLOPs."""
+
+
+def _keep_compute_bound(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op is _aten.convolution.default and args[1].shape[2:].numel() == 1:
+        return CheckpointPolicy.PREFER_RECOMPUTE  # a 1x1x1 projection: C_in multiply-adds per output, cheap again
+    return CheckpointPolicy.MUST_SAVE if op in COMPUTE_BOUND else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def recompute_memory_bound(fn: Callable, *args, **kwargs):
+    """`fn(*args, **kwargs)`, holding for backward only the outputs of compute-bound operators.
+
+    Gradients equal those of a plain call (the recomputed operators are deterministic; the RNG
+    state is restored for dropout). Its inputs are held too, as by any checkpointed call.
+    """
+    return checkpoint(fn, *args, use_reentrant=False,
+                      context_fn=partial(create_selective_checkpoint_contexts, _keep_compute_bound), **kwargs)
