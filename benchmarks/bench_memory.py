@@ -1,19 +1,19 @@
-"""Gradient checkpointing (time, saved activations, peak memory) and the planner's accuracy.
+"""Selective recomputation and gradient checkpointing (time, saved activations, peak memory) and the planner's accuracy.
 
-1. In one process, alternating after a warm-up: train steps (forward + backward, fp32, batch 1) with
-   checkpointing off and on (every level and the middle); and the activations held for backward,
-   measured as what glibc malloc holds after a forward with grad minus after one without.
-2. Peak memory of a full training step with Adam, each variant in a FRESH process (peak RSS,
-   `ru_maxrss`, after two steps), next to the planner's prediction for the same step. The planner
-   predicts tensor bytes; the table shows the process's RSS before the model was built too, so the
-   two can be compared (`peak RSS - baseline`).
+1. In one process, alternating after a warm-up: train steps (forward + backward, fp32, batch 1) of
+   the default UNet as plain PyTorch holds it (`selective=False`), with selective recomputation (the
+   default) and with full checkpointing (every level, the middle); and the activations held for
+   backward, measured as what glibc malloc holds after a forward with grad minus after one without.
+2. Peak memory of a full training step with Adam, each variant in a FRESH process with glibc's
+   default malloc, after two steps: the peak RSS (`ru_maxrss`), the RSS before the model was built
+   (torch and Python alone), and the most malloc had handed out at once (`mallinfo2`, sampled every
+   millisecond; what the allocator merely keeps is not in it). The planner's prediction for the same
+   step stands beside them.
 
     python benchmarks/bench_memory.py --time-size 128 --peak-size 256 --repeats 3 --peak-specs default,conditioned
 """
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import resource
@@ -25,24 +25,19 @@ import torch
 from common import MALLOC_VARIABLES, alternate, median, save, setup, table
 
 from cpcbm_blocks import UNet3D, UNetSpec
+from cpcbm_blocks.measure import PeakMallocSampler, held_for_backward
 from cpcbm_blocks.memory import _conditions, memory_plan
 
 SPECS = {"default": UNetSpec.default, "conditioned": UNetSpec.conditioned}
 TEXT_TOKENS = 77
 
-ALL_LEVELS = {"levels": (1, 2, 3, 4), "mid": True, "conditions": True}
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def malloc_in_use() -> int:
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
+SWITCHES = {  # name -> (UNet3D.set_gradient_checkpointing arguments, memory_plan arguments)
+    "plain PyTorch (selective off)": ({"selective": False}, {"selective": False}),
+    "selective recomputation (default)": ({}, {}),
+    "checkpointing (every level + mid + conditions)": (
+        {"levels": (1, 2, 3, 4), "mid": True, "conditions": True},
+        {"checkpoint_levels": (1, 2, 3, 4), "checkpoint_mid": True, "checkpoint_conditions": True}),
+}
 
 
 def rss_bytes() -> int:
@@ -50,37 +45,28 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(size: int, checkpointing: bool, spec_name: str) -> None:
-    """Two training steps with Adam in this fresh process; print peak RSS and the baseline as JSON."""
+def child(size: int, switches: str, spec_name: str) -> None:
+    """Two training steps with Adam in this fresh process; print peak RSS, malloc peak and baselines as JSON."""
     torch.set_num_threads(2)
     torch.manual_seed(0)
     shape = (1, 1, 8, size, size)
     baseline = rss_bytes()
     spec = SPECS[spec_name]()
     conditions = {k: torch.randn(v.shape) for k, v in _conditions(spec, shape, torch.float32, TEXT_TOKENS).items()}
-    model = UNet3D(spec)
-    if checkpointing:
-        model.set_gradient_checkpointing(**ALL_LEVELS)
+    model = UNet3D(spec).set_gradient_checkpointing(**SWITCHES[switches][0])
     optimizer = torch.optim.Adam(model.parameters())
     x, target, t = torch.randn(shape), torch.randn(shape), torch.tensor([500])
-    for _ in range(2):
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(model(x, t, **conditions), target).backward()
-        optimizer.step()
+    with PeakMallocSampler() as sampler:
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(model(x, t, **conditions), target).backward()
+            optimizer.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"baseline_rss": baseline, "peak_rss": peak}))
-
-
-def held_for_backward(model, x, t) -> int:
-    held = {}
-    for grad in (True, False):
-        gc.collect()
-        before = malloc_in_use()
-        with torch.set_grad_enabled(grad):
-            out = model(x, t)
-        held[grad] = malloc_in_use() - before
-        del out
-    return held[True] - held[False]
+    # Before the first step malloc held the parameters and the inputs, which the plan counts too.
+    tensors_before = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        v.numel() * v.element_size() for v in (x, target, *conditions.values()))
+    print(json.dumps({"baseline_rss": baseline, "peak_rss": peak,
+                      "malloc_peak_step": sampler.peak_bytes - sampler.start_bytes + tensors_before}))
 
 
 def main() -> None:
@@ -90,10 +76,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak-specs", default="default", help="comma-separated: default, conditioned")
     parser.add_argument("--skip-timing", action="store_true", help="only the fresh-process peak memory part")
-    parser.add_argument("--child", nargs=3, metavar=("SIZE", "CHECKPOINTING", "SPEC"), help=argparse.SUPPRESS)
+    parser.add_argument("--peak-switches", default=",".join(SWITCHES),
+                        help="comma-separated names of the variants whose peak to measure (default: all)")
+    parser.add_argument("--child", nargs=3, metavar=("SIZE", "SWITCHES", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(int(args.child[0]), args.child[1] == "on", args.child[2])
+        child(int(args.child[0]), args.child[1], args.child[2])
         return
     env = setup()
     tables, data = {}, {}
@@ -108,28 +96,28 @@ def checkpointing_part(args):
     shape = (1, 1, 8, args.time_size, args.time_size)
     torch.manual_seed(0)
     x, target, t = torch.randn(shape), torch.randn(shape), torch.tensor([500])
-    plain = UNet3D(UNetSpec.default())
-    checkpointed = UNet3D(UNetSpec.default()).set_gradient_checkpointing(**ALL_LEVELS)
-    checkpointed.load_state_dict(plain.state_dict())
+    model = UNet3D(UNetSpec.default())
 
-    def step(model):
+    def step(switches):
         def run():
+            model.set_gradient_checkpointing(**switches)
             model.zero_grad(set_to_none=True)
             torch.nn.functional.mse_loss(model(x, t), target).backward()
         return run
 
-    times = alternate({"off": step(plain), "on (all levels + mid)": step(checkpointed)}, repeats=args.repeats)
-    held = {"off": held_for_backward(plain, x, t), "on (all levels + mid)": held_for_backward(checkpointed, x, t)}
-    planned = {"off": memory_plan(UNetSpec.default(), shape),
-               "on (all levels + mid)": memory_plan(UNetSpec.default(), shape, checkpoint_levels=(1, 2, 3, 4), checkpoint_mid=True, checkpoint_conditions=True)}
-    rows = [[name, median(times[name]), median(times[name]) / median(times["off"]), held[name] / 2**20,
-             held["off"] / held[name], planned[name].saved_bytes / 2**20, held[name] / planned[name].saved_bytes]
-            for name in times]
-    text = table(["checkpointing", "median s", "time / off", "held for backward MiB (measured)", "off / this",
+    times = alternate({name: step(switches) for name, (switches, _) in SWITCHES.items()}, repeats=args.repeats)
+    held, planned = {}, {}
+    for name, (switches, plan_arguments) in SWITCHES.items():
+        held[name] = held_for_backward(model.set_gradient_checkpointing(**switches), x, t)
+        planned[name] = memory_plan(UNetSpec.default(), shape, **plan_arguments).saved_bytes
+    plain = next(iter(SWITCHES))
+    rows = [[name, median(times[name]), median(times[name]) / median(times[plain]), held[name] / 2**20,
+             held[plain] / held[name], planned[name] / 2**20, held[name] / planned[name]] for name in times]
+    text = table(["variant", "median s", "time / plain", "held for backward MiB (measured)", "plain / this",
                   "planned MiB", "measured / planned"], rows)
-    print(f"\nGradient checkpointing at {shape}, {args.repeats} alternating rounds:\n{text}", flush=True)
-    return text, {"shape": shape, "times": times, "held": held,
-                  "planned_saved": {k: v.saved_bytes for k, v in planned.items()}}
+    print(f"\nSelective recomputation and checkpointing at {shape}, {args.repeats} alternating rounds:\n{text}",
+          flush=True)
+    return text, {"shape": shape, "times": times, "held": held, "planned_saved": planned}
 
 
 def peak_part(args, tables, data):
@@ -138,20 +126,19 @@ def peak_part(args, tables, data):
     peak_shape = (1, 1, 8, args.peak_size, args.peak_size)
     for spec_name in args.peak_specs.split(","):
         spec = SPECS[spec_name]()
-        for name, flag in (("off", "off"), ("on (all levels + mid + conditions)", "on")):
-            result = subprocess.run([sys.executable, __file__, "--child", str(args.peak_size), flag, spec_name],
+        for name in args.peak_switches.split(","):
+            result = subprocess.run([sys.executable, __file__, "--child", str(args.peak_size), name, spec_name],
                                     env=malloc_free_env, capture_output=True, text=True, check=True)
             measured = json.loads(result.stdout.strip().splitlines()[-1])
-            plan = memory_plan(spec, peak_shape, text_tokens=TEXT_TOKENS,
-                               **({"checkpoint_levels": (1, 2, 3, 4), "checkpoint_mid": True, "checkpoint_conditions": True}
-                                  if flag == "on" else {}))
+            plan = memory_plan(spec, peak_shape, text_tokens=TEXT_TOKENS, **SWITCHES[name][1])
             net = measured["peak_rss"] - measured["baseline_rss"]
             peaks[f"{spec_name}, {name}"] = {**measured, "planned_peak": plan.peak_bytes}
             rows.append([f"UNetSpec.{spec_name}()", name, measured["peak_rss"] / 2**30, measured["baseline_rss"] / 2**30,
-                         net / 2**30, plan.peak_bytes / 2**30, net / plan.peak_bytes])
+                         net / 2**30, measured["malloc_peak_step"] / 2**30, plan.peak_bytes / 2**30,
+                         net / plan.peak_bytes, measured["malloc_peak_step"] / plan.peak_bytes])
             print(f"peak: {rows[-1]}", flush=True)
-    text = table(["spec", "checkpointing", "peak RSS GiB", "baseline RSS GiB", "peak - baseline GiB",
-                  "planned peak GiB", "measured / planned"], rows)
+    text = table(["spec", "variant", "peak RSS GiB", "RSS before the model GiB", "peak RSS - before GiB",
+                  "malloc peak GiB", "planned peak GiB", "(RSS - before) / planned", "malloc peak / planned"], rows)
     print(f"\nPeak memory of a training step with Adam at {peak_shape}, fresh process each, glibc default malloc:\n{text}")
     tables["peak_memory"] = text
     data["peak_memory"] = {"shape": peak_shape, "peaks": peaks}

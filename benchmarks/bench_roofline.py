@@ -1,8 +1,8 @@
 """Achieved FLOP/s of our whole train step vs this machine's roofline, measured in the same run.
 
-Three variants alternate: our default UNet's train step (forward + backward, fp32, batch 1), a single
-`Conv3d` 32->32 3x3x3 forward + backward on the full-resolution level's tensor `(1, 32, 8, H, W)`, and
-an fp32 4096^3 matmul. FLOPs are nominal (`FlopCounterMode`: convolutions, matmuls, attention).
+Four variants alternate: our default UNet's train step (forward + backward, fp32, batch 1), a single
+`Conv3d` 32->32 3x3x3 forward + backward on the full-resolution level's tensor `(1, 32, 8, H, W)`
+(torch's, and ours with the weight gradient by depth taps), and an fp32 4096^3 matmul. FLOPs are nominal (`FlopCounterMode`: convolutions, matmuls, attention).
 
     python benchmarks/bench_roofline.py --size 128 --repeats 3
 """
@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import alternate, median, save, setup, table
 
-from cpcbm_blocks import UNet3D, UNetSpec
+from cpcbm_blocks import Conv3d, UNet3D, UNetSpec
 from cpcbm_blocks.memory import CPU_ATTENTION_FLOP_FORMULAS
 
 
@@ -35,6 +35,7 @@ def main() -> None:
     model = UNet3D(UNetSpec.default())
     x, target, t = torch.randn(shape), torch.randn(shape), torch.tensor([500])
     conv = torch.nn.Conv3d(32, 32, 3, padding=1)
+    ours = Conv3d(32, 32, kernel_size=(3, 3, 3))
     feature = torch.randn(1, 32, 8, args.size, args.size, requires_grad=True)
     a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
 
@@ -46,10 +47,15 @@ def main() -> None:
         conv.zero_grad(set_to_none=True)
         conv(feature).sum().backward()
 
+    def our_conv_step():  # the weight gradient by depth taps (cpcbm_blocks.blocks.conv)
+        ours.zero_grad(set_to_none=True)
+        ours(feature).sum().backward()
+
     def matmul():
         torch.mm(a, b)
 
-    variants = {"UNet train step": unet_step, "Conv3d 32->32 fwd+bwd": conv_step, "matmul 4096^3": matmul}
+    variants = {"UNet train step": unet_step, "torch Conv3d 32->32 fwd+bwd": conv_step,
+                "cpcbm_blocks Conv3d 32->32 fwd+bwd": our_conv_step, "matmul 4096^3": matmul}
     flops = {name: flops_of(run) for name, run in variants.items()}
     times = alternate(variants, repeats=args.repeats, warmup=1)
     rate = {name: flops[name] / median(times[name]) for name in variants}

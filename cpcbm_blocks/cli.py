@@ -177,7 +177,7 @@ def plan_command(args: argparse.Namespace) -> int:
     warm_up_seconds = _warm_up_meta_kernels()
     result = memory_plan(spec, input_shape, dtype=args.dtype, checkpoint_levels=args.checkpoint_levels,
                          checkpoint_mid=args.checkpoint_mid, checkpoint_conditions=args.checkpoint_conditions,
-                         attention_backend=args.attention,
+                         selective=not args.no_selective, attention_backend=args.attention,
                          text_tokens=args.text_tokens)
     largest = None if args.fit_gib is None else result.largest_batch(int(args.fit_gib * 2**30))
     if args.format == "json":
@@ -188,7 +188,7 @@ def plan_command(args: argparse.Namespace) -> int:
     checkpointing = ", ".join([*(f"level {v}" for v in result.checkpoint_levels), *(["mid"] if result.checkpoint_mid else []),
                                *(["conditions"] if result.checkpoint_conditions else [])])
     print(f"cpcbm-blocks plan: {spec_name}, input {result.input_shape}, {args.dtype}, attention {result.attention_backend.value}, "
-          f"checkpointing {checkpointing or 'off'}; a training step (forward, MSE loss, backward, Adam) on meta")
+          f"checkpointing {checkpointing or 'off'}, selective recomputation {'on' if result.selective else 'off'}; a training step (forward, MSE loss, backward, Adam) on meta")
     print(result.render())
     if largest is not None:
         print(f"largest batch that fits in {args.fit_gib:g} GiB: {largest}")
@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan_parser.add_argument("--checkpoint-mid", action="store_true", help="also checkpoint the middle")
     plan_parser.add_argument("--checkpoint-conditions", action="store_true",
                              help="also checkpoint the condition encoder (conditioned specs)")
+    plan_parser.add_argument("--no-selective", action="store_true",
+                             help="hold every tensor autograd saves, as plain PyTorch does (default: selective "
+                                  "recomputation of memory-bound operators, as UNet3D trains)")
     plan_parser.add_argument("--attention", choices=("sdpa", "naive"), default="sdpa",
                              help="attention backend: fused SDPA (default) or naive (materialises the scores)")
     plan_parser.add_argument("--fit-gib", type=float, metavar="N", help="also report the largest batch that fits in N GiB")

@@ -7,8 +7,9 @@ memory-bound and cost a few milliseconds to run again. `recompute_memory_bound(f
 under `torch.utils.checkpoint` (non-reentrant) with a selective policy
 (`create_selective_checkpoint_contexts`): the outputs of compute-bound operators (convolutions,
 matrix products, fused attention) are kept, everything else is dropped after the forward and
-recomputed from them when the gradient arrives. Only 1x1x1 convolutions (projections, with `C_in`
-multiply-adds per output against `27 C_in` for a 3x3x3 kernel) run twice.
+recomputed from them when the gradient arrives. Only products with few multiply-adds per output
+(`CHEAP_PER_OUTPUT`: 1x1x1 projections of up to 255 channels, against `27 C_in` for a 3x3x3
+kernel) run twice.
 
 [`UNet3D`][cpcbm_blocks.unet.UNet3D] runs every step this way in eager training (on by default;
 `set_gradient_checkpointing(selective=False)` switches it off), which halves the activations held
@@ -24,25 +25,45 @@ from functools import partial
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-__all__ = ["COMPUTE_BOUND", "recompute_memory_bound"]
+__all__ = ["CHEAP_PER_OUTPUT", "COMPUTE_BOUND", "recompute_memory_bound"]
 
 _aten = torch.ops.aten
 
-COMPUTE_BOUND = frozenset({
-    _aten.convolution.default,
-    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+_ATTENTION = frozenset({
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
     _aten._scaled_dot_product_flash_attention.default,
     _aten._scaled_dot_product_efficient_attention.default,
     _aten._scaled_dot_product_cudnn_attention.default,
 })
-"""The operators whose outputs are kept: recomputing them would cost real FLOPs."""
+
+COMPUTE_BOUND = frozenset({
+    _aten.convolution.default, _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+    *_ATTENTION,
+})
+"""The operators whose outputs are kept (unless `CHEAP_PER_OUTPUT` says otherwise): recomputing them
+would cost real FLOPs."""
+
+
+CHEAP_PER_OUTPUT = 256
+"""A product whose every output costs fewer multiply-adds than this is recomputed, not kept: a 1x1x1
+projection of up to 255 channels does as little arithmetic per byte it would hold as a norm does."""
+
+
+def _multiply_adds_per_output(op, args) -> int:
+    if op is _aten.convolution.default:
+        weight = args[1]
+        return weight.shape[1] * weight.shape[2:].numel()  # (c_in / groups) x kernel taps
+    if op is _aten.addmm.default or op is _aten.baddbmm.default:
+        return args[1].shape[-1]
+    return args[0].shape[-1]  # mm, bmm: the reduced dimension
 
 
 def _keep_compute_bound(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op is _aten.convolution.default and args[1].shape[2:].numel() == 1:
-        return CheckpointPolicy.PREFER_RECOMPUTE  # a 1x1x1 projection: C_in multiply-adds per output, cheap again
-    return CheckpointPolicy.MUST_SAVE if op in COMPUTE_BOUND else CheckpointPolicy.PREFER_RECOMPUTE
+    if op not in COMPUTE_BOUND:
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    if op in _ATTENTION or _multiply_adds_per_output(op, args) >= CHEAP_PER_OUTPUT:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def recompute_memory_bound(fn: Callable, *args, **kwargs):

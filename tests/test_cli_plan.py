@@ -24,3 +24,12 @@ def test_plan_json_with_checkpointing_naive_attention_and_a_memory_budget(capsys
 def test_plan_rejects_a_level_that_does_not_exist(capsys):
     assert main(["plan", "--checkpoint-levels", "7"]) == 2
     assert "checkpoint_levels: expected level numbers in 1..4" in capsys.readouterr().err
+
+
+def test_plan_without_selective_recomputation_holds_more(capsys):
+    plans = {}
+    for flags in ([], ["--no-selective"]):
+        assert main(["plan", "--format", "json", "--input-shape", "1,1,8,32,32", *flags]) == 0
+        plans[bool(flags)] = json.loads(capsys.readouterr().out)
+    assert plans[False]["selective"] and not plans[True]["selective"]
+    assert plans[True]["saved_bytes"] > 2 * plans[False]["saved_bytes"]

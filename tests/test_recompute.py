@@ -1,10 +1,11 @@
-"""Selective recomputation: the same gradients, fewer activations held, and no 3x3x3 convolution twice."""
+"""Selective recomputation: the same gradients, fewer activations held, and no expensive convolution twice."""
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cpcbm_blocks import UNet3D, UNetSpec
 from cpcbm_blocks.memory import memory_plan
+from cpcbm_blocks.recompute import CHEAP_PER_OUTPUT
 
 from .conftest import randomize_
 
@@ -44,29 +45,32 @@ def test_selective_recomputation_gives_the_plain_gradients(tiny_spec):
 
 
 class _CountConvolutions(TorchDispatchMode):
+    """Counts convolutions by cost: `expensive` ones do at least CHEAP_PER_OUTPUT multiply-adds per output."""
+
     def __init__(self):
         super().__init__()
-        self.full = self.pointwise = 0
+        self.expensive = self.cheap = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.convolution.default:
-            if args[1].shape[2:].numel() > 1:
-                self.full += 1
+            weight = args[1]
+            if weight.shape[1] * weight.shape[2:].numel() >= CHEAP_PER_OUTPUT:
+                self.expensive += 1
             else:
-                self.pointwise += 1
+                self.cheap += 1
         return func(*args, **(kwargs or {}))
 
 
-def test_selective_recomputation_runs_no_spatial_convolution_twice():
-    spec = _conditioned_spec()
+def test_selective_recomputation_runs_no_expensive_convolution_twice():
+    spec = _conditioned_spec()  # 8 channels at level 1 (3x3x3: 216 multiply-adds per output), 16 at level 2 (432)
     model = randomize_(UNet3D(spec), scale=0.1, seed=0)
     x, t, conditions = _inputs(spec)
     with torch.no_grad(), _CountConvolutions() as forward_only:
         model(x, t, **conditions)
     with _CountConvolutions() as step:
         model(x, t, **conditions).sum().backward()
-    assert forward_only.full > 0 and step.full == forward_only.full  # backward recomputed none of them
-    assert step.pointwise > forward_only.pointwise  # 1x1x1 projections are cheap enough to run again
+    assert forward_only.expensive > 0 and step.expensive == forward_only.expensive  # backward recomputed none
+    assert step.cheap > forward_only.cheap  # cheap ones are run again rather than held
 
 
 def test_selective_recomputation_holds_far_fewer_activations_for_the_same_flops():

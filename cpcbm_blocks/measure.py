@@ -1,0 +1,107 @@
+"""Measure what a real CPU run allocates, to hold the planner ([`memory_plan`][cpcbm_blocks.memory.memory_plan]) to it.
+
+The resident set size (RSS) of a process is what the operating system sees, and it is more than the
+tensors: glibc's malloc keeps freed memory for reuse (how much depends on `MALLOC_*` settings), and
+the process itself (Python, torch's libraries) holds a few hundred MiB before any model exists. What
+malloc has *handed out* (`mallinfo2`: heap bytes in use plus mmapped chunks) is the tensors, the
+kernels' scratch buffers and the interpreter's own small objects, and nothing the allocator merely
+keeps. The benchmarks report both; the tests use the second.
+
+```python
+from cpcbm_blocks.measure import PeakMallocSampler, held_for_backward
+
+with PeakMallocSampler() as sampler:
+    train_step()
+print(sampler.peak_bytes - sampler.start_bytes)   # the most the step had allocated at once
+```
+"""
+
+import ctypes
+import ctypes.util
+import gc
+import threading
+import time
+
+import torch
+
+__all__ = ["PeakMallocSampler", "held_for_backward", "malloc_bytes_in_use"]
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def malloc_bytes_in_use() -> int | None:
+    """Bytes glibc's malloc has handed out and not taken back (heap in use + mmapped chunks).
+
+    None where that cannot be read (not glibc, or glibc older than 2.33, which added `mallinfo2`).
+    """
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd
+
+
+class PeakMallocSampler:
+    """The largest `malloc_bytes_in_use()` seen while the block runs, polled by a thread.
+
+    PyTorch's kernels release the GIL, so the thread samples inside long operators too; a
+    transient buffer that lives for less than `interval_s` can be missed.
+    """
+
+    def __init__(self, *, interval_s: float = 0.001) -> None:
+        if _MALLINFO2 is None:
+            raise RuntimeError("PeakMallocSampler needs glibc >= 2.33 (mallinfo2).")
+        self.interval_s = interval_s
+        self.start_bytes = self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, malloc_bytes_in_use())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> "PeakMallocSampler":
+        gc.collect()
+        self.start_bytes = self.peak_bytes = malloc_bytes_in_use()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, malloc_bytes_in_use())
+
+
+def held_for_backward(model: torch.nn.Module, *args, **kwargs) -> int:
+    """Bytes a forward with grad leaves allocated beyond the same forward without grad: what autograd holds.
+
+    Both forwards keep only their output, so the difference is the activations saved for backward
+    (what [`MemoryPlan.saved_bytes`][cpcbm_blocks.memory.MemoryPlan.saved_bytes] predicts).
+    """
+    if _MALLINFO2 is None:
+        raise RuntimeError("held_for_backward needs glibc >= 2.33 (mallinfo2).")
+    held = {}
+    for grad in (True, False):
+        gc.collect()
+        before = malloc_bytes_in_use()
+        with torch.set_grad_enabled(grad):
+            out = model(*args, **kwargs)
+        held[grad] = malloc_bytes_in_use() - before
+        del out
+    return held[True] - held[False]
