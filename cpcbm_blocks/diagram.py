@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from cpcbm_blocks.blocks.conv import Conv3d, conv3d
+from cpcbm_blocks.blocks.conv import Conv3d, conv3d, upsample_conv3d
 from cpcbm_blocks.blocks.embedding import sinusoidal_embedding, timesteps_to_batch
 from cpcbm_blocks.layout import Op, Section
 from cpcbm_blocks.plan import Plan, Transition
@@ -211,6 +211,7 @@ _OPAQUE: dict[str, Callable] = {
     "timesteps_to_batch": timesteps_to_batch,
     "sinusoidal_embedding": sinusoidal_embedding,
     "conv3d": conv3d,
+    "upsample_conv3d": upsample_conv3d,
 }
 """Functions a block's `forward` calls that fx cannot trace through; each becomes one node."""
 

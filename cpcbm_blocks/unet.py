@@ -95,7 +95,7 @@ class UNet3D(nn.Module):
                                  f"{levels!r}. Pass e.g. levels=(1, 2) or levels=range(1, {number_of_levels + 1}).")
         for name, value in (("mid", mid), ("conditions", conditions), ("selective", selective)):
             if not isinstance(value, bool):
-                raise InputError(f"{name}: expected True or False, got {value!r}.")
+                raise InputError(f"{name}: expected True or False, got {value!r}. Pass {name}=True or {name}=False.")
         self._checkpoint_conditions = conditions
         self._selective = selective
         self._checkpointed = frozenset(position for position, step in enumerate(self.steps)

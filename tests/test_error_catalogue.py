@@ -24,6 +24,7 @@ import torch
 from cpcbm_blocks import (CheckpointError, Downsample3D, InputError, LevelSpec, MidSpec, MultiHeadSelfAttention3D,
                           ResBlock3D, ShapeContractError, SpecError, TimestepEmbedding, UNet3D, UNetSpec)
 from cpcbm_blocks.checkpoint import WEIGHTS_FILE, from_pretrained, load_weights, save_pretrained
+from cpcbm_blocks.memory import memory_plan
 from cpcbm_blocks.spec import ConditioningSpec
 
 from .test_conditioning import inputs, small_conditioned
@@ -387,6 +388,17 @@ CATALOGUE: list[Case] = [
          trigger=lambda ctx: TimestepEmbedding(channels=8, out_channels=16)(torch.tensor([1.0, 2.0]), batch_size=3),
          error=InputError, argument="t", expected="expected shape () or (3,)", actual="got (2,)",
          fix="one timestep per sample"),
+    # ---- memory switches ---------------------------------------------------------------------
+    Case(id="memory-checkpoint-level", topic="memory", mistake="Checkpointing a level the spec does not have",
+         trigger=lambda ctx: ctx.model.set_gradient_checkpointing(levels=(3,)), error=InputError, argument="levels",
+         expected="expected level numbers in 1..2", actual="got (3,)", fix="Pass e.g. levels=(1, 2)"),
+    Case(id="memory-selective-not-bool", topic="memory", mistake="A switch given as a string",
+         trigger=lambda ctx: ctx.model.set_gradient_checkpointing(selective="no"), error=InputError,
+         argument="selective", expected="expected True or False", actual="got 'no'", fix="selective=False"),
+    Case(id="memory-plan-dtype", topic="memory", mistake="Planning for a dtype the planner does not know",
+         trigger=lambda ctx: memory_plan(tiny_spec(), (1, 1, 4, 8, 8), dtype="float32"), error=InputError,
+         argument="dtype", expected="expected one of ['bf16', 'fp16', 'fp32']", actual="got 'float32'",
+         fix="dtype='bf16'"),
     # ---- checkpoints -------------------------------------------------------------------------
     Case(id="ckpt-other-spec", topic="checkpoint", mistake="Loading weights into a model of another spec",
          trigger=lambda ctx: load_weights(UNet3D(tiny_spec(head_channels=8)), ctx.checkpoint), error=CheckpointError,
@@ -459,6 +471,8 @@ _TOPICS = {
     "spec": ("The spec", "A `UNetSpec` is validated when it is built, before any module exists."),
     "blocks": ("Blocks used on their own", "Each block checks its constructor arguments, and its jaxtyping shape "
                "contract in eager mode."),
+    "memory": ("Memory switches and the planner",
+               "`UNet3D.set_gradient_checkpointing(...)` and `cpcbm_blocks.memory.memory_plan(...)`."),
     "checkpoint": ("Checkpoints", "`save_pretrained` / `from_pretrained` / `load_weights` (`cpcbm_blocks.checkpoint`)."),
 }
 

@@ -23,6 +23,15 @@ third for inputs smaller than the nominal 256x256.
   `(C_out, C_in) @ (B, C_in, D*H*W)`, which BLAS runs at full speed forward and backward; oneDNN's
   `1x1` weight gradient ran at about 6 GFLOP/s on this project's CPUs.
 
+And one where the network upsamples (`upsample_conv3d`, used by `Upsample3D`):
+
+* **Nearest upsampling, then a convolution, without the upsampled volume.** After nearest-neighbour
+  upsampling by 2 along an axis, output `2i + p` of a 3-tap convolution only ever sees the low-resolution
+  neighbours `i - 1, i` (parity `p = 0`, weights `w_0, w_1 + w_2`) or `i, i + 1` (`p = 1`, weights
+  `w_0 + w_1, w_2`). One convolution of the low-resolution input with the 2-tap kernels of every
+  parity stacked as output channels, then interleaving the parities, is the same function with
+  8/27 of the multiply-adds for a `(2, 2, 2)` stride, and the upsampled input never exists.
+
 And one for training on CPU:
 
 * **The weight gradient by depth taps.** oneDNN computes a 3-D convolution's weight gradient at
@@ -35,13 +44,15 @@ And one for training on CPU:
 5-D shapes, so state dicts are interchangeable.
 """
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
-__all__ = ["Conv3d", "conv3d", "weight_grad_by_depth_taps", "zero_init"]
+__all__ = ["Conv3d", "conv3d", "upsample_conv3d", "weight_grad_by_depth_taps", "zero_init"]
 
 _SLOW_CONV3D_LIMIT = 20480
 """PyTorch (2.x, CPU, float32, batch 1, groups 1) runs a 3-D convolution with `slow_conv3d` when
@@ -77,6 +88,42 @@ def conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_w kd
                     (sh, sw, sd), (ph, pw, pd), 1)
         return rearrange(y, "b c h w d -> b c d h w")
     return _conv3d(x, weight, bias, stride, padding, groups)
+
+
+def upsample_conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_in kd kh kw"],
+                    bias: Tensor | None = None, *, scale: tuple[int, int, int]) -> Tensor:
+    """`conv3d(F.interpolate(x, scale_factor=scale, mode="nearest"), weight, bias)`, computed at low resolution.
+
+    Exact for scale factors 1 or 2 with a 1- or 3-tap kernel along each upsampled axis (see the
+    module docs); any other combination upsamples first.
+    """
+    scale = tuple(int(f) for f in scale)
+    taps = weight.shape[2:]
+    if any(f not in (1, 2) or (f == 2 and k not in (1, 3)) for f, k in zip(scale, taps)):
+        return conv3d(F.interpolate(x, scale_factor=scale, mode="nearest"), weight, bias)
+    parities = list(itertools.product(*(range(f) for f in scale)))  # (p_d, p_h, p_w), depth-major
+    kernels = []
+    for parity in parities:
+        kernel = weight
+        for axis, (f, k, p) in enumerate(zip(scale, taps, parity)):
+            if f == 2 and k == 3:  # taps (w0, w1 + w2) for p = 0, (w0 + w1, w2) for p = 1
+                mix = weight.new_tensor(_PARITY_MIX[p])
+                kernel = torch.movedim(torch.tensordot(kernel, mix, dims=([2 + axis], [1])), -1, 2 + axis)
+        kernels.append(kernel)
+    z = conv3d(x, torch.cat(kernels), None if bias is None else bias.repeat(len(parities)))
+    # A 2-tap kernel pads by 1 on both sides: parity p's outputs start at index p along that axis.
+    depth, height, width = x.shape[2:]
+    parts = []
+    for index, parity in enumerate(parities):
+        od, oh, ow = (p if f == 2 and k == 3 else 0 for f, k, p in zip(scale, taps, parity))
+        parts.append(z[:, index * weight.shape[0]:(index + 1) * weight.shape[0],
+                       od:od + depth, oh:oh + height, ow:ow + width])
+    y = torch.stack(parts, dim=2).unflatten(2, scale)  # b c pd ph pw d h w
+    return rearrange(y, "b c pd ph pw d h w -> b c (d pd) (h ph) (w pw)")
+
+
+_PARITY_MIX = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+"""Per parity, how a 3-tap kernel after nearest upsampling by 2 becomes a 2-tap kernel at low resolution."""
 
 
 def _conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...],
