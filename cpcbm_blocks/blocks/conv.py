@@ -72,7 +72,7 @@ def conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_w kd
     if weight.shape[2:] == (1, 1, 1) and stride == (1, 1, 1) and groups == 1:
         y = torch.matmul(weight.flatten(1), x.flatten(2))  # (c_out, c_in) @ (b, c_in, d*h*w)
         y = y.view(x.shape[0], weight.shape[0], *x.shape[2:])
-        return y if bias is None else y + bias[:, None, None, None]
+        return y if bias is None else y + bias.to(y.dtype)[:, None, None, None]  # autocast: y may be bf16
     if weight.shape[2] == 1 and stride[0] == 1:
         batch = x.shape[0]
         y = F.conv2d(rearrange(x, "b c d h w -> (b d) c h w"), weight.squeeze(2), bias, stride[1:], padding[1:],
@@ -106,9 +106,8 @@ def upsample_conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_o
     for parity in parities:
         kernel = weight
         for axis, (f, k, p) in enumerate(zip(scale, taps, parity)):
-            if f == 2 and k == 3:  # taps (w0, w1 + w2) for p = 0, (w0 + w1, w2) for p = 1
-                mix = weight.new_tensor(_PARITY_MIX[p])
-                kernel = torch.movedim(torch.tensordot(kernel, mix, dims=([2 + axis], [1])), -1, 2 + axis)
+            if f == 2 and k == 3:
+                kernel = _fold_taps_for_parity(kernel, dim=2 + axis, parity=p)
         kernels.append(kernel)
     z = conv3d(x, torch.cat(kernels), None if bias is None else bias.repeat(len(parities)))
     # A 2-tap kernel pads by 1 on both sides: parity p's outputs start at index p along that axis.
@@ -122,8 +121,16 @@ def upsample_conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_o
     return rearrange(y, "b c pd ph pw d h w -> b c (d pd) (h ph) (w pw)")
 
 
-_PARITY_MIX = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
-"""Per parity, how a 3-tap kernel after nearest upsampling by 2 becomes a 2-tap kernel at low resolution."""
+def _fold_taps_for_parity(kernel: Tensor, *, dim: int, parity: int) -> Tensor:
+    """Along `dim`, the 3-tap kernel (w0, w1, w2) that follows nearest upsampling by 2 seen at low resolution.
+
+    An output at an even position (parity 0) reads its low-resolution neighbour once and itself twice:
+    taps (w0, w1 + w2). An odd one reads itself twice and the next neighbour once: (w0 + w1, w2).
+    Sums, not a matrix product, so any dtype (and autocast) gives exactly the folded weights.
+    """
+    first, middle, last = kernel.unbind(dim)
+    taps = (first, middle + last) if parity == 0 else (first + middle, last)
+    return torch.stack(taps, dim=dim)
 
 
 def _conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...],

@@ -2,9 +2,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
 from cpcbm_blocks import Conv3d
-from cpcbm_blocks.blocks.conv import weight_grad_by_depth_taps
+from cpcbm_blocks.blocks.conv import upsample_conv3d, weight_grad_by_depth_taps
 
 
 @given(batch=st.integers(1, 2), depth=st.integers(1, 4), size=st.integers(3, 9), stride=st.sampled_from([1, 2]),
@@ -110,3 +111,39 @@ def test_a_deep_volume_trains_with_the_weight_gradient_by_depth_taps_on_cpu():
     _assert_equals_conv3d_with_gradients(conv, out, x, tolerance=1e-5)
     with torch.no_grad():  # inference: torch's own operator, nothing to save
         assert conv(x).grad_fn is None
+
+
+@given(batch=st.integers(1, 2), depth=st.integers(1, 4), size=st.integers(1, 5),
+       scale=st.sampled_from([(2, 2, 2), (1, 2, 2), (2, 1, 2), (2, 2, 1), (1, 1, 1)]),
+       taps=st.sampled_from([(3, 3, 3), (1, 3, 3), (3, 1, 3), (1, 1, 1)]), bias=st.booleans())
+def test_the_sub_pixel_upsample_convolution_equals_upsampling_then_convolving(batch, depth, size, scale, taps, bias):
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, depth, size, size + 1, requires_grad=True)
+    weight = torch.randn(5, 3, *taps, requires_grad=True)
+    b = torch.randn(5, requires_grad=True) if bias else None
+    ours = upsample_conv3d(x, weight, b, scale=scale)
+    padding = tuple(k // 2 for k in taps)
+    reference = F.conv3d(F.interpolate(x, scale_factor=scale, mode="nearest"), weight, b, padding=padding)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(reference)
+    inputs = (x, weight) if b is None else (x, weight, b)
+    for a, r in zip(torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(reference, inputs, grad)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * max(1.0, r.abs().max().item()))
+
+
+def test_the_sub_pixel_form_runs_the_convolution_at_low_resolution_and_keeps_autocast_dtypes():
+    x, weight = torch.randn(1, 4, 2, 6, 6), torch.randn(4, 4, 3, 3, 3)
+    with FlopCounterMode(display=False) as sub_pixel:
+        upsample_conv3d(x, weight, scale=(2, 2, 2))
+    with FlopCounterMode(display=False) as upsampled:
+        F.conv3d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, padding=1)
+    assert upsampled.get_total_flops() == 2 * 4 * 4 * 27 * (4 * 12 * 12)
+    # 8 parities x 2x2x2 taps, each over the low-resolution volume padded by one: (2+1) x (6+1) x (6+1) outputs.
+    assert sub_pixel.get_total_flops() == 2 * 4 * 4 * 8 * 8 * (3 * 7 * 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = upsample_conv3d(x, weight, torch.zeros(4), scale=(2, 2, 2))
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 4, 4, 12, 12)
+    # A scale the parity form does not cover upsamples first and stays exact.
+    odd = upsample_conv3d(x, weight, scale=(1, 3, 3))
+    torch.testing.assert_close(odd, F.conv3d(F.interpolate(x, scale_factor=(1, 3, 3), mode="nearest"), weight,
+                                             padding=1), rtol=1e-4, atol=1e-4)

@@ -116,7 +116,7 @@ def test_architecture_page_has_the_generated_u_the_verified_traces_and_the_table
 def test_every_block_page_has_its_traced_data_flow_and_signature(built_site):
     site = built_site.check()
     expected = {"blocks/resblock": "conv2: Conv3d", "blocks/downsample": "conv: Conv3d 1×3×3, stride 1×2×2",
-                "blocks/upsample": "interpolate", "blocks/attention": "scaled_dot_product_attention",
+                "blocks/upsample": "upsample_conv3d", "blocks/attention": "scaled_dot_product_attention",
                 "blocks/timestep-embedding": "sinusoidal_embedding", "blocks/output-head": "norm: GroupNorm",
                 "fusion/cond-image-encoder": "down.1.conv: Conv3d 1×3×3, stride 1×2×2",
                 "fusion/gated-fusion": "sigmoid", "fusion/gated-injection": "proj: Conv3d 1×1×1",
