@@ -1,14 +1,16 @@
 """The memory/FLOP planner: planned on `meta`, checked against real CPU runs of the same spec."""
 
 import time
+import types
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from cpcbm_blocks import InputError, LevelSpec, MidSpec, UNet3D, UNetSpec, attention_backend, shape_checks
 from cpcbm_blocks.measure import held_for_backward, malloc_bytes_in_use
-from cpcbm_blocks.memory import CPU_ATTENTION_FLOP_FORMULAS, memory_plan
+from cpcbm_blocks.memory import CPU_ATTENTION_FLOP_FORMULAS, MemoryPlan, memory_plan
 
 from .conftest import randomize_
 
@@ -44,10 +46,13 @@ def test_planned_forward_flops_equal_flop_counter_mode_on_a_real_cpu_forward(tin
     shape = (2, 1, 4, 8, 8)
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOP_FORMULAS) as counter, shape_checks(False):
         UNet3D(tiny_spec)(torch.randn(shape), 5)
-    planned = memory_plan(tiny_spec, shape)
+    planned = memory_plan(tiny_spec, shape, selective=False)
     assert planned.forward_flops == counter.get_total_flops() > 0
     assert planned.embedding_forward_flops + sum(s.forward_flops for s in planned.steps) == planned.forward_flops
     assert planned.backward_flops == pytest.approx(2 * planned.forward_flops, rel=0.1)
+    # Selective recomputation runs this tiny spec's cheap 8-channel convolutions again in backward.
+    selective = memory_plan(tiny_spec, shape)
+    assert selective.forward_flops == planned.forward_flops and selective.backward_flops > planned.backward_flops
 
 
 SMALL = (1, 1, 8, 32, 32)
@@ -106,7 +111,12 @@ def test_the_naive_backend_materialises_the_scores_and_the_fused_one_does_not(de
             assert s.attention_score_bytes >= 4 * heads * n * n  # at least one fp32 (heads, n, n) tensor
         else:
             assert s.attention_score_bytes == 0
-    assert naive.saved_bytes > fused.saved_bytes and naive.forward_flops == fused.forward_flops
+    assert naive.forward_flops == fused.forward_flops
+    # Kept for backward without recomputation; selective recomputation drops the scores again.
+    plain_naive = memory_plan(spec, shape, attention_backend="naive", selective=False)
+    plain_fused = memory_plan(spec, shape, selective=False)
+    assert plain_naive.saved_bytes > plain_fused.saved_bytes
+    assert naive.saved_bytes < plain_naive.saved_bytes
 
 
 def test_bf16_halves_the_activations(default_plan):
@@ -121,6 +131,33 @@ def test_the_largest_batch_fits_and_one_more_does_not(tiny_spec):
     assert plan.largest_batch(budget) == 3
     assert plan.with_batch(4).peak_bytes > budget
     assert plan.largest_batch(plan.parameter_bytes) == 0
+
+
+@pytest.mark.parametrize("growth", ["linear", "convex", "concave"])
+def test_the_batch_search_is_exact_when_memory_does_not_grow_linearly(tiny_spec, monkeypatch, growth):
+    """The search guesses from batches 1 and 2; whatever the curve, its answer is the true boundary."""
+    plan = memory_plan(tiny_spec, (1, 1, 4, 8, 8))
+    extra = {"linear": lambda b: 1000 * b, "convex": lambda b: 1000 * b + 300 * b * b,
+             "concave": lambda b: 1000 * b - 40 * b * b if b < 12 else 1000 * b - 40 * 144}[growth]
+
+    def peak(batch: int) -> int:
+        return plan.peak_bytes + extra(batch) - extra(1)
+
+    planned: list[int] = []
+
+    def with_batch(self, batch):
+        planned.append(batch)
+        return types.SimpleNamespace(peak_bytes=peak(batch))
+
+    monkeypatch.setattr(MemoryPlan, "with_batch", with_batch)
+    for answer in (1, 2, 3, 7, 20, 61):
+        for budget in (peak(answer), peak(answer + 1) - 1):
+            planned.clear()
+            assert plan.largest_batch(budget) == answer, (growth, answer, budget)
+            if growth == "linear":  # the guess is right: batch 2, the guess and one more
+                assert len(planned) <= 3, planned
+            else:  # doubling steps from the guess, then bisection
+                assert len(planned) <= 30, planned
 
 
 def test_the_dominant_level_of_the_default_is_the_full_resolution_one(default_plan):
@@ -162,10 +199,12 @@ def test_planned_peak_matches_cuda_max_memory_allocated_within_10_percent():
 
 def test_a_conditioned_spec_is_planned_with_its_conditions_and_its_encoder_can_be_checkpointed():
     spec = UNetSpec.conditioned()
-    plain = memory_plan(spec, SMALL)
+    plain = memory_plan(spec, SMALL, selective=False)
+    selective = memory_plan(spec, SMALL)
     checkpointed = memory_plan(spec, SMALL, checkpoint_conditions=True)
     assert plain.input_bytes > memory_plan(UNetSpec.default(), SMALL).input_bytes  # text and images are inputs
     assert plain.embedding_parameters > 0 and plain.embedding_saved_bytes > 0
+    assert checkpointed.embedding_saved_bytes < selective.embedding_saved_bytes < plain.embedding_saved_bytes
     assert checkpointed.embedding_saved_bytes < plain.embedding_saved_bytes / 3
     assert checkpointed.forward_flops == plain.forward_flops and checkpointed.backward_flops > plain.backward_flops
 
@@ -181,3 +220,43 @@ def test_the_peak_malloc_sampler_sees_a_transient_tensor():
         del transient
     assert sampler.peak_bytes - sampler.start_bytes >= size
     assert malloc_bytes_in_use() < sampler.start_bytes + size // 2  # it was freed again
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_shape_only_kernels_match_the_meta_decompositions(dtype, channels_last):
+    from cpcbm_blocks.memory import _SHAPE_ONLY
+
+    def same(ours, theirs):
+        for a, b in zip(tree_leaves(ours), tree_leaves(theirs), strict=True):
+            assert (a.shape, a.dtype, a.stride(), a.device) == (b.shape, b.dtype, b.stride(), b.device)
+
+    aten = torch.ops.aten
+    x = torch.empty(2, 8, 3, 5, 6, device="meta", dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last_3d)
+    weight, bias = torch.empty(8, device="meta", dtype=dtype), torch.empty(8, device="meta", dtype=dtype)
+    forward_args = (x, weight, bias, 2, 8, 90, 4, 1e-5)
+    out, mean, rstd = aten.native_group_norm(*forward_args)
+    same(_SHAPE_ONLY[aten.native_group_norm](*forward_args), (out, mean, rstd))
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        backward_args = (torch.empty_like(out), x, mean, rstd, weight, 2, 8, 90, 4, mask)
+        theirs = aten.native_group_norm_backward(*backward_args)
+        ours = _SHAPE_ONLY[aten.native_group_norm_backward](*backward_args)
+        assert [t is None for t in ours] == [t is None for t in theirs]
+        same([t for t in ours if t is not None], [t for t in theirs if t is not None])
+    tensors = [torch.empty(3, 4, device="meta", dtype=dtype), x]
+    others = [torch.empty_like(t) for t in tensors]
+    for packet, kernel in _SHAPE_ONLY.items():
+        name = packet.__name__
+        if not name.startswith("_foreach"):
+            continue
+        args = {"addcdiv": (others, others, 0.5), "addcmul": (others, others, 0.5), "lerp_": (others, 0.9),
+                "copy_": (others,), "add": (others,), "sub": (others,), "mul": (others,), "div": (others,),
+                "maximum_": (others,)}
+        extra = args.get(name.removeprefix("_foreach_"), args.get(name.removeprefix("_foreach_").rstrip("_"), ()))
+        if name.endswith("_"):
+            copies = [torch.empty_like(t) for t in tensors]
+            assert packet(copies, *extra) is None and kernel(copies, *extra) is None
+        else:
+            same(kernel(tensors, *extra), packet(tensors, *extra))
