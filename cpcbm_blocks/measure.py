@@ -21,6 +21,7 @@ import ctypes.util
 import gc
 import threading
 import time
+from typing import Self
 
 import torch
 
@@ -74,7 +75,7 @@ class PeakMallocSampler:
             self.peak_bytes = max(self.peak_bytes, malloc_bytes_in_use())
             time.sleep(self.interval_s)
 
-    def __enter__(self) -> "PeakMallocSampler":
+    def __enter__(self) -> Self:
         gc.collect()
         self.start_bytes = self.peak_bytes = malloc_bytes_in_use()
         self._stop.clear()

@@ -37,7 +37,6 @@ import time
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch import Tensor
@@ -237,8 +236,8 @@ class MemoryPlan:
 
     def render(self) -> str:
         """A table per transition, per-level sums and the totals, as `cpcbm-blocks plan` prints them."""
-        lines = [f"{'#':>3}  {'where':34} {'transition':52} {'ckpt':4} {'params':>9} {'fwd GFLOP':>10} "
-                 f"{'bwd GFLOP':>10} {'saved MiB':>10} {'scores MiB':>10}"]
+        lines = [(f"{'#':>3}  {'where':34} {'transition':52} {'ckpt':4} {'params':>9} {'fwd GFLOP':>10} "
+                  f"{'bwd GFLOP':>10} {'saved MiB':>10} {'scores MiB':>10}")]
         for i, s in enumerate(self.steps, start=1):
             lines.append(f"{i:>3}  {s.step.describe():34} {s.transition.render():52} {'yes' if s.checkpointed else '':4} "
                          f"{s.parameters:>9,} {s.forward_flops / 1e9:>10.2f} {s.backward_flops / 1e9:>10.2f} "

@@ -152,7 +152,7 @@ class _Conv3dWeightGradByDepthTaps(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, stride, padding, groups = inputs
+        x, weight, _bias, stride, padding, groups = inputs
         ctx.save_for_backward(x, weight)
         ctx.stride, ctx.padding, ctx.groups = stride, padding, groups
 
