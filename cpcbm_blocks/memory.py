@@ -183,13 +183,13 @@ class MemoryPlan:
                 peaks[batch] = self.with_batch(batch).peak_bytes
             return peaks[batch] <= budget_bytes
 
-        if not fits(1):
-            return 0
         def line_through(batch: int) -> int:  # where the line through batches 1 and `batch` meets the budget
             fits(batch)
             growth = max(peaks[batch] - peaks[1], 1)
             return max(1, 1 + (budget_bytes - peaks[1]) * (batch - 1) // growth)
 
+        if not fits(1):
+            return 0
         guess = line_through(2)
         if guess > 2:
             guess = line_through(guess)
