@@ -1,0 +1,192 @@
+"""Rematerialised saves: the same gradients, less held for backward, and a loud error rather than a wrong one."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from cpcbm_blocks import ResBlock3D, TimestepInjection, UNet3D
+from cpcbm_blocks.measure import _MALLINFO2, held_for_backward
+from cpcbm_blocks.rematerialize import can_rematerialize, recomputable, rematerialized_saves, rematerializing
+
+from .conftest import randomize_
+from .test_recompute import _conditioned_spec, _inputs, _step
+
+
+def _chain(x: torch.Tensor, weight: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """silu(norm(x)) into a convolution: the pattern of a residual block."""
+    a = recomputable(F.silu, recomputable(norm, x))
+    return F.conv3d(a, weight, padding=1)
+
+
+def _grads(fn, *leaves):
+    for leaf in leaves:
+        leaf.grad = None
+    out = fn()
+    out.square().sum().backward()
+    return out.detach(), [leaf.grad.clone() for leaf in leaves]
+
+
+def _leaves(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 8, 3, 6, 6, generator=generator).requires_grad_()
+    weight = (0.1 * torch.randn(4, 8, 3, 3, 3, generator=generator)).requires_grad_()
+    norm = torch.nn.GroupNorm(2, 8)
+    return x, weight, norm
+
+
+def test_a_chain_of_recipes_gives_the_plain_gradients():
+    x, weight, norm = _leaves()
+    plain_out, plain = _grads(lambda: _chain(x, weight, norm), x, weight, norm.weight)
+
+    def rematerialized():
+        with rematerialized_saves():
+            assert rematerializing()
+            return _chain(x, weight, norm)
+
+    out, grads = _grads(rematerialized, x, weight, norm.weight)
+    torch.testing.assert_close(out, plain_out)
+    for got, expected in zip(grads, plain, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_the_convolution_saves_a_recipe_not_its_input():
+    x, weight, norm = _leaves()
+    saved = []
+    # An outer hook sees what the inner context packs: the recipe stands where the tensor would.
+    with rematerialized_saves():
+        registry_pack = torch._C._autograd._top_saved_tensors_default_hooks(False)[0]
+
+        def spy(tensor):
+            packed = registry_pack(tensor)
+            saved.append(packed)
+            return packed
+
+        with torch.autograd.graph.saved_tensors_hooks(spy, lambda packed: packed.remake()
+                                                      if not isinstance(packed, torch.Tensor) else packed):
+            y = _chain(x, weight, norm)
+    remade = [p for p in saved if not isinstance(p, torch.Tensor)]
+    held = [p for p in saved if isinstance(p, torch.Tensor)]
+    # silu's input (the norm output) and the conv's input (silu's output) are recipes; of the
+    # activation-sized tensors only x, the norm's input, is held, as autograd would hold it.
+    assert len(remade) == 2
+    assert [p.data_ptr() for p in held if p.numel() == x.numel()] == [x.data_ptr()]
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_a_saved_view_of_a_recipe_is_remade_as_that_view():
+    generator = torch.Generator().manual_seed(2)
+    a = torch.randn(2, 3, 5, generator=generator).requires_grad_()
+    b = torch.randn(2, 4, 5, generator=generator).requires_grad_()
+
+    def fn():
+        both = recomputable(torch.cat, [a, b], dim=1)
+        # sin saves its input: a strided slice of the concatenation, neither contiguous nor at offset 0
+        return both[:, 2:6, 1:].sin() * both[:, :, ::2].sum()
+
+    plain_out, plain = _grads(fn, a, b)
+
+    def rematerialized():
+        with rematerialized_saves():
+            return fn()
+
+    out, grads = _grads(rematerialized, a, b)
+    torch.testing.assert_close(out, plain_out)
+    for got, expected in zip(grads, plain, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_an_argument_modified_in_place_raises_rather_than_giving_wrong_gradients():
+    x, weight, _ = _leaves()
+    h = x * 2  # not a leaf: it can be modified in place
+    with rematerialized_saves():
+        y = F.conv3d(recomputable(F.silu, h), weight, padding=1)
+    with torch.no_grad():
+        h.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"recomputable\(silu\).*modified in place.*rematerialized_saves"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("context", ["no_grad", "autocast", "checkpoint"])
+def test_it_steps_aside_where_saved_tensors_are_someone_elses(context):
+    x, weight, norm = _leaves()
+    seen = []
+
+    def body(x):
+        seen.append(can_rematerialize())  # UNet3D asks this first, and falls back to a selective checkpoint
+        with rematerialized_saves():
+            seen.append(rematerializing())
+            return _chain(x, weight, norm)
+
+    if context == "no_grad":
+        with torch.no_grad():
+            body(x)
+    elif context == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            body(x).float().sum().backward()
+    else:
+        plain_out, plain = _grads(lambda: _chain(x, weight, norm), x, weight)
+        out, grads = _grads(lambda: checkpoint(body, x, use_reentrant=False), x, weight)
+        torch.testing.assert_close(out, plain_out)
+        for got, expected in zip(grads, plain, strict=True):
+            torch.testing.assert_close(got, expected)
+    assert len(seen) >= 2 and not any(seen)
+    assert can_rematerialize()  # and back in plain eager training it applies again
+    assert recomputable(torch.add, x, 1).requires_grad  # outside any context: just the call
+
+
+def _variants():
+    conditioned = _conditioned_spec()
+    return {
+        "conditioned-add": conditioned,
+        "conditioned-scale-shift": dataclasses.replace(conditioned, timestep_injection=TimestepInjection.SCALE_SHIFT),
+    }
+
+
+@pytest.mark.parametrize("name", list(_variants()))
+def test_the_unet_trains_to_the_plain_gradients(name):
+    spec = _variants()[name]
+    model = randomize_(UNet3D(spec), scale=0.1, seed=0)
+    x, t, conditions = _inputs(spec)
+    out, rematerialized = _step(model, x, t, conditions)
+    out_plain, plain = _step(model.set_gradient_checkpointing(selective=False), x, t, conditions)
+    torch.testing.assert_close(out, out_plain)
+    assert rematerialized.keys() == plain.keys() and plain
+    for key in plain:
+        torch.testing.assert_close(rematerialized[key], plain[key], msg=key)
+
+
+def test_dropout_stays_outside_the_recipes():
+    # A recipe must be deterministic: dropout's output is saved as a tensor, so seeded runs agree.
+    spec = dataclasses.replace(_conditioned_spec(), dropout=0.3)
+    model = randomize_(UNet3D(spec), scale=0.1, seed=0).train()
+    x, t, conditions = _inputs(spec)
+    torch.manual_seed(5)
+    out, rematerialized = _step(model, x, t, conditions)
+    torch.manual_seed(5)
+    out_plain, plain = _step(model.set_gradient_checkpointing(selective=False), x, t, conditions)
+    torch.testing.assert_close(out, out_plain)
+    for key in plain:
+        torch.testing.assert_close(rematerialized[key], plain[key], msg=key)
+
+
+@pytest.mark.skipif(_MALLINFO2 is None, reason="measuring held bytes needs glibc >= 2.33 (mallinfo2)")
+def test_a_residual_block_holds_its_input_and_first_convolution_output_only():
+    block = randomize_(ResBlock3D(in_channels=32, out_channels=32, emb_channels=16, num_groups=8), seed=1)
+    x = torch.randn(1, 32, 8, 32, 32)  # 1 MiB per activation
+    emb = torch.randn(1, 16)
+    activation_bytes = x.numel() * x.element_size()
+
+    def rematerialized(x, emb):
+        with rematerialized_saves():
+            return block(x, emb)
+
+    plain = held_for_backward(block, x, emb)
+    held = held_for_backward(rematerialized, x, emb)
+    # plain: norm1's input and output, silu's output, conv1's output, the sum, norm2's output, silu's output
+    assert plain >= 5 * activation_bytes
+    # x itself is the caller's; what the block adds is conv1's output, and small statistics and weights
+    assert held <= 1.25 * activation_bytes, (held / activation_bytes, plain / activation_bytes)
