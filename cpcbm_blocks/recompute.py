@@ -11,9 +11,11 @@ recomputed from them when the gradient arrives. Only products with few multiply-
 (`CHEAP_PER_OUTPUT`: 1x1x1 projections of up to 255 channels, against `27 C_in` for a 3x3x3
 kernel) run twice.
 
-[`UNet3D`][cpcbm_blocks.unet.UNet3D] runs every step this way in eager training (on by default;
-`set_gradient_checkpointing(selective=False)` switches it off), which halves the activations held
-for backward for a few percent of step time (`benchmarks/bench_memory.py`). Full gradient
+[`UNet3D`][cpcbm_blocks.unet.UNet3D] runs its attention, fusion and condition-encoder steps this
+way in eager training (on by default; `set_gradient_checkpointing(selective=False)` switches it
+off). Its residual blocks and samplers go one step further with
+[`rematerialized_saves`][cpcbm_blocks.rematerialize.rematerialized_saves], which does not keep the
+convolution outputs that no backward needs either; under autocast they fall back to this. Full gradient
 checkpointing of a level (`set_gradient_checkpointing(levels=...)`) goes further: it keeps only the
 step's inputs and runs the convolutions again. Under `torch.compile` neither policy is applied by
 this module: AOTAutograd's partitioner chooses what to save and recompute in a compiled graph.

@@ -17,6 +17,7 @@ from cpcbm_blocks.errors import InputError, TraceMismatchError
 from cpcbm_blocks.layout import Op, Section, Step, layout
 from cpcbm_blocks.plan import Plan, Transition, check_input_shape, plan
 from cpcbm_blocks.recompute import recompute_memory_bound
+from cpcbm_blocks.rematerialize import can_rematerialize, recomputable, rematerialized_saves
 from cpcbm_blocks.spec import UNetSpec
 
 __all__ = ["UNet3D"]
@@ -79,13 +80,17 @@ class UNet3D(nn.Module):
         enabled) is affected. The setting lives on the module, not in the spec: it changes memory and
         time, never the function. Returns the model.
 
-        Every other step (and the condition encoder) runs with selective recomputation
+        Every other step (and the condition encoder) holds only what was expensive to compute.
+        Residual blocks, downsamplers and upsamplers run inside
+        [`rematerialized_saves()`][cpcbm_blocks.rematerialize.rematerialized_saves]: their norms,
+        activations and concatenations are saved as recipes and remade one at a time in backward.
+        Attention, fusion and the condition encoder run with selective recomputation
         ([`recompute_memory_bound`][cpcbm_blocks.recompute.recompute_memory_bound]): convolutions,
-        matrix products and attention keep their outputs, norms, activations and other memory-bound
-        operators are recomputed in backward. It is on by default (`selective=True`) because it halves
-        the activations held for backward for a few percent of step time; `selective=False` holds
-        every saved tensor, as plain PyTorch does. It applies to eager training, not under
-        `torch.compile`, whose partitioner makes that choice itself.
+        matrix products and attention keep their outputs, memory-bound operators are recomputed.
+        It is on by default (`selective=True`) because it cuts the activations held for backward to
+        about a third for a few percent of step time; `selective=False` holds every saved tensor, as
+        plain PyTorch does. It applies to eager training, not under `torch.compile`, whose
+        partitioner makes that choice itself.
         """
         levels = tuple(levels)
         number_of_levels = len(self.spec.levels)
@@ -150,7 +155,7 @@ class UNet3D(nn.Module):
         return self.conditioner(text=text, text_mask=text_mask, text_pooled=text_pooled, cond_images=cond_images,
                                 cond_available=cond_available)
 
-    def forward(self, x: Float[Tensor, "b c_in d h w"], t: int | float | Real[Tensor, ""] | Real[Tensor, " b"], *,
+    def forward(self, x: Float[Tensor, "b c_in d h w"], t: float | Real[Tensor, ""] | Real[Tensor, " b"], *,
                 text: Float[Tensor, "b m e"] | None = None, text_mask: Bool[Tensor, "b m"] | None = None,
                 text_pooled: Float[Tensor, "b e"] | None = None, cond_images: Float[Tensor, "b k d h w"] | None = None,
                 cond_available: Bool[Tensor, "b k"] | None = None,
@@ -205,6 +210,9 @@ class UNet3D(nn.Module):
             h_in = h
             if position in self._checkpointed and torch.is_grad_enabled():
                 h = recompute_in_backward(_run_step, step, block, h, skip, emb, conditions, use_reentrant=False)
+            elif selective and step.op in _REMATERIALIZED and can_rematerialize():
+                with rematerialized_saves():
+                    h = _run_step(step, block, h, skip, emb, conditions)
             elif selective:
                 h = recompute_memory_bound(_run_step, step, block, h, skip, emb, conditions)
             else:
@@ -226,11 +234,18 @@ class UNet3D(nn.Module):
                                      f"got {actual.render()}.")
 
 
+_REMATERIALIZED = frozenset({Op.RES, Op.DOWN, Op.UP})
+"""Steps that train inside `rematerialized_saves()` rather than a selective checkpoint: their norms and
+activations are saved as recipes, and nothing holds a convolution output that no backward needs (the
+second convolution of a residual block, the parity outputs of the sub-pixel upsample). Where recipes
+cannot apply (under autocast) they fall back to the selective checkpoint like every other step."""
+
+
 def _run_step(step: Step, block: nn.Module, h: Tensor, skip: Tensor | None, emb: Tensor,
               conditions: EncodedConditions | None) -> Tensor:
     """One step: concatenate the skip (if any), then run the step's module with what its op takes."""
     if skip is not None:
-        h = torch.cat([h, skip], dim=1)
+        h = recomputable(torch.cat, [h, skip], dim=1)
     if step.op is Op.RES:
         return block(h, emb)
     if step.op is Op.FUSE_CROSS_ATTENTION:

@@ -52,6 +52,8 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from cpcbm_blocks.rematerialize import recomputable
+
 __all__ = ["Conv3d", "conv3d", "upsample_conv3d", "weight_grad_by_depth_taps", "zero_init"]
 
 _SLOW_CONV3D_LIMIT = 20480
@@ -86,8 +88,15 @@ def conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_w kd
         (sd, sh, sw), (pd, ph, pw) = stride, padding
         y = _conv3d(rearrange(x, "b c d h w -> b c h w d"), rearrange(weight, "o i d h w -> o i h w d"), bias,
                     (sh, sw, sd), (ph, pw, pd), 1)
-        return rearrange(y, "b c h w d -> b c d h w")
+        # The layout F.conv3d would give: a permuted output would make every later norm copy it.
+        return rearrange(y, "b c h w d -> b c d h w").contiguous(memory_format=_memory_format_of(x))
     return _conv3d(x, weight, bias, stride, padding, groups)
+
+
+def _memory_format_of(x: Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def upsample_conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_in kd kh kw"],
@@ -102,14 +111,8 @@ def upsample_conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_o
     if any(f not in (1, 2) or (f == 2 and k not in (1, 3)) for f, k in zip(scale, taps)):
         return conv3d(F.interpolate(x, scale_factor=scale, mode="nearest"), weight, bias)
     parities = list(itertools.product(*(range(f) for f in scale)))  # (p_d, p_h, p_w), depth-major
-    kernels = []
-    for parity in parities:
-        kernel = weight
-        for axis, (f, k, p) in enumerate(zip(scale, taps, parity)):
-            if f == 2 and k == 3:
-                kernel = _fold_taps_for_parity(kernel, dim=2 + axis, parity=p)
-        kernels.append(kernel)
-    z = conv3d(x, torch.cat(kernels), None if bias is None else bias.repeat(len(parities)))
+    kernels = recomputable(_parity_kernels, weight, scale=scale)
+    z = conv3d(x, kernels, None if bias is None else bias.repeat(len(parities)))
     # A 2-tap kernel pads by 1 on both sides: parity p's outputs start at index p along that axis.
     depth, height, width = x.shape[2:]
     parts = []
@@ -119,6 +122,18 @@ def upsample_conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_o
                        od:od + depth, oh:oh + height, ow:ow + width])
     y = torch.stack(parts, dim=2).unflatten(2, scale)  # b c pd ph pw d h w
     return rearrange(y, "b c pd ph pw d h w -> b c (d pd) (h ph) (w pw)")
+
+
+def _parity_kernels(weight: Tensor, *, scale: tuple[int, int, int]) -> Tensor:
+    """The kernels of every parity of `upsample_conv3d`, stacked as output channels (depth-major)."""
+    kernels = []
+    for parity in itertools.product(*(range(f) for f in scale)):
+        kernel = weight
+        for axis, (f, k, p) in enumerate(zip(scale, weight.shape[2:], parity)):
+            if f == 2 and k == 3:
+                kernel = _fold_taps_for_parity(kernel, dim=2 + axis, parity=p)
+        kernels.append(kernel)
+    return torch.cat(kernels)
 
 
 def _fold_taps_for_parity(kernel: Tensor, *, dim: int, parity: int) -> Tensor:
@@ -161,14 +176,14 @@ class _Conv3dWeightGradByDepthTaps(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_x = grad_weight = grad_bias = None
+        if need_bias:
+            grad_bias = grad_out.sum(dim=(0, 2, 3, 4))
+        if need_weight:  # first: its slice copies of x and grad_out are gone before grad_x exists
+            grad_weight = weight_grad_by_depth_taps(grad_out, x, weight, stride=ctx.stride, padding=ctx.padding,
+                                                    groups=ctx.groups)
         if need_x:  # input gradient alone: asking aten for the bias gradient too takes a path 4x slower
             grad_x = torch.ops.aten.convolution_backward(grad_out, x, weight, None, ctx.stride, ctx.padding, (1, 1, 1),
                                                          False, (0, 0, 0), ctx.groups, [True, False, False])[0]
-        if need_bias:
-            grad_bias = grad_out.sum(dim=(0, 2, 3, 4))
-        if need_weight:
-            grad_weight = weight_grad_by_depth_taps(grad_out, x, weight, stride=ctx.stride, padding=ctx.padding,
-                                                    groups=ctx.groups)
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
@@ -202,15 +217,23 @@ def weight_grad_by_depth_taps(grad_out: Float[Tensor, "b c_out d_out h_out w_out
 def _folded(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...]) -> Tensor:
     depth, taps = x.shape[2], weight.shape[2]
     depth_out = (depth + 2 * padding[0] - taps) // stride[0] + 1
-    zero = weight.new_zeros(weight.shape[:2] + weight.shape[3:])
-    rows = []
-    for o in range(depth_out):  # plain loops: torch.compile cannot trace a walrus inside a comprehension
-        taps_of_row = [i - o * stride[0] + padding[0] for i in range(depth)]
-        rows.append(torch.cat([weight[:, :, tap] if 0 <= tap < taps else zero for tap in taps_of_row], dim=1))
-    folded = torch.cat(rows, dim=0)
+    # (D_out*C_out, D*C_in, kh, kw): D^2 times the weight, so saved for backward as its recipe when it can be
+    folded = recomputable(_fold_depth_into_channels, weight, depth=depth, stride=stride[0], padding=padding[0])
     y = F.conv2d(rearrange(x, "b c d h w -> b (d c) h w"), folded, None if bias is None else bias.repeat(depth_out),
                  stride[1:], padding[1:])
     return rearrange(y, "b (d c) h w -> b c d h w", d=depth_out)
+
+
+def _fold_depth_into_channels(weight: Tensor, *, depth: int, stride: int, padding: int) -> Tensor:
+    """The block weight of `_folded`: tap `i - o*stride + padding` in block `(o, i)`, zero outside the kernel."""
+    taps = weight.shape[2]
+    depth_out = (depth + 2 * padding - taps) // stride + 1
+    zero = weight.new_zeros(weight.shape[:2] + weight.shape[3:])
+    rows = []
+    for o in range(depth_out):  # plain loops: torch.compile cannot trace a walrus inside a comprehension
+        taps_of_row = [i - o * stride + padding for i in range(depth)]
+        rows.append(torch.cat([weight[:, :, tap] if 0 <= tap < taps else zero for tap in taps_of_row], dim=1))
+    return torch.cat(rows, dim=0)
 
 
 def _cpu_kernels(x: Tensor) -> bool:

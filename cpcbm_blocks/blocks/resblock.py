@@ -1,11 +1,14 @@
 """`ResBlock3D`: the residual block of the diffusion UNet, with timestep injection."""
 
+import operator
+
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from cpcbm_blocks.blocks.conv import Conv3d, zero_init
 from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.errors import InputError
+from cpcbm_blocks.rematerialize import recomputable
 from cpcbm_blocks.spec import TimestepInjection, check_channel_multiple
 
 __all__ = ["ResBlock3D"]
@@ -60,19 +63,25 @@ class ResBlock3D(nn.Module):
     @shape_checked
     def forward(self, x: Float[Tensor, "b {self.in_channels} d h w"],
                 emb: Float[Tensor, "b {self.emb_channels}"] | None = None) -> Float[Tensor, "b {self.out_channels} d h w"]:
-        h = self.conv1(self.act(self.norm1(x)))
+        # Inside `rematerialized_saves()` (how UNet3D trains) the norms' and activations' outputs are
+        # saved for backward as their recipes, so this block holds only x and conv1's output.
+        h = self.conv1(recomputable(self.act, recomputable(self.norm1, x)))
         if (emb is None) != (self.emb_proj is None):
             raise InputError(f"emb: expected {'no embedding' if self.emb_proj is None else 'a timestep embedding'} "
                              f"(emb_channels={self.emb_channels}), got {'None' if emb is None else tuple(emb.shape)}. "
                              "Pass emb exactly when the block was built with emb_channels.")
         if self.emb_proj is None:
-            h = self.norm2(h)
-            return self.skip(x) + self.conv2(self.dropout(self.act(h)))
+            h = recomputable(self.act, recomputable(self.norm2, h))
+            return self.skip(x) + self.conv2(self.dropout(h))
         e = self.emb_proj(emb)[:, :, None, None, None]
         if self.timestep_injection is TimestepInjection.SCALE_SHIFT:
             scale, shift = e.chunk(2, dim=1)
-            h = self.norm2(h) * (1 + scale) + shift
+            h = recomputable(_scale_shift, recomputable(self.norm2, h), scale, shift)
         else:
-            h = self.norm2(h + e)
-        h = self.conv2(self.dropout(self.act(h)))
+            h = recomputable(self.norm2, recomputable(operator.add, h, e))
+        h = self.conv2(self.dropout(recomputable(self.act, h)))
         return self.skip(x) + h
+
+
+def _scale_shift(h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    return h * (1 + scale) + shift
