@@ -34,56 +34,114 @@ loss(y).backward()         # remakes `a` when conv's backward needs it, then fre
 """
 
 import contextlib
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = ["can_rematerialize", "recomputable", "rematerialized_saves", "rematerializing"]
+
+
+class _Recipe:
+    """How to make one tensor again: `fn` over held tensors, constants and other recipes' results."""
+
+    __slots__ = ("__weakref__", "consumers", "fn", "held", "leaves", "spec")
+
+    def __init__(self, fn: Callable[..., Tensor], leaves: list[Any], spec: Any, held: list[tuple[Tensor, int]]) -> None:
+        self.fn, self.leaves, self.spec, self.held = fn, leaves, spec, held
+        self.consumers = 0  # other recipes that take this one's result (or a view of it) as an argument
+
+    def __call__(self) -> Tensor:
+        memo = _remaking.results if self.consumers > 1 else None
+        if memo is not None and id(self) in memo:
+            return memo[id(self)]
+        for tensor, version in self.held:
+            if tensor._version != version:
+                raise RuntimeError(
+                    f"recomputable({getattr(self.fn, '__name__', type(self.fn).__name__)}): an argument of shape "
+                    f"{tuple(tensor.shape)} was modified in place after the forward, so the saved tensor "
+                    "cannot be remade for backward. Do not modify it in place, or compute outside "
+                    "rematerialized_saves().")
+        args, kwargs = tree_unflatten([leaf.remake() if isinstance(leaf, _Remade) else leaf for leaf in self.leaves],
+                                      self.spec)
+        out = self.fn(*args, **kwargs)
+        if memo is not None:
+            memo[id(self)] = out
+        return out
+
+
+class _Remade:
+    """A tensor as its recipe and the view of the recipe's result it was (the whole result, or a chunk)."""
+
+    __slots__ = ("offset", "recipe", "shape", "stride")
+
+    def __init__(self, recipe: _Recipe, tensor: Tensor) -> None:
+        self.recipe, self.shape, self.stride, self.offset = (recipe, tuple(tensor.shape), tensor.stride(),
+                                                             tensor.storage_offset())
+
+    def remake(self) -> Tensor:
+        base = self.recipe()
+        if tuple(base.shape) == self.shape and base.stride() == self.stride and base.storage_offset() == self.offset:
+            return base
+        return base.as_strided(self.shape, self.stride, self.offset)
+
+
+class _Packed(_Remade):
+    """A tensor saved for backward as its recipe: remade without grad when a backward operator needs it.
+
+    While it is remade, a recipe that several others take as an argument (a FiLM map whose two
+    chunks feed two recipes, say) runs once: `_remaking.results` keeps its result until the
+    saved tensor is made, then lets it go.
+    """
+
+    __slots__ = ()
+
+    def remake(self) -> Tensor:
+        outermost = _remaking.results is None
+        if outermost:
+            _remaking.results = {}
+        try:
+            with torch.no_grad():
+                return super().remake()
+        finally:
+            if outermost:
+                _remaking.results = None
+
+
+class _Remaking(threading.local):
+    results: dict[int, Tensor] | None = None  # the results of shared recipes, while one saved tensor is remade
+
+
+_remaking = _Remaking()
 
 
 class _Registry:
     """Storage key -> recipe, for the tensors made by `recomputable` while the context is active."""
 
     def __init__(self) -> None:
-        self.recipes: dict[int, Callable[[], Tensor]] = {}
+        self.recipes: dict[int, _Recipe] = {}
 
-    def add(self, tensor: Tensor, recipe: Callable[[], Tensor]) -> None:
+    def add(self, tensor: Tensor, recipe: _Recipe) -> None:
         storage = tensor.untyped_storage()
         key = storage._cdata
         self.recipes[key] = recipe
         # The key names a storage only while it lives; a new tensor may reuse the address later.
         weakref.finalize(storage, self.recipes.pop, key, None)
 
+    def recipe_of(self, tensor: Tensor) -> _Recipe | None:
+        return self.recipes.get(tensor.untyped_storage()._cdata)
+
     def pack(self, tensor: Tensor) -> Any:
-        recipe = self.recipes.get(tensor.untyped_storage()._cdata)
-        if recipe is None:
-            return tensor
-        return _Packed(recipe, tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
+        recipe = self.recipe_of(tensor)
+        return tensor if recipe is None else _Packed(recipe, tensor)
 
     @staticmethod
     def unpack(packed: Any) -> Tensor:
         return packed.remake() if isinstance(packed, _Packed) else packed
-
-
-class _Packed:
-    """A saved tensor as its recipe and the view of the recipe's result that was saved."""
-
-    __slots__ = ("offset", "recipe", "shape", "stride")
-
-    def __init__(self, recipe: Callable[[], Tensor], shape: tuple[int, ...], stride: tuple[int, ...],
-                 offset: int) -> None:
-        self.recipe, self.shape, self.stride, self.offset = recipe, shape, stride, offset
-
-    def remake(self) -> Tensor:
-        with torch.no_grad():
-            base = self.recipe()
-        if tuple(base.shape) == self.shape and base.stride() == self.stride and base.storage_offset() == self.offset:
-            return base
-        return base.as_strided(self.shape, self.stride, self.offset)
 
 
 _active: list[_Registry] = []
@@ -131,53 +189,26 @@ def rematerialized_saves() -> Iterator[None]:
 def recomputable(fn: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
     """`fn(*args, **kwargs)`; inside `rematerialized_saves()`, saved for backward as this call.
 
-    `fn` must return one tensor and be deterministic. Tensor arguments made by `recomputable` are
-    remade through their own recipes; every other tensor argument is held by the recipe (as
-    autograd would hold it) and must not be modified in place before backward.
+    `fn` must return one tensor and be deterministic. Tensor arguments made by `recomputable` (or
+    views of them, such as chunks) are remade through their own recipes; every other tensor
+    argument is held by the recipe (as autograd would hold it) and must not be modified in place
+    before backward.
     """
     out = fn(*args, **kwargs)
     if not _active or not _applies():
         return out
     registry = _active[-1]
+    leaves, spec = tree_flatten((args, kwargs))
     held: list[tuple[Tensor, int]] = []
-
-    def getter(value: Any) -> Any:
-        if not isinstance(value, Tensor):
-            return value
-        recipe = registry.recipes.get(value.untyped_storage()._cdata)
-        if recipe is not None and value.is_contiguous() and value.storage_offset() == 0:
-            return _Remade(recipe)
-        detached = value.detach()
-        held.append((detached, value._version))
-        return detached
-
-    getters = tree_map(getter, (args, kwargs))
-    if any(isinstance(leaf, _Remade) for leaf in tree_leaves(getters)):
-        def remake_arguments() -> tuple:
-            return tree_map(lambda g: g.recipe() if isinstance(g, _Remade) else g, getters)
-    else:
-        def remake_arguments() -> tuple:
-            return getters
-
-    def recipe() -> Tensor:
-        for tensor, version in held:
-            if tensor._version != version:
-                raise RuntimeError(
-                    f"recomputable({getattr(fn, '__name__', type(fn).__name__)}): an argument of shape "
-                    f"{tuple(tensor.shape)} was modified in place after the forward, so the saved tensor "
-                    "cannot be remade for backward. Do not modify it in place, or compute outside "
-                    "rematerialized_saves().")
-        call_args, call_kwargs = remake_arguments()
-        return fn(*call_args, **call_kwargs)
-
-    registry.add(out, recipe)
+    for index, leaf in enumerate(leaves):
+        if not isinstance(leaf, Tensor):
+            continue
+        made_by = registry.recipe_of(leaf)
+        if made_by is not None:
+            made_by.consumers += 1
+            leaves[index] = _Remade(made_by, leaf)
+        else:
+            leaves[index] = leaf.detach()
+            held.append((leaves[index], leaf._version))
+    registry.add(out, _Recipe(fn, leaves, spec, held))
     return out
-
-
-class _Remade:
-    """An argument that is itself recomputable: remade through its recipe when needed."""
-
-    __slots__ = ("recipe",)
-
-    def __init__(self, recipe: Callable[[], Tensor]) -> None:
-        self.recipe = recipe

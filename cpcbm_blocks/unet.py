@@ -234,11 +234,12 @@ class UNet3D(nn.Module):
                                      f"got {actual.render()}.")
 
 
-_REMATERIALIZED = frozenset({Op.RES, Op.DOWN, Op.UP})
-"""Steps that train inside `rematerialized_saves()` rather than a selective checkpoint: their norms and
-activations are saved as recipes, and nothing holds a convolution output that no backward needs (the
-second convolution of a residual block, the parity outputs of the sub-pixel upsample). Where recipes
-cannot apply (under autocast) they fall back to the selective checkpoint like every other step."""
+_REMATERIALIZED = frozenset({Op.RES, Op.DOWN, Op.UP, Op.FUSE_DYNAMIC_CONV})
+"""Steps that train inside `rematerialized_saves()` rather than a selective checkpoint: their norms,
+activations and FiLM maps are saved as recipes and remade one at a time in backward, and nothing
+holds a convolution output that no backward needs (the second convolution of a residual block, the
+parity outputs of the sub-pixel upsample). Where recipes cannot apply (under autocast) they fall
+back to the selective checkpoint like every other step."""
 
 
 def _run_step(step: Step, block: nn.Module, h: Tensor, skip: Tensor | None, emb: Tensor,

@@ -190,3 +190,39 @@ def test_a_residual_block_holds_its_input_and_first_convolution_output_only():
     assert plain >= 5 * activation_bytes
     # x itself is the caller's; what the block adds is conv1's output, and small statistics and weights
     assert held <= 1.25 * activation_bytes, (held / activation_bytes, plain / activation_bytes)
+
+
+def test_a_recipe_that_feeds_two_others_runs_once_per_saved_tensor():
+    # The FiLM pattern of DynamicConvFusion3D: two chunks of one map feed two recipes.
+    generator = torch.Generator().manual_seed(3)
+    condition = torch.randn(2, 4, 6, generator=generator).requires_grad_()
+    u = torch.randn(2, 2, 6, generator=generator).requires_grad_()
+    gate = torch.randn(2, 1, 1, generator=generator).requires_grad_()
+    calls = []
+
+    def film(c):
+        calls.append(1)
+        return c * 3.0
+
+    def fn():
+        gamma, beta = recomputable(film, condition).chunk(2, dim=1)
+        modulated = recomputable(torch.addcmul, beta, u, recomputable(torch.add, gamma, 1))
+        return gate * modulated  # saves `modulated`, for the gate's gradient
+
+    plain_out, plain = _grads(fn, condition, u, gate)
+
+    def rematerialized():
+        with rematerialized_saves():
+            return fn()
+
+    calls.clear()
+    for leaf in (condition, u, gate):
+        leaf.grad = None
+    out = rematerialized()
+    assert len(calls) == 1  # the forward
+    out.square().sum().backward()
+    # remaking `modulated` (for the gate) and `1 + gamma` (for the multiply by u): film once each
+    assert len(calls) == 3
+    torch.testing.assert_close(out.detach(), plain_out)
+    for leaf, expected in zip((condition, u, gate), plain, strict=True):
+        torch.testing.assert_close(leaf.grad, expected)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from cpcbm_blocks.blocks.conv import Conv3d, conv3d
 from cpcbm_blocks.contracts import shape_checked
+from cpcbm_blocks.rematerialize import recomputable
 
 __all__ = ["DynamicConvFusion3D", "naive_dynamic_conv"]
 
@@ -82,7 +83,10 @@ class DynamicConvFusion3D(nn.Module):
     @shape_checked
     def forward(self, x: Float[Tensor, "b {self.channels} d h w"], condition: Float[Tensor, "b {self.channels} d h w"]
                 ) -> Float[Tensor, "b {self.channels} d h w"]:
-        u = self.dynamic_conv(self.norm(x), self.routing(condition))
-        gamma, beta = self.film(condition).chunk(2, dim=1)
-        u = u * (1 + gamma) + beta
-        return x + torch.tanh(self.gate)[None, :, None, None, None] * u
+        # Inside `rematerialized_saves()` (how UNet3D trains) everything but the convolution's output u
+        # is saved for backward as its recipe: the norm, the 1x1x1 FiLM maps (cheap per output) and
+        # the modulated u are remade one at a time when backward needs them.
+        u = self.dynamic_conv(recomputable(self.norm, x), self.routing(condition))
+        gamma, beta = recomputable(self.film, condition).chunk(2, dim=1)
+        u = recomputable(torch.addcmul, beta, u, recomputable(torch.add, gamma, 1))  # u (1 + γ) + β
+        return torch.addcmul(x, torch.tanh(self.gate)[None, :, None, None, None], u)
