@@ -16,6 +16,12 @@ Arguments that are themselves recomputable are remade through their own recipes,
 its input and the output of its first convolution; the output of its second convolution, which no
 backward needs, is not held at all (a selective checkpoint would cache it).
 
+A recipe that several others take as an argument (the FiLM map whose two chunks modulate a
+feature) runs once per saved tensor being remade. With `rematerialized_saves(products=True)`, the
+expensive tensors made by `recomputable_product` (convolution outputs) are recipes too: that is
+gradient checkpointing at the granularity of tensors. In backward each such product runs once,
+when the first saved tensor that needs it is remade, and is kept only until the last one has been.
+
 Rules, as autograd's own saved tensors follow them:
 
 * A recipe must be deterministic (no dropout) and its held arguments must not be modified in
@@ -43,19 +49,34 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["can_rematerialize", "recomputable", "rematerialized_saves", "rematerializing"]
+__all__ = ["can_rematerialize", "recomputable", "recomputable_product", "rematerialized_saves", "rematerializing"]
 
 
 class _Recipe:
     """How to make one tensor again: `fn` over held tensors, constants and other recipes' results."""
 
-    __slots__ = ("__weakref__", "consumers", "fn", "held", "leaves", "spec")
+    __slots__ = ("__weakref__", "cached", "consumers", "expensive", "fn", "held", "leaves", "pending", "spec")
 
-    def __init__(self, fn: Callable[..., Tensor], leaves: list[Any], spec: Any, held: list[tuple[Tensor, int]]) -> None:
-        self.fn, self.leaves, self.spec, self.held = fn, leaves, spec, held
+    def __init__(self, fn: Callable[..., Tensor], leaves: list[Any], spec: Any, held: list[tuple[Tensor, int]], *,
+                 expensive: bool) -> None:
+        self.fn, self.leaves, self.spec, self.held, self.expensive = fn, leaves, spec, held, expensive
         self.consumers = 0  # other recipes that take this one's result (or a view of it) as an argument
+        # An expensive recipe (a convolution, under `rematerialized_saves(products=True)`) runs once in
+        # backward: its result is kept from its first use until the last saved tensor that needs it is made.
+        self.pending = 0
+        self.cached: Tensor | None = None
+
+    def needs(self) -> list["_Recipe"]:
+        """This recipe and every recipe it remakes its arguments through, expensive ones only."""
+        found = [self] if self.expensive else []
+        for leaf in self.leaves:
+            if isinstance(leaf, _Remade):
+                found += leaf.recipe.needs()
+        return found
 
     def __call__(self) -> Tensor:
+        if self.cached is not None:
+            return self.cached
         memo = _remaking.results if self.consumers > 1 else None
         if memo is not None and id(self) in memo:
             return memo[id(self)]
@@ -71,6 +92,8 @@ class _Recipe:
         out = self.fn(*args, **kwargs)
         if memo is not None:
             memo[id(self)] = out
+        if self.expensive and self.pending > 0:
+            self.cached = out
         return out
 
 
@@ -98,7 +121,13 @@ class _Packed(_Remade):
     saved tensor is made, then lets it go.
     """
 
-    __slots__ = ()
+    __slots__ = ("expensive",)
+
+    def __init__(self, recipe: _Recipe, tensor: Tensor) -> None:
+        super().__init__(recipe, tensor)
+        self.expensive = recipe.needs()
+        for needed in self.expensive:
+            needed.pending += 1
 
     def remake(self) -> Tensor:
         outermost = _remaking.results is None
@@ -110,6 +139,10 @@ class _Packed(_Remade):
         finally:
             if outermost:
                 _remaking.results = None
+            for needed in self.expensive:  # the last saved tensor that needed it has been made
+                needed.pending -= 1
+                if needed.pending <= 0:
+                    needed.cached = None
 
 
 class _Remaking(threading.local):
@@ -122,8 +155,9 @@ _remaking = _Remaking()
 class _Registry:
     """Storage key -> recipe, for the tensors made by `recomputable` while the context is active."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, products: bool) -> None:
         self.recipes: dict[int, _Recipe] = {}
+        self.products = products
 
     def add(self, tensor: Tensor, recipe: _Recipe) -> None:
         storage = tensor.untyped_storage()
@@ -167,17 +201,22 @@ def can_rematerialize() -> bool:
 
 
 @contextlib.contextmanager
-def rematerialized_saves() -> Iterator[None]:
+def rematerialized_saves(*, products: bool = False) -> Iterator[None]:
     """Save the tensors made by `recomputable` inside this block as their recipes (see the module docs).
 
-    Nested uses share one registry. Where another saved-tensor hook is already active (a
-    `torch.utils.checkpoint` region, say), where grad is off, under autocast or while compiling,
-    it does nothing: those tensors are saved as usual.
+    With `products=True`, those made by `recomputable_product` (convolution outputs) too: the block
+    then holds about what `torch.utils.checkpoint` would, its inputs, and in backward runs each
+    product once, keeping it only until the last saved tensor that needs it has been made. That is
+    gradient checkpointing without running again what no backward needs.
+
+    Nested uses share the outermost one's registry and setting. Where another saved-tensor hook is
+    already active (a `torch.utils.checkpoint` region, say), where grad is off, under autocast or
+    while compiling, it does nothing: those tensors are saved as usual.
     """
     if _active or not can_rematerialize():
         yield
         return
-    registry = _Registry()
+    registry = _Registry(products=products)
     _active.append(registry)
     try:
         with torch.autograd.graph.saved_tensors_hooks(registry.pack, registry.unpack):
@@ -194,8 +233,22 @@ def recomputable(fn: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor
     argument is held by the recipe (as autograd would hold it) and must not be modified in place
     before backward.
     """
+    return _record(fn, args, kwargs, expensive=False)
+
+
+def recomputable_product(fn: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
+    """`fn(*args, **kwargs)` for an expensive `fn` (a convolution): a recipe only under
+    `rematerialized_saves(products=True)`, where it runs at most once more, in backward.
+
+    Elsewhere (including plain `rematerialized_saves()`) the result is an ordinary tensor, saved as
+    usual by whichever operator needs it.
+    """
+    return _record(fn, args, kwargs, expensive=True)
+
+
+def _record(fn: Callable[..., Tensor], args: tuple, kwargs: dict, *, expensive: bool) -> Tensor:
     out = fn(*args, **kwargs)
-    if not _active or not _applies():
+    if not _active or not _applies() or (expensive and not _active[-1].products):
         return out
     registry = _active[-1]
     leaves, spec = tree_flatten((args, kwargs))
@@ -210,5 +263,5 @@ def recomputable(fn: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor
         else:
             leaves[index] = leaf.detach()
             held.append((leaves[index], leaf._version))
-    registry.add(out, _Recipe(fn, leaves, spec, held))
+    registry.add(out, _Recipe(fn, leaves, spec, held, expensive=expensive))
     return out

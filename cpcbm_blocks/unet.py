@@ -70,11 +70,17 @@ class UNet3D(nn.Module):
                                    conditions: bool = False, selective: bool = True) -> "UNet3D":
         """Recompute the steps of the given levels (and of the middle) in backward instead of saving them.
 
-        Every step of a checkpointed level, on the way down and on the way up, runs under
-        `torch.utils.checkpoint` (non-reentrant): it keeps only its inputs for backward and runs its
-        forward again when the gradient reaches it. Gradients are the same as without checkpointing
-        (tested); the cost is one more forward of those steps. A skip is concatenated inside the
-        checkpointed call, so the concatenation is not kept either. With `conditions=True` the
+        Every step of a checkpointed level, on the way down and on the way up, keeps only its inputs
+        for backward and computes again, when the gradient reaches it, what its backward needs.
+        Attention and cross-attention steps run under `torch.utils.checkpoint` (non-reentrant), which
+        runs their whole forward again. Residual blocks, samplers and dynamic-convolution fusion run
+        inside [`rematerialized_saves(products=True)`][cpcbm_blocks.rematerialize.rematerialized_saves]:
+        their convolution outputs are saved as recipes too, and in backward each convolution whose
+        output a backward needs runs once more (a residual block's first; not its second, nor a
+        sampler's, whose outputs no backward reads). The same memory as `torch.utils.checkpoint`, for
+        fewer FLOPs; under autocast they fall back to `torch.utils.checkpoint`. Gradients are the same
+        as without checkpointing (tested). A skip is concatenated inside the checkpointed step, so the
+        concatenation is not kept either. With `conditions=True` the
         condition encoder is checkpointed too (it keeps only its encoded outputs). Levels are numbered
         from 1 (shallowest); `levels=()`, `mid=False` and `conditions=False` switch it off. Only training (grad
         enabled) is affected. The setting lives on the module, not in the spec: it changes memory and
@@ -209,7 +215,11 @@ class UNet3D(nn.Module):
             skip = skips.pop() if step.takes_skip else None
             h_in = h
             if position in self._checkpointed and torch.is_grad_enabled():
-                h = recompute_in_backward(_run_step, step, block, h, skip, emb, conditions, use_reentrant=False)
+                if step.op in _REMATERIALIZED and can_rematerialize():
+                    with rematerialized_saves(products=True):
+                        h = _run_step(step, block, h, skip, emb, conditions)
+                else:
+                    h = recompute_in_backward(_run_step, step, block, h, skip, emb, conditions, use_reentrant=False)
             elif selective and step.op in _REMATERIALIZED and can_rematerialize():
                 with rematerialized_saves():
                     h = _run_step(step, block, h, skip, emb, conditions)

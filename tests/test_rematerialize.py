@@ -1,6 +1,7 @@
 """Rematerialised saves: the same gradients, less held for backward, and a loud error rather than a wrong one."""
 
 import dataclasses
+import weakref
 
 import pytest
 import torch
@@ -9,7 +10,13 @@ from torch.utils.checkpoint import checkpoint
 
 from cpcbm_blocks import ResBlock3D, TimestepInjection, UNet3D
 from cpcbm_blocks.measure import _MALLINFO2, held_for_backward
-from cpcbm_blocks.rematerialize import can_rematerialize, recomputable, rematerialized_saves, rematerializing
+from cpcbm_blocks.rematerialize import (
+    can_rematerialize,
+    recomputable,
+    recomputable_product,
+    rematerialized_saves,
+    rematerializing,
+)
 
 from .conftest import randomize_
 from .test_recompute import _conditioned_spec, _inputs, _step
@@ -226,3 +233,52 @@ def test_a_recipe_that_feeds_two_others_runs_once_per_saved_tensor():
     torch.testing.assert_close(out.detach(), plain_out)
     for leaf, expected in zip((condition, u, gate), plain, strict=True):
         torch.testing.assert_close(leaf.grad, expected)
+
+
+def test_with_products_a_convolution_runs_once_in_backward_and_is_let_go_after_its_last_use():
+    x, weight, norm = _leaves()
+    weight2 = (0.1 * torch.randn(4, 4, 3, 3, 3, generator=torch.Generator().manual_seed(4))).requires_grad_()
+    e = torch.randn(2, 4, 1, 1, 1, requires_grad=True)
+    made = []
+
+    def conv1(a):
+        out = F.conv3d(a, weight, padding=1)
+        made.append(weakref.ref(out))
+        return out
+
+    def block():  # a residual block's shape: conv2(silu(norm2(conv1(silu(norm1(x))) + e)))
+        h = recomputable_product(conv1, recomputable(F.silu, recomputable(norm, x)))
+        a2 = recomputable(F.silu, recomputable(F.group_norm, recomputable(torch.add, h, e), 2))
+        return F.conv3d(a2, weight2, padding=1)
+
+    plain_out, plain = _grads(block, x, weight, weight2, e)
+
+    def checkpointed():
+        with rematerialized_saves(products=True):
+            return block()
+
+    for leaf in (x, weight, weight2, e):
+        leaf.grad = None
+    made.clear()
+    out = checkpointed()
+    assert len(made) == 1 and made[0]() is None  # conv1's output is not held by the graph
+    out.square().sum().backward(retain_graph=True)  # the graph (and its recipes) stay alive
+    # three saved tensors need conv1's output (the add's, the norm's and the SiLU's); it ran once for them
+    assert len(made) == 2
+    assert made[1]() is None  # and was let go after the last of them
+    torch.testing.assert_close(out.detach(), plain_out)
+    for leaf, expected in zip((x, weight, weight2, e), plain, strict=True):
+        torch.testing.assert_close(leaf.grad, expected)
+
+
+@pytest.mark.skipif(_MALLINFO2 is None, reason="measuring held bytes needs glibc >= 2.33 (mallinfo2)")
+def test_with_products_a_residual_block_holds_about_nothing_but_its_input():
+    block = randomize_(ResBlock3D(in_channels=32, out_channels=32, emb_channels=16, num_groups=8), seed=1)
+    x = torch.randn(1, 32, 8, 32, 32)  # 1 MiB per activation
+    emb = torch.randn(1, 16)
+
+    def checkpointed(x, emb):
+        with rematerialized_saves(products=True):
+            return block(x, emb)
+
+    assert held_for_backward(checkpointed, x, emb) <= 0.25 * x.numel() * x.element_size()

@@ -36,14 +36,20 @@ def test_gradient_checkpointing_gives_the_plain_models_outputs_and_gradients(tin
 
 
 def test_checkpointed_steps_really_recompute_in_backward(tiny_spec):
-    model = _model(tiny_spec).set_gradient_checkpointing(levels=(1,))
-    calls = []
-    model.blocks["down1_res1"].register_forward_pre_hook(lambda *_: calls.append(1))
+    model = _model(tiny_spec).set_gradient_checkpointing(levels=(1, 2))
+    calls = {name: [] for name in ("down1_res1", "down1_res1.conv1", "down1_res1.conv2", "down1_down.conv",
+                                   "down2_attn1")}
+    for name, log in calls.items():
+        model.blocks.get_submodule(name).register_forward_pre_hook(lambda *_, log=log: log.append(1))
     model(torch.randn(1, 1, 4, 8, 8), 5).sum().backward()
-    assert len(calls) == 2  # forward, then again in backward
+    # A checkpointed residual block keeps only its inputs (rematerialized_saves(products=True)): in
+    # backward its first convolution runs once more, its second and the downsampler's not at all,
+    # because no backward needs their outputs. Attention runs again as a whole (torch.utils.checkpoint).
+    assert {name: len(log) for name, log in calls.items()} == {
+        "down1_res1": 1, "down1_res1.conv1": 2, "down1_res1.conv2": 1, "down1_down.conv": 1, "down2_attn1": 2}
     with torch.no_grad():
         model(torch.randn(1, 1, 4, 8, 8), 5)
-    assert len(calls) == 3  # no checkpointing (and no recompute) without grad
+    assert len(calls["down1_res1.conv1"]) == 3 and len(calls["down2_attn1"]) == 3  # no recompute without grad
 
 
 def test_checkpointing_rejects_levels_that_do_not_exist(tiny_spec):

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from cpcbm_blocks.blocks.conv import Conv3d, conv3d
 from cpcbm_blocks.contracts import shape_checked
-from cpcbm_blocks.rematerialize import recomputable
+from cpcbm_blocks.rematerialize import recomputable, recomputable_product
 
 __all__ = ["DynamicConvFusion3D", "naive_dynamic_conv"]
 
@@ -85,8 +85,9 @@ class DynamicConvFusion3D(nn.Module):
                 ) -> Float[Tensor, "b {self.channels} d h w"]:
         # Inside `rematerialized_saves()` (how UNet3D trains) everything but the convolution's output u
         # is saved for backward as its recipe: the norm, the 1x1x1 FiLM maps (cheap per output) and
-        # the modulated u are remade one at a time when backward needs them.
-        u = self.dynamic_conv(recomputable(self.norm, x), self.routing(condition))
+        # the modulated u are remade one at a time when backward needs them; with `products=True`
+        # (a checkpointed level) u is a recipe too, run once in backward.
+        u = recomputable_product(self.dynamic_conv, recomputable(self.norm, x), self.routing(condition))
         gamma, beta = recomputable(self.film, condition).chunk(2, dim=1)
         u = recomputable(torch.addcmul, beta, u, recomputable(torch.add, gamma, 1))  # u (1 + γ) + β
         return torch.addcmul(x, torch.tanh(self.gate)[None, :, None, None, None], u)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from cpcbm_blocks.blocks.conv import Conv3d, zero_init
 from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.errors import InputError
-from cpcbm_blocks.rematerialize import recomputable
+from cpcbm_blocks.rematerialize import recomputable, recomputable_product
 from cpcbm_blocks.spec import TimestepInjection, check_channel_multiple
 
 __all__ = ["ResBlock3D"]
@@ -64,8 +64,9 @@ class ResBlock3D(nn.Module):
     def forward(self, x: Float[Tensor, "b {self.in_channels} d h w"],
                 emb: Float[Tensor, "b {self.emb_channels}"] | None = None) -> Float[Tensor, "b {self.out_channels} d h w"]:
         # Inside `rematerialized_saves()` (how UNet3D trains) the norms' and activations' outputs are
-        # saved for backward as their recipes, so this block holds only x and conv1's output.
-        h = self.conv1(recomputable(self.act, recomputable(self.norm1, x)))
+        # saved for backward as their recipes, so this block holds only x and conv1's output; with
+        # `products=True` (a checkpointed level) conv1's output is a recipe too, run once in backward.
+        h = recomputable_product(self.conv1, recomputable(self.act, recomputable(self.norm1, x)))
         if (emb is None) != (self.emb_proj is None):
             raise InputError(f"emb: expected {'no embedding' if self.emb_proj is None else 'a timestep embedding'} "
                              f"(emb_channels={self.emb_channels}), got {'None' if emb is None else tuple(emb.shape)}. "
