@@ -219,9 +219,11 @@ def _folded(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, .
     depth_out = (depth + 2 * padding[0] - taps) // stride[0] + 1
     # (D_out*C_out, D*C_in, kh, kw): D^2 times the weight, so saved for backward as its recipe when it can be
     folded = recomputable(_fold_depth_into_channels, weight, depth=depth, stride=stride[0], padding=padding[0])
-    y = F.conv2d(rearrange(x, "b c d h w -> b (d c) h w"), folded, None if bias is None else bias.repeat(depth_out),
-                 stride[1:], padding[1:])
-    return rearrange(y, "b (d c) h w -> b c d h w", d=depth_out)
+    # Merging depth into channels copies x; saved by the convolution, that copy is a recipe too.
+    planes = recomputable(rearrange, x, "b c d h w -> b (d c) h w")
+    y = F.conv2d(planes, folded, None if bias is None else bias.repeat(depth_out), stride[1:], padding[1:])
+    # In x's layout, as F.conv3d would give it: a permuted view would make every later norm copy it.
+    return rearrange(y, "b (d c) h w -> b c d h w", d=depth_out).contiguous(memory_format=_memory_format_of(x))
 
 
 def _fold_depth_into_channels(weight: Tensor, *, depth: int, stride: int, padding: int) -> Tensor:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
@@ -55,6 +56,15 @@ def test_a_volume_no_deeper_than_the_kernel_folds_into_one_conv2d_equal_to_conv3
     assert conv.folds(depth) and not conv.folds(taps + 1)
     x = torch.randn(batch, 3, depth, size, size, requires_grad=True)
     _assert_equals_conv3d_with_gradients(conv, conv(x), x, tolerance=1e-5)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("shape", [(1, 4, 2, 6, 6), (1, 32, 4, 32, 32)], ids=["folded", "depth-last"])
+def test_the_fast_forms_return_the_inputs_layout(shape, memory_format):
+    # Not a permuted view, which every GroupNorm reading it would copy (and hold for backward).
+    conv = Conv3d(shape[1], 8, kernel_size=(3, 3, 3))
+    x = torch.randn(shape).contiguous(memory_format=memory_format)
+    assert conv(x).is_contiguous(memory_format=memory_format)
 
 
 def test_deeper_volumes_keep_the_3d_convolution():
