@@ -2,7 +2,7 @@
 
 Four variants alternate: our default UNet's train step (forward + backward, fp32, batch 1), a single
 `Conv3d` 32->32 3x3x3 forward + backward on the full-resolution level's tensor `(1, 32, 8, H, W)`
-(torch's, and ours with the weight gradient by depth taps), and an fp32 4096^3 matmul. FLOPs are nominal (`FlopCounterMode`: convolutions, matmuls, attention).
+(torch's, and ours with the faster measured weight gradient), and an fp32 4096^3 matmul. FLOPs are nominal (`FlopCounterMode`: convolutions, matmuls, attention).
 
     python benchmarks/bench_roofline.py --size 128 --repeats 3
 """
@@ -47,7 +47,7 @@ def main() -> None:
         conv.zero_grad(set_to_none=True)
         conv(feature).sum().backward()
 
-    def our_conv_step():  # the weight gradient by depth taps (cpcbm_blocks.blocks.conv)
+    def our_conv_step():  # the weight gradient by the faster of depth taps and oneDNN's 3-D kernel
         ours.zero_grad(set_to_none=True)
         ours(feature).sum().backward()
 
@@ -56,8 +56,9 @@ def main() -> None:
 
     variants = {"UNet train step": unet_step, "torch Conv3d 32->32 fwd+bwd": conv_step,
                 "cpcbm_blocks Conv3d 32->32 fwd+bwd": our_conv_step, "matmul 4096^3": matmul}
-    flops = {name: flops_of(run) for name, run in variants.items()}
     times = alternate(variants, repeats=args.repeats, warmup=1)
+    # Counted after the runs: Conv3d's first backward of a problem also times both weight-gradient forms.
+    flops = {name: flops_of(run) for name, run in variants.items()}
     rate = {name: flops[name] / median(times[name]) for name in variants}
     rows = [[name, median(times[name]), flops[name] / 1e9, rate[name] / 1e9, rate["UNet train step"] / rate[name]]
             for name in variants]

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from cpcbm_blocks import (CheckpointError, Downsample3D, InputError, LevelSpec, MidSpec, MultiHeadSelfAttention3D,
-                          ResBlock3D, ShapeContractError, SpecError, TimestepEmbedding, UNet3D, UNetSpec)
+                          ResBlock3D, ShapeContractError, SpecError, TimestepEmbedding, UNet3D, UNetSpec,
+                          set_weight_grad_method)
 from cpcbm_blocks.checkpoint import WEIGHTS_FILE, from_pretrained, load_weights, save_pretrained
 from cpcbm_blocks.memory import memory_plan
 from cpcbm_blocks.spec import ConditioningSpec
@@ -399,6 +400,10 @@ CATALOGUE: list[Case] = [
          trigger=lambda ctx: memory_plan(tiny_spec(), (1, 1, 4, 8, 8), dtype="float32"), error=InputError,
          argument="dtype", expected="expected one of ['bf16', 'fp16', 'fp32']", actual="got 'float32'",
          fix="dtype='bf16'"),
+    Case(id="memory-weight-grad-method", topic="memory", mistake="An unknown weight-gradient method",
+         trigger=lambda ctx: set_weight_grad_method("fast"), error=InputError, argument="method",
+         expected="expected one of 'auto', 'depth_taps', 'aten'", actual="got 'fast'",
+         fix="set_weight_grad_method('aten')"),
     # ---- checkpoints -------------------------------------------------------------------------
     Case(id="ckpt-other-spec", topic="checkpoint", mistake="Loading weights into a model of another spec",
          trigger=lambda ctx: load_weights(UNet3D(tiny_spec(head_channels=8)), ctx.checkpoint), error=CheckpointError,

@@ -1,9 +1,12 @@
 """Selective recomputation: the same gradients, fewer activations held, and no expensive convolution twice."""
 
+import dataclasses
+
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cpcbm_blocks import UNet3D, UNetSpec
+from cpcbm_blocks import TimestepInjection, UNet3D, UNetSpec
 from cpcbm_blocks.memory import memory_plan
 from cpcbm_blocks.recompute import CHEAP_PER_OUTPUT
 
@@ -32,16 +35,32 @@ def _inputs(spec):
     return x, torch.tensor([3.0, 700.0]), conditions
 
 
-def test_selective_recomputation_gives_the_plain_gradients(tiny_spec):
-    for spec in (tiny_spec, _conditioned_spec()):
-        model = randomize_(UNet3D(spec), scale=0.1, seed=0)
-        x, t, conditions = _inputs(spec)
-        out, selective = _step(model, x, t, conditions)
-        out_plain, plain = _step(model.set_gradient_checkpointing(selective=False), x, t, conditions)
-        torch.testing.assert_close(out, out_plain)
-        assert selective.keys() == plain.keys() and plain
-        for name in plain:
-            torch.testing.assert_close(selective[name], plain[name], msg=name)
+def _variants(tiny_spec):
+    conditioned = _conditioned_spec()
+    return {
+        "tiny": tiny_spec,
+        "conditioned": conditioned,
+        "conditioned, scale-shift": dataclasses.replace(conditioned, timestep_injection=TimestepInjection.SCALE_SHIFT),
+        # a recipe must be deterministic: dropout's output is saved as a tensor, so seeded runs agree
+        "conditioned, dropout": dataclasses.replace(conditioned, dropout=0.3),
+    }
+
+
+@pytest.mark.parametrize("variant", ["tiny", "conditioned", "conditioned, scale-shift", "conditioned, dropout"])
+def test_selective_recomputation_gives_the_plain_gradients(tiny_spec, variant):
+    # Residual blocks, samplers and dynamic-conv fusion through recipes, the other steps through a
+    # selective checkpoint: the model's function and gradients are plain PyTorch's.
+    spec = _variants(tiny_spec)[variant]
+    model = randomize_(UNet3D(spec), scale=0.1, seed=0)
+    x, t, conditions = _inputs(spec)
+    torch.manual_seed(5)
+    out, selective = _step(model, x, t, conditions)
+    torch.manual_seed(5)
+    out_plain, plain = _step(model.set_gradient_checkpointing(selective=False), x, t, conditions)
+    torch.testing.assert_close(out, out_plain)
+    assert selective.keys() == plain.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(selective[name], plain[name], msg=name)
 
 
 class _CountConvolutions(TorchDispatchMode):

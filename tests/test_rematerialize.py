@@ -1,6 +1,5 @@
 """Rematerialised saves: the same gradients, less held for backward, and a loud error rather than a wrong one."""
 
-import dataclasses
 import weakref
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cpcbm_blocks import ResBlock3D, TimestepInjection, UNet3D
+from cpcbm_blocks import ResBlock3D
 from cpcbm_blocks.measure import _MALLINFO2, held_for_backward
 from cpcbm_blocks.rematerialize import (
     can_rematerialize,
@@ -19,7 +18,6 @@ from cpcbm_blocks.rematerialize import (
 )
 
 from .conftest import randomize_
-from .test_recompute import _conditioned_spec, _inputs, _step
 
 
 def _chain(x: torch.Tensor, weight: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
@@ -143,41 +141,6 @@ def test_it_steps_aside_where_saved_tensors_are_someone_elses(context):
     assert len(seen) >= 2 and not any(seen)
     assert can_rematerialize()  # and back in plain eager training it applies again
     assert recomputable(torch.add, x, 1).requires_grad  # outside any context: just the call
-
-
-def _variants():
-    conditioned = _conditioned_spec()
-    return {
-        "conditioned-add": conditioned,
-        "conditioned-scale-shift": dataclasses.replace(conditioned, timestep_injection=TimestepInjection.SCALE_SHIFT),
-    }
-
-
-@pytest.mark.parametrize("name", list(_variants()))
-def test_the_unet_trains_to_the_plain_gradients(name):
-    spec = _variants()[name]
-    model = randomize_(UNet3D(spec), scale=0.1, seed=0)
-    x, t, conditions = _inputs(spec)
-    out, rematerialized = _step(model, x, t, conditions)
-    out_plain, plain = _step(model.set_gradient_checkpointing(selective=False), x, t, conditions)
-    torch.testing.assert_close(out, out_plain)
-    assert rematerialized.keys() == plain.keys() and plain
-    for key in plain:
-        torch.testing.assert_close(rematerialized[key], plain[key], msg=key)
-
-
-def test_dropout_stays_outside_the_recipes():
-    # A recipe must be deterministic: dropout's output is saved as a tensor, so seeded runs agree.
-    spec = dataclasses.replace(_conditioned_spec(), dropout=0.3)
-    model = randomize_(UNet3D(spec), scale=0.1, seed=0).train()
-    x, t, conditions = _inputs(spec)
-    torch.manual_seed(5)
-    out, rematerialized = _step(model, x, t, conditions)
-    torch.manual_seed(5)
-    out_plain, plain = _step(model.set_gradient_checkpointing(selective=False), x, t, conditions)
-    torch.testing.assert_close(out, out_plain)
-    for key in plain:
-        torch.testing.assert_close(rematerialized[key], plain[key], msg=key)
 
 
 @pytest.mark.skipif(_MALLINFO2 is None, reason="measuring held bytes needs glibc >= 2.33 (mallinfo2)")

@@ -34,17 +34,21 @@ And one where the network upsamples (`upsample_conv3d`, used by `Upsample3D`):
 
 And one for training on CPU:
 
-* **The weight gradient by depth taps.** oneDNN computes a 3-D convolution's weight gradient at
-  about 40 GFLOP/s on this project's CPUs, a third of the speed of its forward and input gradient
-  (`benchmarks/bench_conv_backward.py`). Tap `a` of the kernel's depth axis only ever pairs output
-  slice `o` with input slice `o*s_d + a - p_d`, so its gradient is a 2-D weight gradient over the
-  batch of matching `(output, input)` slice pairs; the kernel's `k_d` taps are `k_d` such 2-D
-  gradients, which oneDNN computes about twice as fast. Only the weight gradient changes; the
-  forward and the input gradient are `F.conv3d`'s own. `Conv3d`'s parameters keep `nn.Conv3d`'s names and
-5-D shapes, so state dicts are interchangeable.
+* **The weight gradient by depth taps, where it is faster.** Tap `a` of the kernel's depth axis
+  only ever pairs output slice `o` with input slice `o*s_d + a - p_d`, so its gradient is a 2-D
+  weight gradient over the batch of matching `(output, input)` slice pairs; the kernel's `k_d` taps
+  are `k_d` such 2-D gradients. Which form is faster depends on the CPU
+  (`benchmarks/bench_conv_backward.py`): on an AVX2 machine oneDNN's 3-D weight gradient ran at
+  about 40 GFLOP/s and the taps twice as fast; on an AVX-512 one the 3-D form ran at 185-205
+  GFLOP/s, 7-27% faster than the taps. So by default (`set_weight_grad_method("auto")`) the first
+  backward of each problem (shapes, strides, dtype, thread count) times both once and keeps the
+  faster, as `torch.backends.cudnn.benchmark` does on GPUs. Only the weight gradient changes; the
+  forward and the input gradient are `F.conv3d`'s own. `Conv3d`'s parameters keep `nn.Conv3d`'s
+  names and 5-D shapes, so state dicts are interchangeable.
 """
 
 import itertools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +56,11 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.rematerialize import recomputable
 
-__all__ = ["Conv3d", "conv3d", "upsample_conv3d", "weight_grad_by_depth_taps", "zero_init"]
+__all__ = ["WEIGHT_GRAD_METHODS", "Conv3d", "conv3d", "set_weight_grad_method", "upsample_conv3d",
+           "weight_grad_by_depth_taps", "zero_init"]
 
 _SLOW_CONV3D_LIMIT = 20480
 """PyTorch (2.x, CPU, float32, batch 1, groups 1) runs a 3-D convolution with `slow_conv3d` when
@@ -150,16 +156,70 @@ def _fold_taps_for_parity(kernel: Tensor, *, dim: int, parity: int) -> Tensor:
 
 def _conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...],
             groups: int) -> Tensor:
-    """`F.conv3d`; on CPU, when the weight needs a gradient, with the weight gradient by depth taps."""
-    if (_cpu_kernels(x) and weight.requires_grad and torch.is_grad_enabled()
+    """`F.conv3d`; on CPU, when the weight needs a gradient, with the faster weight gradient (see the module docs)."""
+    if (_cpu_kernels(x) and weight.requires_grad and torch.is_grad_enabled() and _weight_grad_method != "aten"
             and not torch.is_autocast_enabled("cpu")  # autocast casts inside F.conv3d, not in our backward
             and not torch.compiler.is_compiling()):  # compiled graphs: inductor picks its own kernels
-        return _Conv3dWeightGradByDepthTaps.apply(x, weight, bias, stride, padding, groups)
+        return _Conv3dChosenWeightGrad.apply(x, weight, bias, stride, padding, groups)
     return F.conv3d(x, weight, bias, stride, padding, groups=groups)
 
 
-class _Conv3dWeightGradByDepthTaps(torch.autograd.Function):
-    """`F.conv3d` whose backward computes the weight gradient with `weight_grad_by_depth_taps`."""
+WEIGHT_GRAD_METHODS = ("auto", "depth_taps", "aten")
+"""How `Conv3d` computes a 3-D weight gradient on CPU: `"auto"` (time both once per problem, keep the
+faster; the default), `"depth_taps"` (`weight_grad_by_depth_taps`) or `"aten"` (oneDNN's 3-D kernel)."""
+
+_weight_grad_method = "auto"
+_taps_are_faster: dict[tuple, bool] = {}  # per problem, what "auto" measured
+
+
+def set_weight_grad_method(method: str) -> None:
+    """Choose how 3-D weight gradients are computed on CPU: one of `WEIGHT_GRAD_METHODS`.
+
+    `"auto"` (the default) times the depth-tap form against oneDNN's 3-D kernel on the first backward
+    of each problem (shapes, strides, dtype, torch thread count) and keeps the faster: the two sum
+    in different orders, so which one runs can change the last bits of a gradient from one machine
+    to another. Pin `"aten"` or `"depth_taps"` for bit-for-bit repeatable runs across machines. On the
+    `meta` device (the memory planner) `"auto"` plans the depth-tap form, whose slice copies are the
+    larger transient. Applies to the whole process.
+    """
+    global _weight_grad_method
+    if method not in WEIGHT_GRAD_METHODS:
+        raise InputError(f"method: expected one of {', '.join(map(repr, WEIGHT_GRAD_METHODS))}, got {method!r}. "
+                         "Pass e.g. set_weight_grad_method('aten') for oneDNN's 3-D weight gradient everywhere.")
+    _weight_grad_method = method
+
+
+def _aten_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, *, stride: tuple[int, int, int],
+                      padding: tuple[int, int, int], groups: int) -> Tensor:
+    return torch.ops.aten.convolution_backward(grad_out, x, weight, None, stride, padding, (1, 1, 1), False,
+                                               (0, 0, 0), groups, [False, True, False])[1]
+
+
+def _chosen_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, *, stride: tuple[int, int, int],
+                        padding: tuple[int, int, int], groups: int) -> Tensor:
+    """The weight gradient by the method `set_weight_grad_method` chose; "auto" measures once per problem."""
+    forms = {"depth_taps": weight_grad_by_depth_taps, "aten": _aten_weight_grad}
+    arguments = {"stride": stride, "padding": padding, "groups": groups}
+    method = _weight_grad_method
+    if method == "auto" and x.device.type == "meta":
+        method = "depth_taps"
+    if method != "auto":
+        return forms[method](grad_out, x, weight, **arguments)
+    problem = (tuple(x.shape), x.stride(), tuple(weight.shape), tuple(grad_out.shape), grad_out.stride(), stride,
+               padding, groups, x.dtype, torch.get_num_threads())
+    if problem in _taps_are_faster:
+        return forms["depth_taps" if _taps_are_faster[problem] else "aten"](grad_out, x, weight, **arguments)
+    seconds, results = {}, {}
+    for name in (*forms, *forms):  # the first round builds oneDNN's kernels; the second is timed
+        start = time.perf_counter()
+        results[name] = forms[name](grad_out, x, weight, **arguments)
+        seconds[name] = time.perf_counter() - start
+    _taps_are_faster[problem] = seconds["depth_taps"] < seconds["aten"]
+    return results["depth_taps" if _taps_are_faster[problem] else "aten"]
+
+
+class _Conv3dChosenWeightGrad(torch.autograd.Function):
+    """`F.conv3d` whose backward computes the weight gradient by the method `set_weight_grad_method` chose."""
 
     @staticmethod
     def forward(x, weight, bias, stride, padding, groups):
@@ -178,9 +238,9 @@ class _Conv3dWeightGradByDepthTaps(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if need_bias:
             grad_bias = grad_out.sum(dim=(0, 2, 3, 4))
-        if need_weight:  # first: its slice copies of x and grad_out are gone before grad_x exists
-            grad_weight = weight_grad_by_depth_taps(grad_out, x, weight, stride=ctx.stride, padding=ctx.padding,
-                                                    groups=ctx.groups)
+        if need_weight:  # first: the depth taps' slice copies are gone before grad_x exists
+            grad_weight = _chosen_weight_grad(grad_out, x, weight, stride=ctx.stride, padding=ctx.padding,
+                                              groups=ctx.groups)
         if need_x:  # input gradient alone: asking aten for the bias gradient too takes a path 4x slower
             grad_x = torch.ops.aten.convolution_backward(grad_out, x, weight, None, ctx.stride, ctx.padding, (1, 1, 1),
                                                          False, (0, 0, 0), ctx.groups, [True, False, False])[0]

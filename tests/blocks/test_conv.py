@@ -5,7 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from cpcbm_blocks import Conv3d
+from cpcbm_blocks import Conv3d, InputError
+from cpcbm_blocks.blocks import conv as conv_module
 from cpcbm_blocks.blocks.conv import upsample_conv3d, weight_grad_by_depth_taps
 
 
@@ -112,15 +113,62 @@ def test_the_weight_gradient_by_depth_taps_equals_the_3d_one(batch, depth, size,
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_a_deep_volume_trains_with_the_weight_gradient_by_depth_taps_on_cpu():
+@pytest.fixture
+def weight_grad_method():
+    """Set the process-wide method inside a test; put back the default and forget measured choices after."""
+    yield conv_module.set_weight_grad_method
+    conv_module.set_weight_grad_method("auto")
+    conv_module._taps_are_faster.clear()
+
+
+def _count_weight_grads(monkeypatch) -> dict[str, int]:
+    calls = {"depth_taps": 0, "aten": 0}
+    for name, function in (("depth_taps", conv_module.weight_grad_by_depth_taps),
+                           ("aten", conv_module._aten_weight_grad)):
+        def counted(*args, _name=name, _function=function, **kwargs):
+            calls[_name] += 1
+            return _function(*args, **kwargs)
+        monkeypatch.setattr(conv_module, "weight_grad_by_depth_taps" if name == "depth_taps" else "_aten_weight_grad",
+                            counted)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["auto", "depth_taps", "aten"])
+def test_every_weight_gradient_method_trains_to_conv3ds_gradients(method, weight_grad_method, monkeypatch):
+    weight_grad_method(method)
+    calls = _count_weight_grads(monkeypatch)
     torch.manual_seed(0)
     conv = Conv3d(4, 6, kernel_size=(3, 3, 3))
     x = torch.randn(2, 4, 6, 8, 8, requires_grad=True)
     out = conv(x)
-    assert type(out.grad_fn).__name__ == "_Conv3dWeightGradByDepthTapsBackward"
     _assert_equals_conv3d_with_gradients(conv, out, x, tolerance=1e-5)
+    if method == "aten":  # torch's own operator and its own backward
+        assert type(out.grad_fn).__name__ == "ConvolutionBackward0" and calls == {"depth_taps": 0, "aten": 0}
+    else:
+        assert type(out.grad_fn).__name__ == "_Conv3dChosenWeightGradBackward"
+        assert calls["depth_taps"] >= 1 and calls["aten"] == (2 if method == "auto" else 0)
     with torch.no_grad():  # inference: torch's own operator, nothing to save
         assert conv(x).grad_fn is None
+
+
+def test_auto_times_both_forms_once_per_problem_and_keeps_the_faster(weight_grad_method, monkeypatch):
+    weight_grad_method("auto")
+    calls = _count_weight_grads(monkeypatch)
+    conv = Conv3d(4, 6, kernel_size=(3, 3, 3))
+    x = torch.randn(1, 4, 6, 8, 8)
+    for _ in range(3):
+        conv(x).sum().backward()
+    # measured once (a warm-up and a timed run of each form), then the faster form alone
+    (taps_kept,) = conv_module._taps_are_faster.values()
+    assert calls == {"depth_taps": 2 + 2 * taps_kept, "aten": 2 + 2 * (not taps_kept)}
+    conv(torch.randn(1, 4, 5, 8, 8)).sum().backward()  # another problem is measured again
+    assert len(conv_module._taps_are_faster) == 2
+    assert calls["depth_taps"] + calls["aten"] == 4 + 2 + 4
+
+
+def test_an_unknown_weight_gradient_method_is_rejected(weight_grad_method):
+    with pytest.raises(InputError, match=r"method: expected one of 'auto', 'depth_taps', 'aten', got 'fast'"):
+        weight_grad_method("fast")
 
 
 @given(batch=st.integers(1, 2), depth=st.integers(1, 4), size=st.integers(1, 5),
