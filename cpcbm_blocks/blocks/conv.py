@@ -20,8 +20,10 @@ The first two matter for the deep levels of the default UNet (where `slow_conv3d
 third for inputs smaller than the nominal 256x256.
 
 * **Pointwise kernels.** A `1x1x1` convolution is a matrix product over channels,
-  `(C_out, C_in) @ (B, C_in, D*H*W)`, which BLAS runs at full speed forward and backward; oneDNN's
-  `1x1` weight gradient ran at about 6 GFLOP/s on this project's CPUs.
+  `(C_out, C_in) @ (B, C_in, D*H*W)`; on an AVX2 machine oneDNN's `1x1` weight gradient ran at
+  about 6 GFLOP/s and BLAS far faster. (On an AVX-512 machine the opposite held for the forward and
+  the input gradient: oneDNN 32 ms, the matrix product 71 ms at `(1, 64, 8, 256, 256)` to 32
+  channels; choosing by measurement, as for the weight gradient below, is still to do.)
 
 And one where the network upsamples (`upsample_conv3d`, used by `Upsample3D`):
 
