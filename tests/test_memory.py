@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cpcbm_blocks import InputError, LevelSpec, MidSpec, UNet3D, UNetSpec, attention_backend, shape_checks
 from cpcbm_blocks.measure import held_for_backward, malloc_bytes_in_use
-from cpcbm_blocks.memory import CPU_ATTENTION_FLOP_FORMULAS, MemoryPlan, memory_plan
+from cpcbm_blocks.memory import CPU_ATTENTION_FLOP_FORMULAS, MemoryPlan, _conditions, memory_plan
 
 from .conftest import randomize_
 
@@ -39,6 +39,28 @@ def test_planned_saved_activations_equal_what_a_real_cpu_forward_holds_within_5_
     measured = held_for_backward(model, x, t)
     planned = memory_plan(spec, shape, checkpoint_levels=switches.get("levels", ()),
                           checkpoint_mid=switches.get("mid", False), selective=switches.get("selective", True))
+    assert measured == pytest.approx(planned.saved_bytes, rel=0.05)
+
+
+@pytest.mark.parametrize("switches", [{}, {"levels": (1, 2), "mid": True, "conditions": True}],
+                         ids=["selective", "checkpointed"])
+def test_planned_saved_activations_of_a_conditioned_unet_with_3d_kernels_match_a_real_cpu_forward(switches):
+    # 3x3x3 kernels at depth 8 and 4, dynamic-conv fusion, cross-attention and the condition encoder:
+    # recipes, products and selective checkpoints all at once, against what malloc really holds.
+    if malloc_bytes_in_use() is None:
+        pytest.skip("needs glibc >= 2.33 (mallinfo2) to measure what a CPU forward holds")
+    spec = UNetSpec.conditioned(text_channels=16, channels=(32, 32), attention_levels=(2,), num_groups=8,
+                                head_channels=8, sample_size=(8, 64, 64), time_embedding_channels=32)
+    shape = (1, 1, 8, 64, 64)
+    torch.manual_seed(0)
+    model = UNet3D(spec).set_gradient_checkpointing(**switches)
+    conditions = {k: torch.randn(v.shape) for k, v in _conditions(spec, shape, torch.float32, 7).items()}
+    x, t = torch.randn(shape), torch.tensor([3.0])
+    model(x, t, **conditions).sum().backward()  # warm up (and let Conv3d measure its weight gradients)
+    measured = held_for_backward(model, x, t, **conditions)
+    planned = memory_plan(spec, shape, text_tokens=7, checkpoint_levels=switches.get("levels", ()),
+                          checkpoint_mid=switches.get("mid", False),
+                          checkpoint_conditions=switches.get("conditions", False))
     assert measured == pytest.approx(planned.saved_bytes, rel=0.05)
 
 
