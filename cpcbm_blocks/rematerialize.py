@@ -123,10 +123,10 @@ class _Packed(_Remade):
 
     __slots__ = ("expensive",)
 
-    def __init__(self, recipe: _Recipe, tensor: Tensor) -> None:
+    def __init__(self, recipe: _Recipe, tensor: Tensor, *, expensive: list[_Recipe]) -> None:
         super().__init__(recipe, tensor)
-        self.expensive = recipe.needs()
-        for needed in self.expensive:
+        self.expensive = expensive  # the products it is remade through, each kept until its last saved use
+        for needed in expensive:
             needed.pending += 1
 
     def remake(self) -> Tensor:
@@ -171,7 +171,10 @@ class _Registry:
 
     def pack(self, tensor: Tensor) -> Any:
         recipe = self.recipe_of(tensor)
-        return tensor if recipe is None else _Packed(recipe, tensor)
+        if recipe is None:
+            return tensor
+        # Without products there are no expensive recipes: skip walking the recipe's arguments.
+        return _Packed(recipe, tensor, expensive=recipe.needs() if self.products else [])
 
     @staticmethod
     def unpack(packed: Any) -> Tensor:

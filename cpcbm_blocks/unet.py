@@ -161,7 +161,7 @@ class UNet3D(nn.Module):
         return self.conditioner(text=text, text_mask=text_mask, text_pooled=text_pooled, cond_images=cond_images,
                                 cond_available=cond_available)
 
-    def forward(self, x: Float[Tensor, "b c_in d h w"], t: float | Real[Tensor, ""] | Real[Tensor, " b"], *,
+    def forward(self, x: Float[Tensor, "b c_in d h w"], t: int | float | Real[Tensor, ""] | Real[Tensor, " b"], *,
                 text: Float[Tensor, "b m e"] | None = None, text_mask: Bool[Tensor, "b m"] | None = None,
                 text_pooled: Float[Tensor, "b e"] | None = None, cond_images: Float[Tensor, "b k d h w"] | None = None,
                 cond_available: Bool[Tensor, "b k"] | None = None,

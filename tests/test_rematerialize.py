@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cpcbm_blocks import ResBlock3D
-from cpcbm_blocks.measure import _MALLINFO2, held_for_backward
+from cpcbm_blocks.measure import held_for_backward, malloc_bytes_in_use
 from cpcbm_blocks.rematerialize import (
     can_rematerialize,
     recomputable,
@@ -143,7 +143,7 @@ def test_it_steps_aside_where_saved_tensors_are_someone_elses(context):
     assert recomputable(torch.add, x, 1).requires_grad  # outside any context: just the call
 
 
-@pytest.mark.skipif(_MALLINFO2 is None, reason="measuring held bytes needs glibc >= 2.33 (mallinfo2)")
+@pytest.mark.skipif(malloc_bytes_in_use() is None, reason="measuring held bytes needs glibc >= 2.33 (mallinfo2)")
 def test_a_residual_block_holds_its_input_and_first_convolution_output_only():
     block = randomize_(ResBlock3D(in_channels=32, out_channels=32, emb_channels=16, num_groups=8), seed=1)
     x = torch.randn(1, 32, 8, 32, 32)  # 1 MiB per activation
@@ -234,7 +234,7 @@ def test_with_products_a_convolution_runs_once_in_backward_and_is_let_go_after_i
         torch.testing.assert_close(leaf.grad, expected)
 
 
-@pytest.mark.skipif(_MALLINFO2 is None, reason="measuring held bytes needs glibc >= 2.33 (mallinfo2)")
+@pytest.mark.skipif(malloc_bytes_in_use() is None, reason="measuring held bytes needs glibc >= 2.33 (mallinfo2)")
 def test_with_products_a_residual_block_holds_about_nothing_but_its_input():
     block = randomize_(ResBlock3D(in_channels=32, out_channels=32, emb_channels=16, num_groups=8), seed=1)
     x = torch.randn(1, 32, 8, 32, 32)  # 1 MiB per activation

@@ -96,7 +96,7 @@ def conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_w kd
         (sd, sh, sw), (pd, ph, pw) = stride, padding
         y = _conv3d(rearrange(x, "b c d h w -> b c h w d"), rearrange(weight, "o i d h w -> o i h w d"), bias,
                     (sh, sw, sd), (ph, pw, pd), 1)
-        # The layout F.conv3d would give: a permuted output would make every later norm copy it.
+        # In x's layout, not a permuted view, which every later norm would copy (and hold for backward).
         return rearrange(y, "b c h w d -> b c d h w").contiguous(memory_format=_memory_format_of(x))
     return _conv3d(x, weight, bias, stride, padding, groups)
 
@@ -284,7 +284,7 @@ def _folded(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, .
     # Merging depth into channels copies x; saved by the convolution, that copy is a recipe too.
     planes = recomputable(rearrange, x, "b c d h w -> b (d c) h w")
     y = F.conv2d(planes, folded, None if bias is None else bias.repeat(depth_out), stride[1:], padding[1:])
-    # In x's layout, as F.conv3d would give it: a permuted view would make every later norm copy it.
+    # In x's layout, not a permuted view, which every later norm would copy (and hold for backward).
     return rearrange(y, "b (d c) h w -> b c d h w", d=depth_out).contiguous(memory_format=_memory_format_of(x))
 
 
