@@ -21,7 +21,7 @@ SECTIONS = [
     ("roofline_128", "Achieved FLOP/s vs this machine's roofline (128x128)", "bench_roofline.py --size 128"),
     ("roofline_256", "Achieved FLOP/s vs this machine's roofline (256x256)", "bench_roofline.py --size 256"),
     ("shape_checks", "Cost of the shape checks", "bench_shape_checks.py"),
-    ("conv_backward", "One convolution's weight gradient: 3-D vs depth taps", "bench_conv_backward.py"),
+    ("conv_backward", "One convolution's gradients: 3-D vs depth taps vs matrix products", "bench_conv_backward.py"),
     ("memory", "Selective recomputation, checkpointing, peak memory and the planner", "bench_memory.py"),
     ("attention", "Attention at the 32x32 level: fused SDPA vs naive", "bench_attention.py"),
 ]

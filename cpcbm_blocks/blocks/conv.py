@@ -19,11 +19,12 @@ included):
 The first two matter for the deep levels of the default UNet (where `slow_conv3d` would run), the
 third for inputs smaller than the nominal 256x256.
 
-* **Pointwise kernels.** A `1x1x1` convolution is a matrix product over channels,
-  `(C_out, C_in) @ (B, C_in, D*H*W)`; on an AVX2 machine oneDNN's `1x1` weight gradient ran at
-  about 6 GFLOP/s and BLAS far faster. (On an AVX-512 machine the opposite held for the forward and
-  the input gradient: oneDNN 32 ms, the matrix product 71 ms at `(1, 64, 8, 256, 256)` to 32
-  channels; choosing by measurement, as for the weight gradient below, is still to do.)
+* **Pointwise kernels.** A `1x1x1` convolution is a matrix product over channels. Its forward and
+  input gradient run on oneDNN, which on an AVX-512 machine was 1.3-1.5x faster than the matrix
+  product at full resolution (31 vs 45 ms forward, 26 vs 39 ms input gradient at
+  `(1, 64, 8, 256, 256)` to 32 channels). Its weight gradient is one more candidate of the measured
+  choice below: `grad_out @ x^T` summed over the batch, which was faster there (24 vs 31 ms), and
+  on an AVX2 machine far faster than oneDNN's `1x1` weight gradient (about 6 GFLOP/s).
 
 And one where the network upsamples (`upsample_conv3d`, used by `Upsample3D`):
 
@@ -43,14 +44,16 @@ And one for training on CPU:
   (`benchmarks/bench_conv_backward.py`): on an AVX2 machine oneDNN's 3-D weight gradient ran at
   about 40 GFLOP/s and the taps twice as fast; on an AVX-512 one the 3-D form ran at 185-205
   GFLOP/s, 7-27% faster than the taps. So by default (`set_weight_grad_method("auto")`) the first
-  backward of each problem (shapes, strides, dtype, thread count) times both once and keeps the
-  faster, as `torch.backends.cudnn.benchmark` does on GPUs. Only the weight gradient changes; the
+  backward of each problem (shapes, strides, dtype, thread count) times every form that applies
+  (for a `1x1x1` kernel also the matrix product) once and keeps the fastest, as
+  `torch.backends.cudnn.benchmark` does on GPUs. Only the weight gradient changes; the
   forward and the input gradient are `F.conv3d`'s own. `Conv3d`'s parameters keep `nn.Conv3d`'s
   names and 5-D shapes, so state dicts are interchangeable.
 """
 
 import itertools
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,11 +82,7 @@ def conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_w kd
     """`F.conv3d` with "same" padding, run through the fastest exact form (see the module docs)."""
     padding = tuple(k // 2 for k in weight.shape[2:])
     stride = tuple(stride)
-    if weight.shape[2:] == (1, 1, 1) and stride == (1, 1, 1) and groups == 1:
-        y = torch.matmul(weight.flatten(1), x.flatten(2))  # (c_out, c_in) @ (b, c_in, d*h*w)
-        y = y.view(x.shape[0], weight.shape[0], *x.shape[2:])
-        return y if bias is None else y + bias.to(y.dtype)[:, None, None, None]  # autocast: y may be bf16
-    if weight.shape[2] == 1 and stride[0] == 1:
+    if weight.shape[2] == 1 and stride[0] == 1 and not _pointwise(weight, stride, groups):
         batch = x.shape[0]
         y = F.conv2d(rearrange(x, "b c d h w -> (b d) c h w"), weight.squeeze(2), bias, stride[1:], padding[1:],
                      groups=groups)
@@ -167,19 +166,19 @@ def _conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, .
 
 
 WEIGHT_GRAD_METHODS = ("auto", "depth_taps", "aten")
-"""How `Conv3d` computes a 3-D weight gradient on CPU: `"auto"` (time both once per problem, keep the
-faster; the default), `"depth_taps"` (`weight_grad_by_depth_taps`) or `"aten"` (oneDNN's 3-D kernel)."""
+"""How `Conv3d` computes a 3-D weight gradient on CPU: `"auto"` (time every form that applies once per
+problem, keep the fastest; the default), `"depth_taps"` (`weight_grad_by_depth_taps`) or `"aten"` (oneDNN's 3-D kernel)."""
 
 _weight_grad_method = "auto"
-_taps_are_faster: dict[tuple, bool] = {}  # per problem, what "auto" measured
+_fastest_form: dict[tuple, str] = {}  # per problem, the form "auto" measured fastest
 
 
 def set_weight_grad_method(method: str) -> None:
     """Choose how 3-D weight gradients are computed on CPU: one of `WEIGHT_GRAD_METHODS`.
 
-    `"auto"` (the default) times the depth-tap form against oneDNN's 3-D kernel on the first backward
-    of each problem (shapes, strides, dtype, torch thread count) and keeps the faster: the two sum
-    in different orders, so which one runs can change the last bits of a gradient from one machine
+    `"auto"` (the default) times the depth-tap form against oneDNN's 3-D kernel (and, for a `1x1x1`
+    kernel, a matrix product) on the first backward of each problem (shapes, strides, dtype, torch
+    thread count) and keeps the fastest: the forms sum in different orders, so which one runs can change the last bits of a gradient from one machine
     to another. Pin `"aten"` or `"depth_taps"` for bit-for-bit repeatable runs across machines. On the
     `meta` device (the memory planner) `"auto"` plans the depth-tap form, whose slice copies are the
     larger transient. Applies to the whole process.
@@ -197,6 +196,16 @@ def _aten_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, *, stride: tu
                                                (0, 0, 0), groups, [False, True, False])[1]
 
 
+def _matmul_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, **_: Any) -> Tensor:
+    """A pointwise kernel's weight gradient as `grad_out @ x^T` over the voxels, summed over the batch."""
+    product = torch.matmul(grad_out.flatten(2), x.flatten(2).transpose(1, 2))  # (b, c_out, c_in)
+    return product.sum(0).view(weight.shape)
+
+
+def _pointwise(weight: Tensor, stride: tuple[int, ...], groups: int) -> bool:
+    return tuple(weight.shape[2:]) == (1, 1, 1) and tuple(stride) == (1, 1, 1) and groups == 1
+
+
 def _chosen_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, *, stride: tuple[int, int, int],
                         padding: tuple[int, int, int], groups: int) -> Tensor:
     """The weight gradient by the method `set_weight_grad_method` chose; "auto" measures once per problem."""
@@ -207,17 +216,19 @@ def _chosen_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, *, stride: 
         method = "depth_taps"
     if method != "auto":
         return forms[method](grad_out, x, weight, **arguments)
+    if _pointwise(weight, stride, groups):
+        forms["matmul"] = _matmul_weight_grad
     problem = (tuple(x.shape), x.stride(), tuple(weight.shape), tuple(grad_out.shape), grad_out.stride(), stride,
                padding, groups, x.dtype, torch.get_num_threads())
-    if problem in _taps_are_faster:
-        return forms["depth_taps" if _taps_are_faster[problem] else "aten"](grad_out, x, weight, **arguments)
+    if problem in _fastest_form:
+        return forms[_fastest_form[problem]](grad_out, x, weight, **arguments)
     seconds, results = {}, {}
     for name in (*forms, *forms):  # the first round builds oneDNN's kernels; the second is timed
         start = time.perf_counter()
         results[name] = forms[name](grad_out, x, weight, **arguments)
         seconds[name] = time.perf_counter() - start
-    _taps_are_faster[problem] = seconds["depth_taps"] < seconds["aten"]
-    return results["depth_taps" if _taps_are_faster[problem] else "aten"]
+    _fastest_form[problem] = min(seconds, key=seconds.get)
+    return results[_fastest_form[problem]]
 
 
 class _Conv3dChosenWeightGrad(torch.autograd.Function):

@@ -118,18 +118,17 @@ def weight_grad_method():
     """Set the process-wide method inside a test; put back the default and forget measured choices after."""
     yield conv_module.set_weight_grad_method
     conv_module.set_weight_grad_method("auto")
-    conv_module._taps_are_faster.clear()
+    conv_module._fastest_form.clear()
 
 
 def _count_weight_grads(monkeypatch) -> dict[str, int]:
-    calls = {"depth_taps": 0, "aten": 0}
-    for name, function in (("depth_taps", conv_module.weight_grad_by_depth_taps),
-                           ("aten", conv_module._aten_weight_grad)):
-        def counted(*args, _name=name, _function=function, **kwargs):
+    calls = {"depth_taps": 0, "aten": 0, "matmul": 0}
+    for name, attribute in (("depth_taps", "weight_grad_by_depth_taps"), ("aten", "_aten_weight_grad"),
+                            ("matmul", "_matmul_weight_grad")):
+        def counted(*args, _name=name, _function=getattr(conv_module, attribute), **kwargs):
             calls[_name] += 1
             return _function(*args, **kwargs)
-        monkeypatch.setattr(conv_module, "weight_grad_by_depth_taps" if name == "depth_taps" else "_aten_weight_grad",
-                            counted)
+        monkeypatch.setattr(conv_module, attribute, counted)
     return calls
 
 
@@ -143,7 +142,7 @@ def test_every_weight_gradient_method_trains_to_conv3ds_gradients(method, weight
     out = conv(x)
     _assert_equals_conv3d_with_gradients(conv, out, x, tolerance=1e-5)
     if method == "aten":  # torch's own operator and its own backward
-        assert type(out.grad_fn).__name__ == "ConvolutionBackward0" and calls == {"depth_taps": 0, "aten": 0}
+        assert type(out.grad_fn).__name__ == "ConvolutionBackward0" and sum(calls.values()) == 0
     else:
         assert type(out.grad_fn).__name__ == "_Conv3dChosenWeightGradBackward"
         assert calls["depth_taps"] >= 1 and calls["aten"] == (2 if method == "auto" else 0)
@@ -159,11 +158,28 @@ def test_auto_times_both_forms_once_per_problem_and_keeps_the_faster(weight_grad
     for _ in range(3):
         conv(x).sum().backward()
     # measured once (a warm-up and a timed run of each form), then the faster form alone
-    (taps_kept,) = conv_module._taps_are_faster.values()
-    assert calls == {"depth_taps": 2 + 2 * taps_kept, "aten": 2 + 2 * (not taps_kept)}
+    (kept,) = conv_module._fastest_form.values()
+    assert kept in ("depth_taps", "aten")
+    assert calls == {"depth_taps": 2 + 2 * (kept == "depth_taps"), "aten": 2 + 2 * (kept == "aten"), "matmul": 0}
     conv(torch.randn(1, 4, 5, 8, 8)).sum().backward()  # another problem is measured again
-    assert len(conv_module._taps_are_faster) == 2
-    assert calls["depth_taps"] + calls["aten"] == 4 + 2 + 4
+    assert len(conv_module._fastest_form) == 2
+    assert sum(calls.values()) == 4 + 2 + 4
+
+
+def test_a_pointwise_kernel_also_times_the_matrix_product_and_trains_to_conv3ds_gradients(weight_grad_method,
+                                                                                          monkeypatch):
+    weight_grad_method("auto")
+    calls = _count_weight_grads(monkeypatch)
+    torch.manual_seed(0)
+    conv = Conv3d(5, 3, kernel_size=(1, 1, 1))
+    for _ in range(2):
+        x = torch.randn(2, 5, 3, 6, 7, requires_grad=True)
+        conv.zero_grad()
+        _assert_equals_conv3d_with_gradients(conv, conv(x), x, tolerance=1e-5)
+    (kept,) = conv_module._fastest_form.values()
+    assert calls == {name: 2 + (name == kept) for name in ("depth_taps", "aten", "matmul")}
+    assert conv_module._matmul_weight_grad(torch.ones(2, 3, 1, 1, 2), torch.ones(2, 5, 1, 1, 2),
+                                           conv.weight).eq(4).all()  # 2 samples x 2 voxels
 
 
 def test_an_unknown_weight_gradient_method_is_rejected(weight_grad_method):
