@@ -79,8 +79,9 @@ class UNet3D(nn.Module):
         output a backward needs runs once more (a residual block's first; not its second, nor a
         sampler's, whose outputs no backward reads). The same memory as `torch.utils.checkpoint`, for
         fewer FLOPs; under autocast they fall back to `torch.utils.checkpoint`. Gradients are the same
-        as without checkpointing (tested). A skip is concatenated inside the checkpointed step, so the
-        concatenation is not kept either. With `conditions=True` the
+        as without checkpointing (tested). A residual block takes its skip apart
+        ([`ResBlock3D`][cpcbm_blocks.ResBlock3D]`(..., skip=)`), so no concatenation is made, in forward
+        or in backward. With `conditions=True` the
         condition encoder is checkpointed too (it keeps only its encoded outputs). Levels are numbered
         from 1 (shallowest); `levels=()`, `mid=False` and `conditions=False` switch it off. Only training (grad
         enabled) is affected. The setting lives on the module, not in the spec: it changes memory and
@@ -254,11 +255,12 @@ back to the selective checkpoint like every other step."""
 
 def _run_step(step: Step, block: nn.Module, h: Tensor, skip: Tensor | None, emb: Tensor,
               conditions: EncodedConditions | None) -> Tensor:
-    """One step: concatenate the skip (if any), then run the step's module with what its op takes."""
+    """One step: run the step's module with what its op takes; a residual block takes its skip apart
+    (`ResBlock3D(..., skip=)` never builds the concatenation), any other op the concatenation."""
+    if step.op is Op.RES:
+        return block(h, emb, skip=skip)
     if skip is not None:
         h = recomputable(torch.cat, [h, skip], dim=1)
-    if step.op is Op.RES:
-        return block(h, emb)
     if step.op is Op.FUSE_CROSS_ATTENTION:
         return block(h, conditions.context[step.condition_key], conditions.context_mask[step.condition_key])
     if step.op.is_fusion:

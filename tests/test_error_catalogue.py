@@ -371,8 +371,14 @@ CATALOGUE: list[Case] = [
     Case(id="block-channels", topic="blocks", mistake="A block given a feature map with the wrong channels",
          trigger=lambda ctx: ResBlock3D(in_channels=8, out_channels=8, emb_channels=16, num_groups=4)(
              torch.zeros(1, 3, 2, 4, 4), torch.zeros(1, 16)),
-         error=ShapeContractError, argument="parameter 'x'", expected="{self.in_channels}=8", actual="dimension size 3",
-         fix="shapes match the annotation"),
+         error=ShapeContractError, argument="x", expected="expected 8 input channels in all (in_channels)",
+         actual="got x with 3", fix="Pass x (and skip) whose channels add up to in_channels"),
+    Case(id="block-skip-channels", topic="blocks",
+         mistake="A decoder block given a main path and a skip whose channels do not add up to its input channels",
+         trigger=lambda ctx: ResBlock3D(in_channels=8, out_channels=4, emb_channels=16, num_groups=4)(
+             torch.zeros(1, 4, 2, 4, 4), torch.zeros(1, 16), skip=torch.zeros(1, 2, 2, 4, 4)),
+         error=ShapeContractError, argument="x + skip", expected="expected 8 input channels in all (in_channels)",
+         actual="got x with 4 and skip with 2", fix="Pass x (and skip) whose channels add up to in_channels"),
     Case(id="block-stride", topic="blocks", mistake="A downsampling block given a depth its stride does not divide",
          trigger=lambda ctx: Downsample3D(channels=4, stride=(2, 2, 2))(torch.zeros(1, 4, 3, 4, 4)),
          error=ShapeContractError, argument="return value", expected="d//{self.stride[0]}=1", actual="dimension size 2",

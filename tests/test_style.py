@@ -12,7 +12,7 @@ from cpcbm_blocks import (Conv3d, Downsample3D, MultiHeadSelfAttention3D, Output
 from .conftest import ROOT
 
 BLOCKS = [ResBlock3D, Downsample3D, Upsample3D, MultiHeadSelfAttention3D, TimestepEmbedding, OutputHead]
-AXIS_VOCABULARY = {"b", "c", "c_in", "c_out", "d", "h", "w", "d_out", "h_out", "w_out", "n", "m", "heads", "e"}
+AXIS_VOCABULARY = {"b", "c", "c_in", "c_out", "c_skip", "d", "h", "w", "d_out", "h_out", "w_out", "n", "m", "heads", "e"}
 
 
 def _sources():

@@ -2,12 +2,14 @@
 
 import operator
 
+import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from cpcbm_blocks.blocks.conv import Conv3d, zero_init
-from cpcbm_blocks.contracts import shape_checked
-from cpcbm_blocks.errors import InputError
+from cpcbm_blocks.blocks.conv import Conv3d, conv3d, zero_init
+from cpcbm_blocks.contracts import checks_active, shape_checked
+from cpcbm_blocks.errors import InputError, ShapeContractError
 from cpcbm_blocks.rematerialize import recomputable, recomputable_product
 from cpcbm_blocks.spec import TimestepInjection, check_channel_multiple
 
@@ -24,6 +26,14 @@ class ResBlock3D(nn.Module):
     `(s, b) = W e` (scale-shift, guided-diffusion's `use_scale_shift_norm`). `conv_2` is
     zero-initialised, so a fresh block is `skip(x)`: the identity when channels are unchanged, a
     1x1x1 projection otherwise.
+
+    **A decoder block with its skip.** `block(x, emb, skip=s)` is `block(torch.cat([x, s], dim=1), emb)`
+    without the concatenation: GroupNorm's groups never straddle `x` and `s` (when `x`'s channels are
+    a multiple of the channels per group), so each part is normalised with its own groups and
+    affine slice, and `conv_1` and the skip projection are sums of one convolution per part with
+    its slice of the weight. Same parameters, same function (tested against the concatenation);
+    the doubled-width input and, in backward, its norm, activation and their gradients never
+    exist as one tensor. Where the groups would straddle, it concatenates.
 
     ??? cite "He et al. 2016 (residual blocks); Ho et al. 2020 (DDPM); Dhariwal & Nichol 2021 (scale-shift)"
 
@@ -61,19 +71,26 @@ class ResBlock3D(nn.Module):
                      else Conv3d(in_channels, out_channels, kernel_size=(1, 1, 1)))
 
     @shape_checked
-    def forward(self, x: Float[Tensor, "b {self.in_channels} d h w"],
-                emb: Float[Tensor, "b {self.emb_channels}"] | None = None) -> Float[Tensor, "b {self.out_channels} d h w"]:
+    def forward(self, x: Float[Tensor, "b c d h w"], emb: Float[Tensor, "b {self.emb_channels}"] | None = None,
+                skip: Float[Tensor, "b c_skip d h w"] | None = None) -> Float[Tensor, "b {self.out_channels} d h w"]:
         # Inside `rematerialized_saves()` (how UNet3D trains) the norms' and activations' outputs are
         # saved for backward as their recipes, so this block holds only x and conv1's output; with
         # `products=True` (a checkpointed level) conv1's output is a recipe too, run once in backward.
-        h = recomputable_product(self.conv1, recomputable(self.act, recomputable(self.norm1, x)))
+        parts = self._input_parts(x, skip)
+        if len(parts) == 1:
+            x = parts[0]
+            h = recomputable_product(self.conv1, recomputable(self.act, recomputable(self.norm1, x)))
+        else:
+            activated = [recomputable(self.act, recomputable(F.group_norm, part, groups, weight, bias, self.norm1.eps))
+                         for part, (groups, weight, bias) in zip(parts, self._norm1_slices(parts))]
+            h = recomputable_product(_conv_over_parts, activated, self.conv1.weight, self.conv1.bias)
         if (emb is None) != (self.emb_proj is None):
             raise InputError(f"emb: expected {'no embedding' if self.emb_proj is None else 'a timestep embedding'} "
                              f"(emb_channels={self.emb_channels}), got {'None' if emb is None else tuple(emb.shape)}. "
                              "Pass emb exactly when the block was built with emb_channels.")
         if self.emb_proj is None:
             h = recomputable(self.act, recomputable(self.norm2, h))
-            return self.skip(x) + self.conv2(self.dropout(h))
+            return self._residual(parts) + self.conv2(self.dropout(h))
         e = self.emb_proj(emb)[:, :, None, None, None]
         if self.timestep_injection is TimestepInjection.SCALE_SHIFT:
             scale, shift = e.chunk(2, dim=1)
@@ -81,7 +98,60 @@ class ResBlock3D(nn.Module):
         else:
             h = recomputable(self.norm2, recomputable(operator.add, h, e))
         h = self.conv2(self.dropout(recomputable(self.act, h)))
-        return self.skip(x) + h
+        return self._residual(parts) + h
+
+    def _input_parts(self, x: Tensor, skip: Tensor | None) -> list[Tensor]:
+        """`[x]`, or `[x, skip]` where the norm's groups allow running them apart, else their concatenation."""
+        if skip is None:  # what x's annotation would check if it could name in_channels: only while checks are on
+            if checks_active() and x.shape[1] != self.in_channels:
+                self._refuse_channels(x, skip)
+            return [x]
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # symbolic sizes: no branching on them
+            return [torch.cat([x, skip], dim=1)]
+        if x.shape[1] + skip.shape[1] != self.in_channels:
+            self._refuse_channels(x, skip)
+        per_group = self.in_channels // self.norm1.num_groups
+        if x.shape[1] % per_group or isinstance(self.skip, nn.Identity):  # a group would straddle x and skip
+            return [recomputable(torch.cat, [x, skip], dim=1)]
+        return [x, skip]
+
+    def _refuse_channels(self, x: Tensor, skip: Tensor | None) -> None:
+        given = f"x with {x.shape[1]}" + ("" if skip is None else f" and skip with {skip.shape[1]}")
+        raise ShapeContractError(f"ResBlock3D.forward: {'x' if skip is None else 'x + skip'}: expected "
+                                 f"{self.in_channels} input channels in all "
+                                 f"(in_channels), got {given}. Pass x (and skip) whose channels add up to in_channels.")
+
+    def _norm1_slices(self, parts: list[Tensor]) -> list[tuple[int, Tensor, Tensor]]:
+        """Per part: its number of GroupNorm groups and its slices of the norm's weight and bias."""
+        per_group, start, slices = self.in_channels // self.norm1.num_groups, 0, []
+        for part in parts:
+            stop = start + part.shape[1]
+            slices.append(((stop - start) // per_group, self.norm1.weight[start:stop], self.norm1.bias[start:stop]))
+            start = stop
+        return slices
+
+    def _residual(self, parts: list[Tensor]) -> Tensor:
+        if len(parts) == 1:
+            return self.skip(parts[0])
+        return _conv_over_parts(parts, self.skip.weight, self.skip.bias)
+
+
+def _conv_over_parts(parts: list[Float[Tensor, "b _ d h w"]], weight: Float[Tensor, "c_out c_in kd kh kw"],
+                    bias: Tensor | None) -> Float[Tensor, "b c_out d h w"]:
+    """`conv3d(torch.cat(parts, dim=1), weight, bias)` as a sum of one convolution per part with its slice of
+    `weight`'s input channels: the concatenation is never made."""
+    out, start = None, 0
+    for part in parts:
+        stop = start + part.shape[1]
+        term = conv3d(part, weight[:, start:stop], bias if out is None else None)
+        if out is None:
+            out = term
+        elif torch.is_grad_enabled():
+            out = out + term  # not in place: a selective checkpoint may hold `out` for backward
+        else:
+            out += term  # remade for backward (or inference): no third full-size buffer
+        start = stop
+    return out
 
 
 def _scale_shift(h: Tensor, scale: Tensor, shift: Tensor) -> Tensor:

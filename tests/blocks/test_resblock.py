@@ -1,10 +1,15 @@
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from cpcbm_blocks import ResBlock3D, ShapeContractError, TimestepInjection
+from cpcbm_blocks.rematerialize import rematerialized_saves
 
 from ..conftest import randomize_
 
@@ -70,3 +75,61 @@ def test_wrong_channels_or_embedding_width_raise_our_contract_error():
         block(torch.randn(8, 2, 4, 4), torch.randn(1, 6))
     with pytest.raises(ShapeContractError, match="ResBlock3D.forward"):
         block(torch.randn(2, 8, 2, 4, 4), torch.randn(3, 6))
+
+
+class _ShapesMade(TorchDispatchMode):
+    """Every shape an operator returned, forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes.update(tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        return out
+
+
+def _step_with_gradients(block, x, skip, emb, *, apart, saves):
+    """Output and the gradients of x, skip and every parameter, with the skip given apart or concatenated."""
+    x, skip = x.detach().requires_grad_(), skip.detach().requires_grad_()
+    block.zero_grad()
+    context = contextlib.nullcontext() if saves is None else rematerialized_saves(products=saves == "products")
+    with context, _ShapesMade() as made:
+        out = block(x, emb, skip=skip) if apart else block(torch.cat([x, skip], dim=1), emb)
+        out.square().sum().backward()
+    return [out, x.grad, skip.grad, *(p.grad for p in block.parameters())], made.shapes
+
+
+@pytest.mark.parametrize("saves", [None, "recipes", "products"])
+@pytest.mark.parametrize(("injection", "with_emb"), [(TimestepInjection.ADD, True), (TimestepInjection.SCALE_SHIFT, True),
+                                                     (TimestepInjection.ADD, False)])
+def test_a_skip_given_apart_equals_the_concatenation_and_the_concatenation_is_never_made(injection, with_emb, saves):
+    block = randomize_(_block(in_channels=12, out_channels=4, timestep_injection=injection,
+                              emb_channels=6 if with_emb else None))
+    x, skip, emb = torch.randn(2, 3, 4, 5, 6), torch.randn(2, 9, 4, 5, 6), torch.randn(2, 6) if with_emb else None
+    apart, shapes_apart = _step_with_gradients(block, x, skip, emb, apart=True, saves=saves)
+    joined, shapes_joined = _step_with_gradients(block, x, skip, emb, apart=False, saves=saves)
+    for a, b in zip(apart, joined, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()))
+    concatenated = (2, 12, 4, 5, 6)
+    assert concatenated in shapes_joined and concatenated not in shapes_apart
+
+
+@pytest.mark.parametrize(("channels", "out_channels"), [((2, 6), 4), ((4, 4), 8)])  # a group straddles; identity skip
+def test_a_skip_that_cannot_run_apart_is_concatenated(channels, out_channels):
+    block = randomize_(_block(in_channels=8, out_channels=out_channels, num_groups=2))
+    x, skip, emb = torch.randn(1, channels[0], 2, 4, 4), torch.randn(1, channels[1], 2, 4, 4), torch.randn(1, 6)
+    apart, _ = _step_with_gradients(block, x, skip, emb, apart=True, saves="recipes")
+    joined, _ = _step_with_gradients(block, x, skip, emb, apart=False, saves="recipes")
+    for a, b in zip(apart, joined, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_channels_of_x_and_skip_that_do_not_add_up_to_in_channels_raise_our_contract_error():
+    block = _block(in_channels=12, out_channels=4)
+    with pytest.raises(ShapeContractError, match=r"expected 12 input channels in all \(in_channels\), got x with 4 "
+                                                 r"and skip with 4"):
+        block(torch.randn(1, 4, 2, 4, 4), torch.randn(1, 6), skip=torch.randn(1, 4, 2, 4, 4))
+    with pytest.raises(ShapeContractError, match="ResBlock3D.forward"):  # skip's volume must be x's
+        block(torch.randn(1, 4, 2, 4, 4), torch.randn(1, 6), skip=torch.randn(1, 8, 2, 4, 5))
