@@ -7,6 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cpcbm_blocks import TimestepInjection, UNet3D, UNetSpec
+from cpcbm_blocks.blocks import resblock as resblock_module
 from cpcbm_blocks.memory import memory_plan
 from cpcbm_blocks.recompute import CHEAP_PER_OUTPUT
 
@@ -98,3 +99,27 @@ def test_selective_recomputation_holds_far_fewer_activations_for_the_same_flops(
     assert selective.saved_bytes < 0.5 * plain.saved_bytes
     assert selective.forward_flops == plain.forward_flops
     assert plain.backward_flops <= selective.backward_flops < 1.02 * plain.backward_flops
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_skips_taken_apart_give_the_concatenations_output_and_gradients(monkeypatch, checkpointed):
+    # Tiny volumes fall below SKIP_APART_MIN_BYTES; move it to take every skip apart, or none.
+    spec = _conditioned_spec()
+    model = randomize_(UNet3D(spec), scale=0.1, seed=0)
+    if checkpointed:
+        model.set_gradient_checkpointing(levels=(1, 2), mid=True, conditions=True)
+    x, t, conditions = _inputs(spec)
+    calls = []
+    original = resblock_module._conv_over_parts
+    monkeypatch.setattr(resblock_module, "_conv_over_parts", lambda *a, **k: calls.append(1) or original(*a, **k))
+    results = {}
+    for apart, threshold in ((True, 0), (False, float("inf"))):
+        monkeypatch.setattr(resblock_module, "SKIP_APART_MIN_BYTES", threshold)
+        calls.clear()
+        results[apart] = _step(model, x, t, conditions)
+        up_blocks_with_a_skip = sum(step.takes_skip for step in model.steps)
+        # conv1 and the skip projection; checkpointed, conv1 is remade once in backward
+        assert len(calls) == ((2 + checkpointed) * up_blocks_with_a_skip if apart else 0)
+    torch.testing.assert_close(results[True][0], results[False][0])
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, msg=name)

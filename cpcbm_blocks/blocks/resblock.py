@@ -13,7 +13,14 @@ from cpcbm_blocks.errors import InputError, ShapeContractError
 from cpcbm_blocks.rematerialize import recomputable, recomputable_product
 from cpcbm_blocks.spec import TimestepInjection, check_channel_multiple
 
-__all__ = ["ResBlock3D"]
+__all__ = ["SKIP_APART_MIN_BYTES", "ResBlock3D"]
+
+SKIP_APART_MIN_BYTES = 16 * 2**20
+"""A decoder block takes its skip apart only when the concatenation would hold at least this many
+bytes. What it saves is that concatenation's size a few times over; what it costs is a few more,
+smaller operators, which on CPU measured up to 30% slower for a block whose concatenation is 8 MiB
+(`(1, 128, 4, 64, 64)`: each 64-channel half falls onto a slower convolution path) and within 3%
+from 32 MiB up."""
 
 
 class ResBlock3D(nn.Module):
@@ -33,7 +40,9 @@ class ResBlock3D(nn.Module):
     affine slice, and `conv_1` and the skip projection are sums of one convolution per part with
     its slice of the weight. Same parameters, same function (tested against the concatenation);
     the doubled-width input and, in backward, its norm, activation and their gradients never
-    exist as one tensor. Where the groups would straddle, it concatenates.
+    exist as one tensor. Where the groups would straddle, or the concatenation would be smaller than
+    `SKIP_APART_MIN_BYTES` (where the extra, smaller operators cost more than the memory is worth),
+    it concatenates.
 
     ??? cite "He et al. 2016 (residual blocks); Ho et al. 2020 (DDPM); Dhariwal & Nichol 2021 (scale-shift)"
 
@@ -111,7 +120,9 @@ class ResBlock3D(nn.Module):
         if x.shape[1] + skip.shape[1] != self.in_channels:
             self._refuse_channels(x, skip)
         per_group = self.in_channels // self.norm1.num_groups
-        if x.shape[1] % per_group or isinstance(self.skip, nn.Identity):  # a group would straddle x and skip
+        small = (x.numel() + skip.numel()) * x.element_size() < SKIP_APART_MIN_BYTES
+        # A group would straddle x and skip, or the identity residual needs the concatenation anyway
+        if small or x.shape[1] % per_group or isinstance(self.skip, nn.Identity):
             return [recomputable(torch.cat, [x, skip], dim=1)]
         return [x, skip]
 

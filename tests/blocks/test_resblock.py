@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from cpcbm_blocks import ResBlock3D, ShapeContractError, TimestepInjection
+from cpcbm_blocks.blocks import resblock as resblock_module
 from cpcbm_blocks.rematerialize import rematerialized_saves
 
 from ..conftest import randomize_
@@ -101,6 +102,13 @@ def _step_with_gradients(block, x, skip, emb, *, apart, saves):
     return [out, x.grad, skip.grad, *(p.grad for p in block.parameters())], made.shapes
 
 
+@pytest.fixture
+def apart_at_any_size(monkeypatch):
+    """Take skips apart however small the test's tensors are."""
+    monkeypatch.setattr(resblock_module, "SKIP_APART_MIN_BYTES", 0)
+
+
+@pytest.mark.usefixtures("apart_at_any_size")
 @pytest.mark.parametrize("saves", [None, "recipes", "products"])
 @pytest.mark.parametrize(("injection", "with_emb"), [(TimestepInjection.ADD, True), (TimestepInjection.SCALE_SHIFT, True),
                                                      (TimestepInjection.ADD, False)])
@@ -116,6 +124,7 @@ def test_a_skip_given_apart_equals_the_concatenation_and_the_concatenation_is_ne
     assert concatenated in shapes_joined and concatenated not in shapes_apart
 
 
+@pytest.mark.usefixtures("apart_at_any_size")
 @pytest.mark.parametrize(("channels", "out_channels"), [((2, 6), 4), ((4, 4), 8)])  # a group straddles; identity skip
 def test_a_skip_that_cannot_run_apart_is_concatenated(channels, out_channels):
     block = randomize_(_block(in_channels=8, out_channels=out_channels, num_groups=2))
@@ -124,6 +133,14 @@ def test_a_skip_that_cannot_run_apart_is_concatenated(channels, out_channels):
     joined, _ = _step_with_gradients(block, x, skip, emb, apart=False, saves="recipes")
     for a, b in zip(apart, joined, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_skip_is_taken_apart_only_where_the_concatenation_reaches_the_threshold(monkeypatch):
+    block = _block(in_channels=8, out_channels=4)
+    x, skip = torch.randn(1, 4, 2, 8, 8), torch.randn(1, 4, 2, 8, 8)  # concatenated: 8 * 128 * 4 = 4096 bytes
+    for threshold, apart in ((4097, False), (4096, True)):
+        monkeypatch.setattr(resblock_module, "SKIP_APART_MIN_BYTES", threshold)
+        assert len(block._input_parts(x, skip)) == (2 if apart else 1)
 
 
 def test_channels_of_x_and_skip_that_do_not_add_up_to_in_channels_raise_our_contract_error():
