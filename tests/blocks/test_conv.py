@@ -123,12 +123,16 @@ def weight_grad_method():
 
 def _count_weight_grads(monkeypatch) -> dict[str, int]:
     calls = {"depth_taps": 0, "aten": 0, "matmul": 0}
+
+    def counting(name, function):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return counted
+
     for name, attribute in (("depth_taps", "weight_grad_by_depth_taps"), ("aten", "_aten_weight_grad"),
                             ("matmul", "_matmul_weight_grad")):
-        def counted(*args, _name=name, _function=getattr(conv_module, attribute), **kwargs):
-            calls[_name] += 1
-            return _function(*args, **kwargs)
-        monkeypatch.setattr(conv_module, attribute, counted)
+        monkeypatch.setattr(conv_module, attribute, counting(name, getattr(conv_module, attribute)))
     return calls
 
 
