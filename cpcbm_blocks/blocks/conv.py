@@ -20,11 +20,11 @@ The first two matter for the deep levels of the default UNet (where `slow_conv3d
 third for inputs smaller than the nominal 256x256.
 
 * **Pointwise kernels.** A `1x1x1` convolution is a matrix product over channels. Its forward and
-  input gradient run on oneDNN, which on an AVX-512 machine was 1.3-1.5x faster than the matrix
-  product at full resolution (31 vs 45 ms forward, 26 vs 39 ms input gradient at
-  `(1, 64, 8, 256, 256)` to 32 channels). Its weight gradient is one more candidate of the measured
-  choice below: `grad_out @ x^T` summed over the batch, which was faster there (24 vs 31 ms), and
-  on an AVX2 machine far faster than oneDNN's `1x1` weight gradient (about 6 GFLOP/s).
+  input gradient run on oneDNN, which on an AVX-512 machine was 1.2-2x faster than the matrix
+  products at the default UNet's full-resolution shapes (`benchmarks/bench_conv_backward.py`).
+  Its weight gradient is one more candidate of the measured choice below: `grad_out @ x^T` summed
+  over the batch, within about 10% of oneDNN's there (either side, from run to run) and far faster
+  on an AVX2 machine, where oneDNN's `1x1` weight gradient ran at about 6 GFLOP/s.
 
 And one where the network upsamples (`upsample_conv3d`, used by `Upsample3D`):
 
@@ -42,8 +42,8 @@ And one for training on CPU:
   weight gradient over the batch of matching `(output, input)` slice pairs; the kernel's `k_d` taps
   are `k_d` such 2-D gradients. Which form is faster depends on the CPU
   (`benchmarks/bench_conv_backward.py`): on an AVX2 machine oneDNN's 3-D weight gradient ran at
-  about 40 GFLOP/s and the taps twice as fast; on an AVX-512 one the 3-D form ran at 185-205
-  GFLOP/s, 7-27% faster than the taps. So by default (`set_weight_grad_method("auto")`) the first
+  about 40 GFLOP/s and the taps twice as fast; on an AVX-512 one the 3-D form ran at about 190-210
+  GFLOP/s, 7-32% faster than the taps over two sessions' runs. So by default (`set_weight_grad_method("auto")`) the first
   backward of each problem (shapes, strides, dtype, thread count) times every form that applies
   (for a `1x1x1` kernel also the matrix product) once and keeps the fastest, as
   `torch.backends.cudnn.benchmark` does on GPUs. Only the weight gradient changes; the
