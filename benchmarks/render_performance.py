@@ -24,6 +24,7 @@ SECTIONS = [
     ("conv_backward", "One convolution's gradients: 3-D vs depth taps vs matrix products", "bench_conv_backward.py"),
     ("memory", "Selective recomputation, checkpointing, peak memory and the planner", "bench_memory.py"),
     ("attention", "Attention at the 32x32 level: fused SDPA vs naive", "bench_attention.py"),
+    ("upsample", "Upsampling into level 1: sub-pixel form vs upsample-then-convolve", "bench_upsample.py"),
 ]
 
 START, END = "<!-- cpcbm:benchmarks:start -->", "<!-- cpcbm:benchmarks:end -->"

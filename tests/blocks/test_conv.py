@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from cpcbm_blocks import Conv3d, InputError
@@ -225,3 +226,36 @@ def test_the_sub_pixel_form_runs_the_convolution_at_low_resolution_and_keeps_aut
     odd = upsample_conv3d(x, weight, scale=(1, 3, 3))
     torch.testing.assert_close(odd, F.conv3d(F.interpolate(x, scale_factor=(1, 3, 3), mode="nearest"), weight,
                                              padding=1), rtol=1e-4, atol=1e-4)
+
+
+class _FullSizeZeroFills(TorchDispatchMode):
+    """Counts operators that zero-fill a tensor of `shape` (`slice_backward` makes a zero-filled one too)."""
+
+    def __init__(self, shape) -> None:
+        super().__init__()
+        self.shape, self.count = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        zeroing = func in (torch.ops.aten.zero_.default, torch.ops.aten.fill_.Scalar, torch.ops.aten.zeros.default,
+                           torch.ops.aten.new_zeros.default, torch.ops.aten.slice_backward.default)
+        self.count += zeroing and tuple(out.shape) == self.shape
+        return out
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+def test_the_parities_are_interleaved_by_one_strided_copy_each_way(memory_format):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 3, 5, 6).to(memory_format=memory_format).requires_grad_()
+    weight = torch.randn(4, 3, 3, 3, 3, requires_grad=True)
+    out = upsample_conv3d(x, weight, scale=(2, 2, 2))
+    assert type(out.grad_fn).__name__ == "_InterleaveParitiesBackward"
+    assert out.is_contiguous(memory_format=memory_format)  # the input's layout
+    reference = F.conv3d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, padding=1)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(reference).transpose(3, 4).contiguous().transpose(3, 4)  # not contiguous
+    with _FullSizeZeroFills((2, 8 * 4, 4, 6, 7)) as fills:  # z: 8 parities x 4 channels, each axis one longer
+        ours = torch.autograd.grad(out, (x, weight), grad)
+    assert fills.count == 1  # slicing eight parities out would zero-fill z eight times
+    for a, r in zip(ours, torch.autograd.grad(reference, (x, weight), grad)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * max(1.0, r.abs().max().item()))
