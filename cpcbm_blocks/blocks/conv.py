@@ -46,10 +46,10 @@ And one for training on CPU:
   are `k_d` such 2-D gradients. Which form is faster depends on the CPU
   (`benchmarks/bench_conv_backward.py`): on an AVX2 machine oneDNN's 3-D weight gradient ran at
   about 40 GFLOP/s and the taps twice as fast; on an AVX-512 one the 3-D form ran at about 190-210
-  GFLOP/s, 7-32% faster than the taps over two sessions' runs. So by default (`set_weight_grad_method("auto")`) the first
-  backward of each problem (shapes, strides, dtype, thread count) times every form that applies
-  (for a `1x1x1` kernel also the matrix product) once and keeps the fastest, as
-  `torch.backends.cudnn.benchmark` does on GPUs. Only the weight gradient changes; the
+  GFLOP/s, 7-32% faster than the taps over two sessions' runs. So by default
+  (`set_weight_grad_method("auto")`) the first backward of each problem (shapes, strides, dtype,
+  thread count) times every form that applies (for a `1x1x1` kernel also the matrix product) once
+  and keeps the fastest, as `torch.backends.cudnn.benchmark` does on GPUs. Only the weight gradient changes; the
   forward and the input gradient are `F.conv3d`'s own. `Conv3d`'s parameters keep `nn.Conv3d`'s
   names and 5-D shapes, so state dicts are interchangeable.
 """
@@ -225,7 +225,8 @@ def _conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, .
 
 WEIGHT_GRAD_METHODS = ("auto", "depth_taps", "aten")
 """How `Conv3d` computes a 3-D weight gradient on CPU: `"auto"` (time every form that applies once per
-problem, keep the fastest; the default), `"depth_taps"` (`weight_grad_by_depth_taps`) or `"aten"` (oneDNN's 3-D kernel)."""
+problem, keep the fastest; the default), `"depth_taps"` (`weight_grad_by_depth_taps`) or `"aten"`
+(oneDNN's 3-D kernel)."""
 
 _weight_grad_method = "auto"
 _fastest_form: dict[tuple, str] = {}  # per problem, the form "auto" measured fastest
@@ -236,10 +237,11 @@ def set_weight_grad_method(method: str) -> None:
 
     `"auto"` (the default) times the depth-tap form against oneDNN's 3-D kernel (and, for a `1x1x1`
     kernel, a matrix product) on the first backward of each problem (shapes, strides, dtype, torch
-    thread count) and keeps the fastest: the forms sum in different orders, so which one runs can change the last bits of a gradient from one machine
-    to another. Pin `"aten"` or `"depth_taps"` for bit-for-bit repeatable runs across machines. On the
-    `meta` device (the memory planner) `"auto"` plans the depth-tap form, whose slice copies are the
-    larger transient. Applies to the whole process.
+    thread count) and keeps the fastest: the forms sum in different orders, so which one runs can
+    change the last bits of a gradient from one machine to another. Pin `"aten"` or `"depth_taps"`
+    for bit-for-bit repeatable runs across machines. On the `meta` device (the memory planner)
+    `"auto"` plans the depth-tap form, whose slice copies are the larger transient. Applies to the
+    whole process.
     """
     global _weight_grad_method
     if method not in WEIGHT_GRAD_METHODS:

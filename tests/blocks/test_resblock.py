@@ -110,7 +110,8 @@ def apart_at_any_size(monkeypatch):
 
 @pytest.mark.usefixtures("apart_at_any_size")
 @pytest.mark.parametrize("saves", [None, "recipes", "products"])
-@pytest.mark.parametrize(("injection", "with_emb"), [(TimestepInjection.ADD, True), (TimestepInjection.SCALE_SHIFT, True),
+@pytest.mark.parametrize(("injection", "with_emb"), [(TimestepInjection.ADD, True),
+                                                     (TimestepInjection.SCALE_SHIFT, True),
                                                      (TimestepInjection.ADD, False)])
 def test_a_skip_given_apart_equals_the_concatenation_and_the_concatenation_is_never_made(injection, with_emb, saves):
     block = randomize_(_block(in_channels=12, out_channels=4, timestep_injection=injection,
