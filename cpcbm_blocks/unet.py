@@ -80,8 +80,8 @@ class UNet3D(nn.Module):
         sampler's, whose outputs no backward reads). The same memory as `torch.utils.checkpoint`, for
         fewer FLOPs; under autocast they fall back to `torch.utils.checkpoint`. Gradients are the same
         as without checkpointing (tested). A residual block takes its skip apart
-        ([`ResBlock3D`][cpcbm_blocks.ResBlock3D]`(..., skip=)`), so no concatenation is made, in forward
-        or in backward. With `conditions=True` the
+        ([`ResBlock3D`][cpcbm_blocks.ResBlock3D]`(..., skip=)`), so at the large levels (from
+        `SKIP_APART_MIN_BYTES`) no concatenation is made, in forward or in backward. With `conditions=True` the
         condition encoder is checkpointed too (it keeps only its encoded outputs). Levels are numbered
         from 1 (shallowest); `levels=()`, `mid=False` and `conditions=False` switch it off. Only training (grad
         enabled) is affected. The setting lives on the module, not in the spec: it changes memory and

@@ -68,8 +68,8 @@ from torch import Tensor, nn
 from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.rematerialize import recomputable
 
-__all__ = ["WEIGHT_GRAD_METHODS", "Conv3d", "conv3d", "set_weight_grad_method", "upsample_conv3d",
-           "weight_grad_by_depth_taps", "zero_init"]
+__all__ = ["WEIGHT_GRAD_METHODS", "Conv3d", "conv3d", "interleave_parities_by_slices", "set_weight_grad_method",
+           "upsample_conv3d", "weight_grad_by_depth_taps", "zero_init"]
 
 _SLOW_CONV3D_LIMIT = 20480
 """PyTorch (2.x, CPU, float32, batch 1, groups 1) runs a 3-D convolution with `slow_conv3d` when
