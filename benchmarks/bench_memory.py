@@ -5,7 +5,8 @@
    default) and with full checkpointing (every level, the middle); and the activations held for
    backward, measured as what glibc malloc holds after a forward with grad minus after one without.
 2. Peak memory of a full training step with Adam, each variant in a FRESH process with glibc's
-   default malloc, after two steps: the peak RSS (`ru_maxrss`), the RSS before the model was built
+   default malloc, after two steps: the peak RSS (`VmHWM`; not `ru_maxrss`, which a child inherits
+   from its parent: see `peak_rss_bytes`), the RSS before the model was built
    (torch and Python alone), and the most malloc had handed out at once (`mallinfo2`, sampled every
    millisecond; what the allocator merely keeps is not in it). The planner's prediction for the same
    step stands beside them.
@@ -16,7 +17,6 @@
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -25,7 +25,7 @@ import torch
 from common import MALLOC_VARIABLES, alternate, median, save, setup, table
 
 from cpcbm_blocks import UNet3D, UNetSpec
-from cpcbm_blocks.measure import PeakMallocSampler, held_for_backward
+from cpcbm_blocks.measure import PeakMallocSampler, held_for_backward, peak_rss_bytes
 from cpcbm_blocks.memory import _conditions, memory_plan
 
 SPECS = {"default": UNetSpec.default, "conditioned": UNetSpec.conditioned}
@@ -61,7 +61,7 @@ def child(size: int, switches: str, spec_name: str) -> None:
             optimizer.zero_grad(set_to_none=True)
             torch.nn.functional.mse_loss(model(x, t, **conditions), target).backward()
             optimizer.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     # Before the first step malloc held the parameters and the inputs, which the plan counts too.
     tensors_before = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         v.numel() * v.element_size() for v in (x, target, *conditions.values()))

@@ -25,7 +25,7 @@ from typing import Self
 
 import torch
 
-__all__ = ["PeakMallocSampler", "held_for_backward", "malloc_bytes_in_use"]
+__all__ = ["PeakMallocSampler", "held_for_backward", "malloc_bytes_in_use", "peak_rss_bytes"]
 
 
 class _MallInfo2(ctypes.Structure):
@@ -53,6 +53,22 @@ def malloc_bytes_in_use() -> int | None:
         return None
     info = _MALLINFO2()
     return info.uordblks + info.hblkhd
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's own high-water resident set size (`VmHWM` in `/proc/self/status`); None off Linux.
+
+    Not `resource.getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries that across `execve`, where it takes
+    the high-water RSS of the address space being left. For a process started by `subprocess` (which
+    uses `vfork`) that is the *parent's*, so a child of a parent that once held 3 GiB reports at least
+    3 GiB, however little it uses. `VmHWM` belongs to the address space the program runs in.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            line = next((line for line in status if line.startswith("VmHWM:")), None)
+    except OSError:
+        return None
+    return None if line is None else int(line.split()[1]) * 1024
 
 
 class PeakMallocSampler:

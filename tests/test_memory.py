@@ -1,5 +1,7 @@
 """The memory/FLOP planner: planned on `meta`, checked against real CPU runs of the same spec."""
 
+import subprocess
+import sys
 import time
 import types
 
@@ -9,7 +11,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from cpcbm_blocks import InputError, LevelSpec, MidSpec, UNet3D, UNetSpec, attention_backend, shape_checks
-from cpcbm_blocks.measure import held_for_backward, malloc_bytes_in_use
+from cpcbm_blocks.measure import held_for_backward, malloc_bytes_in_use, peak_rss_bytes
 from cpcbm_blocks.memory import CPU_ATTENTION_FLOP_FORMULAS, MemoryPlan, _conditions, memory_plan
 
 from .conftest import randomize_
@@ -282,3 +284,19 @@ def test_shape_only_kernels_match_the_meta_decompositions(dtype, channels_last):
             assert packet(copies, *extra) is None and kernel(copies, *extra) is None
         else:
             same(kernel(tensors, *extra), packet(tensors, *extra))
+
+
+@pytest.mark.skipif(peak_rss_bytes() is None, reason="needs Linux /proc")
+def test_a_child_process_peak_rss_is_its_own_not_its_parents():
+    """`ru_maxrss` survives `execve` and there takes the parent's high-water mark (subprocess vforks);
+    `peak_rss_bytes` reads the child's own. Checked by a parent that touched 768 MiB first."""
+    touched = bytearray(768 * 2**20)
+    touched[::4096] = b"\x01" * len(range(0, len(touched), 4096))
+    del touched
+    assert peak_rss_bytes() > 768 * 2**20
+    report = ("import resource; from cpcbm_blocks.measure import peak_rss_bytes; "
+              "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    child = subprocess.run([sys.executable, "-c", report], capture_output=True, text=True, check=True)
+    own, maxrss = map(int, child.stdout.split())
+    assert maxrss > 768 * 2**20  # the trap: the parent's mark
+    assert own < 400 * 2**20  # Python, torch and this package alone
