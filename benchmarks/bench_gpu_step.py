@@ -93,8 +93,8 @@ def main() -> None:
         times = alternate(variants, repeats=args.repeats, warmup=2)
         del variants
         peaks = {p: measured_peak_bytes(spec, shape, device, p) for p in precisions}
-    planned = {"bf16": memory_plan(spec, shape, dtype="bf16").peak_bytes,
-               "fp32": memory_plan(spec, shape, dtype="fp32").peak_bytes}
+    planned = {"bf16": memory_plan(spec, shape, dtype="bf16", device="cuda").peak_bytes,
+               "fp32": memory_plan(spec, shape, dtype="fp32", device="cuda").peak_bytes}
     planned["bf16 autocast"] = planned["fp32"]  # no autocast in the plan: the fp32 plan is the reference
     rows, data = [], []
     for name, values in times.items():

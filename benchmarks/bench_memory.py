@@ -4,12 +4,14 @@
    the default UNet as plain PyTorch holds it (`selective=False`), with selective recomputation (the
    default) and with full checkpointing (every level, the middle); and the activations held for
    backward, measured as what glibc malloc holds after a forward with grad minus after one without.
-2. Peak memory of a full training step with Adam, each variant in a FRESH process with glibc's
-   default malloc, after two steps: the peak RSS (`VmHWM`; not `ru_maxrss`, which a child inherits
+2. Peak memory of a full training step with Adam, each variant in a FRESH process, after two steps,
+   under glibc's default malloc and under a fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_=65536`, which
+   hands every freed tensor back to the system): the peak RSS (`VmHWM`; not `ru_maxrss`, which a child inherits
    from its parent: see `peak_rss_bytes`), the RSS before the model was built
    (torch and Python alone), and the most malloc had handed out at once (`mallinfo2`, sampled every
    millisecond; what the allocator merely keeps is not in it). The planner's prediction for the same
-   step stands beside them.
+   step stands beside them, made in the child after its steps, so that it plans the weight-gradient
+   forms the child measured fastest.
 
     python benchmarks/bench_memory.py --time-size 128 --peak-size 256 --repeats 3 --peak-specs default,conditioned
 """
@@ -65,7 +67,8 @@ def child(size: int, switches: str, spec_name: str) -> None:
     # Before the first step malloc held the parameters and the inputs, which the plan counts too.
     tensors_before = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         v.numel() * v.element_size() for v in (x, target, *conditions.values()))
-    print(json.dumps({"baseline_rss": baseline, "peak_rss": peak,
+    planned = memory_plan(spec, shape, text_tokens=TEXT_TOKENS, **SWITCHES[switches][1]).peak_bytes
+    print(json.dumps({"baseline_rss": baseline, "peak_rss": peak, "planned_peak": planned,
                       "malloc_peak_step": sampler.peak_bytes - sampler.start_bytes + tensors_before}))
 
 
@@ -120,26 +123,31 @@ def checkpointing_part(args):
     return text, {"shape": shape, "times": times, "held": held, "planned_saved": planned}
 
 
+MALLOC_SETTINGS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=65536": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+"""glibc's default raises its mmap threshold as large blocks are freed (up to 32 MiB) and then keeps
+freed activations in its heap; a fixed threshold returns every block of 64 KiB or more on free."""
+
+
 def peak_part(args, tables, data):
     malloc_free_env = {k: v for k, v in os.environ.items() if k not in MALLOC_VARIABLES}
     rows, peaks = [], {}
     peak_shape = (1, 1, 8, args.peak_size, args.peak_size)
     for spec_name in args.peak_specs.split(","):
-        spec = SPECS[spec_name]()
-        for name in args.peak_switches.split(","):
-            result = subprocess.run([sys.executable, __file__, "--child", str(args.peak_size), name, spec_name],
-                                    env=malloc_free_env, capture_output=True, text=True, check=True)
-            measured = json.loads(result.stdout.strip().splitlines()[-1])
-            plan = memory_plan(spec, peak_shape, text_tokens=TEXT_TOKENS, **SWITCHES[name][1])
-            net = measured["peak_rss"] - measured["baseline_rss"]
-            peaks[f"{spec_name}, {name}"] = {**measured, "planned_peak": plan.peak_bytes}
-            rows.append([f"UNetSpec.{spec_name}()", name, measured["peak_rss"] / 2**30, measured["baseline_rss"] / 2**30,
-                         net / 2**30, measured["malloc_peak_step"] / 2**30, plan.peak_bytes / 2**30,
-                         net / plan.peak_bytes, measured["malloc_peak_step"] / plan.peak_bytes])
-            print(f"peak: {rows[-1]}", flush=True)
-    text = table(["spec", "variant", "peak RSS GiB", "RSS before the model GiB", "peak RSS - before GiB",
+        for malloc, settings in MALLOC_SETTINGS.items():
+            for name in args.peak_switches.split(","):
+                result = subprocess.run([sys.executable, __file__, "--child", str(args.peak_size), name, spec_name],
+                                        env={**malloc_free_env, **settings}, capture_output=True, text=True, check=True)
+                measured = json.loads(result.stdout.strip().splitlines()[-1])
+                planned = measured["planned_peak"]
+                net = measured["peak_rss"] - measured["baseline_rss"]
+                peaks[f"{spec_name}, {malloc}, {name}"] = {**measured, "malloc": malloc}
+                rows.append([f"UNetSpec.{spec_name}()", malloc, name, measured["peak_rss"] / 2**30,
+                             measured["baseline_rss"] / 2**30, net / 2**30, measured["malloc_peak_step"] / 2**30,
+                             planned / 2**30, net / planned, measured["malloc_peak_step"] / planned])
+                print(f"peak: {rows[-1]}", flush=True)
+    text = table(["spec", "malloc", "variant", "peak RSS GiB", "RSS before the model GiB", "peak RSS - before GiB",
                   "malloc peak GiB", "planned peak GiB", "(RSS - before) / planned", "malloc peak / planned"], rows)
-    print(f"\nPeak memory of a training step with Adam at {peak_shape}, fresh process each, glibc default malloc:\n{text}")
+    print(f"\nPeak memory of a training step with Adam at {peak_shape}, fresh process each:\n{text}")
     tables["peak_memory"] = text
     data["peak_memory"] = {"shape": peak_shape, "peaks": peaks}
 

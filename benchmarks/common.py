@@ -18,7 +18,8 @@ from _timing import alternate as alternate  # A B A B after a warm-up; shared wi
 from _timing import median as median
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "MALLOC_TOP_PAD_")
+MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "MALLOC_TOP_PAD_",
+                    "MALLOC_MMAP_THRESHOLD_")
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from cpcbm_blocks.errors import CpcbmError
-from cpcbm_blocks.memory import DTYPES, memory_plan
+from cpcbm_blocks.memory import DEVICES, DTYPES, memory_plan
 from cpcbm_blocks.notation import parse_trace, render_trace
 from cpcbm_blocks.plan import plan
 from cpcbm_blocks.spec import UNetSpec
@@ -175,7 +175,7 @@ def plan_command(args: argparse.Namespace) -> int:
     if args.batch is not None:
         input_shape = (args.batch, *input_shape[1:])
     warm_up_seconds = _warm_up_meta_kernels()
-    result = memory_plan(spec, input_shape, dtype=args.dtype, checkpoint_levels=args.checkpoint_levels,
+    result = memory_plan(spec, input_shape, dtype=args.dtype, device=args.device, checkpoint_levels=args.checkpoint_levels,
                          checkpoint_mid=args.checkpoint_mid, checkpoint_conditions=args.checkpoint_conditions,
                          selective=not args.no_selective, attention_backend=args.attention,
                          text_tokens=args.text_tokens)
@@ -187,7 +187,7 @@ def plan_command(args: argparse.Namespace) -> int:
         return 0
     checkpointing = ", ".join([*(f"level {v}" for v in result.checkpoint_levels), *(["mid"] if result.checkpoint_mid else []),
                                *(["conditions"] if result.checkpoint_conditions else [])])
-    print(f"cpcbm-blocks plan: {spec_name}, input {result.input_shape}, {args.dtype}, attention {result.attention_backend.value}, "
+    print(f"cpcbm-blocks plan: {spec_name}, input {result.input_shape}, {args.dtype} on {args.device}, attention {result.attention_backend.value}, "
           f"checkpointing {checkpointing or 'off'}, selective recomputation {'on' if result.selective else 'off'}; a training step (forward, MSE loss, backward, Adam) on meta")
     print(result.render())
     if largest is not None:
@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help=f"tokens per text condition, for a spec conditioned on text (default: {TEXT_TOKENS})")
     plan_parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                              help="dtype of parameters and activations (default: fp32)")
+    plan_parser.add_argument("--device", choices=DEVICES, default="cpu",
+                             help="cpu counts oneDNN's blocked copies of convolution operands; cuda plans "
+                                  "the tensors alone (default: cpu)")
     plan_parser.add_argument("--checkpoint-levels", type=_levels, default=(), metavar="L1,L2",
                              help="levels to run with gradient checkpointing, e.g. 1,2 (default: none)")
     plan_parser.add_argument("--checkpoint-mid", action="store_true", help="also checkpoint the middle")

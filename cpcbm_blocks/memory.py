@@ -16,8 +16,17 @@ update. A `TorchDispatchMode` sees every operator of that step:
 * **Peak** is the largest live total over the whole step, plus the parameters, plus the Adam state
   (which exists from the second step on, so it is added to the part before the first update).
 
+* **oneDNN's copies** (`device="cpu"`, the default). On CPU, PyTorch's convolutions run on oneDNN,
+  which computes on *channel-blocked* copies of plain-layout (NCDHW) activations, channels padded
+  to a multiple of 16, and writes the result back to the plain tensor. Those copies are
+  transients the meta device never creates, as large as the activations themselves: at full size a
+  level-1 weight gradient briefly holds 128 MiB beyond its inputs. `onednn_scratch_bytes` models
+  them from measurements (`tests/test_memory.py` checks the model against malloc on real
+  convolutions) and the plan adds each one on top of what is live when its convolution runs.
+  `device="cuda"` leaves them out (cuDNN's workspaces are not modelled).
+
 What the plan does not see: allocator overheads (caching, fragmentation, page rounding), the CUDA
-context and cuDNN/oneDNN workspaces, the Python process itself, and autocast's weight-cast cache
+context and cuDNN workspaces, the Python process itself, and autocast's weight-cast cache
 (`dtype` casts the whole model, as pure low-precision training does). The tests compare it with a
 real CPU run; `benchmarks/` compare the peak with a measured one.
 
@@ -52,10 +61,15 @@ from cpcbm_blocks.layout import Op, Section, Step
 from cpcbm_blocks.plan import Transition, plan
 from cpcbm_blocks.spec import UNetSpec
 
-__all__ = ["CPU_ATTENTION_FLOP_FORMULAS", "DTYPES", "MemoryPlan", "StepCost", "memory_plan"]
+__all__ = ["CPU_ATTENTION_FLOP_FORMULAS", "DEVICES", "DTYPES", "MemoryPlan", "StepCost", "memory_plan",
+           "onednn_scratch_bytes"]
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The dtypes a plan can be made for, by the names the command line uses."""
+
+DEVICES = ("cpu", "cuda")
+"""What a plan can be made for: `"cpu"` counts oneDNN's blocked copies (see the module docs), `"cuda"`
+the tensors alone."""
 
 _aten = torch.ops.aten
 
@@ -117,6 +131,8 @@ class MemoryPlan:
     spec: UNetSpec
     input_shape: tuple[int, int, int, int, int]
     dtype: str
+    device: str
+    """`"cpu"`: oneDNN's blocked copies count toward the peak; `"cuda"`: tensors only."""
     attention_backend: AttentionBackend
     checkpoint_levels: tuple[int, ...]
     checkpoint_mid: bool
@@ -210,7 +226,7 @@ class MemoryPlan:
 
     def with_batch(self, batch: int) -> "MemoryPlan":
         """The same plan for another batch size."""
-        return memory_plan(self.spec, (batch, *self.input_shape[1:]), dtype=self.dtype,
+        return memory_plan(self.spec, (batch, *self.input_shape[1:]), dtype=self.dtype, device=self.device,
                            checkpoint_levels=self.checkpoint_levels, checkpoint_mid=self.checkpoint_mid,
                            checkpoint_conditions=self.checkpoint_conditions, selective=self.selective,
                            attention_backend=self.attention_backend, text_tokens=self.text_tokens)
@@ -218,7 +234,7 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         """Plain JSON-able data: totals, per-level sums and one row per transition."""
         return {
-            "input_shape": list(self.input_shape), "dtype": self.dtype, "attention_backend": self.attention_backend.value,
+            "input_shape": list(self.input_shape), "dtype": self.dtype, "device": self.device, "attention_backend": self.attention_backend.value,
             "checkpoint_levels": list(self.checkpoint_levels), "checkpoint_mid": self.checkpoint_mid,
             "checkpoint_conditions": self.checkpoint_conditions, "selective": self.selective,
             "parameter_count": self.parameter_count, "parameter_bytes": self.parameter_bytes,
@@ -252,8 +268,10 @@ class MemoryPlan:
         lines.append(f"FLOPs             forward {self.forward_flops / 1e9:.2f} G, backward {self.backward_flops / 1e9:.2f} G")
         lines.append(f"saved for backward {_mib(self.saved_bytes):.1f} MiB (attention scores {_mib(self.attention_score_bytes):.1f} MiB); "
                      f"dominant level: {self.dominant_level()}")
-        lines.append(f"predicted peak    {self.peak_bytes / 2**30:.3f} GiB for a training step with Adam "
-                     f"(tensors only: no allocator cache, CUDA context or workspaces)")
+        counted = ("tensors and oneDNN's blocked copies" if self.device == "cpu"
+                   else "tensors only: no cuDNN workspaces or CUDA context")
+        lines.append(f"predicted peak    {self.peak_bytes / 2**30:.3f} GiB for a training step with Adam on {self.device} "
+                     f"({counted}; no allocator cache)")
         return "\n".join(lines)
 
 
@@ -297,11 +315,98 @@ decomposition computes exactly these shapes, dtypes and layouts, only slower;
 `test_shape_only_kernels_match_the_meta_decompositions` holds them to it."""
 
 
+_ONEDNN_CHANNEL_BLOCK = 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+"""oneDNN's kernels work on channels in blocks of one vector register, padding the last block: 16 float32
+on AVX-512 (`nCdhw16c`), 8 on AVX2."""
+
+_SLOW_CONV_LIMIT = 20480
+"""At batch 1, PyTorch (2.x, CPU) leaves a convolution whose `N*C*size(2)*size(3)` is at most this to its
+own `slow_conv` kernels, not oneDNN (`use_mkldnn` in aten/src/ATen/native/Convolution.cpp)."""
+
+
+def _blocked_bytes(t: Tensor) -> int:
+    """Bytes of `t` as oneDNN's channel-blocked copy; 0 if `t` is channels-last, which oneDNN reads as it is."""
+    if t.dim() >= 4 and t.is_contiguous(memory_format=_channels_last(t)) and not t.is_contiguous():
+        return 0
+    channels = -(-t.shape[1] // _ONEDNN_CHANNEL_BLOCK) * _ONEDNN_CHANNEL_BLOCK
+    return t.numel() // max(t.shape[1], 1) * channels * t.element_size()
+
+
+def _channels_last(t: Tensor) -> torch.memory_format:
+    return torch.channels_last_3d if t.dim() == 5 else torch.channels_last
+
+
+def _copied_bytes(t: Tensor) -> int:
+    """A strided view (say, depth moved last) is first made contiguous: one plain copy."""
+    dense = t.is_contiguous() or t.is_contiguous(memory_format=_channels_last(t))
+    return 0 if dense else t.numel() * t.element_size()
+
+
+def _pointwise(weight: Tensor, stride: list[int]) -> bool:
+    return all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in stride)
+
+
+def _runs_on_onednn(x: Tensor, weight: Tensor, stride: list[int], groups: int) -> bool:
+    """Whether PyTorch's CPU backend hands this float convolution to oneDNN (`use_mkldnn`, for the
+    undilated convolutions this library runs)."""
+    if _pointwise(weight, stride) and x.shape[0] < 16 and torch.get_num_threads() == 1:
+        return False  # a matrix product of PyTorch's own
+    return (x.shape[0] > 1 or groups > 1 or math.prod(x.shape[:4]) > _SLOW_CONV_LIMIT
+            or (weight.shape[-1] > 3 and weight.shape[-2] > 3))
+
+
+def _columns_bytes(x: Tensor, weight: Tensor, out_spatial: tuple[int, ...]) -> int:
+    """PyTorch's own `slow_conv` kernels unfold the input into columns: `C_in * taps` rows per output voxel."""
+    return x.shape[0] * weight.shape[1] * math.prod(weight.shape[2:]) * math.prod(out_spatial) * x.element_size()
+
+
+def onednn_scratch_bytes(func, args: tuple, out) -> int:
+    """Bytes a CPU convolution allocates beyond its outputs on oneDNN, for `aten.convolution` and
+    `aten.convolution_backward` (0 for any other operator, or where PyTorch runs its own kernel).
+
+    Measured on AVX-512 with PyTorch 2.13 at activations of tens of MiB, where it matters
+    (`tests/test_memory.py`), with `blk(t)` the bytes of `t`
+    with its channels padded to a multiple of 16 (0 for a channels-last `t`):
+
+    * forward, and the input gradient alone: `max(blk(in), blk(out)) + blk(out) - bytes(out)`, where
+      `in`/`out` are the input and output (for the input gradient: the output gradient and the
+      input gradient): one blocked copy at a time, plus the padded result before it is written back;
+    * a weight gradient: `blk(input) + blk(grad_out)`, both blocked copies at once;
+    * plus a plain copy of any operand that is a strided view.
+
+    Where PyTorch keeps a convolution to itself: its `slow_conv` kernels unfold the input into
+    columns (`C_in * taps` values per output voxel), and a pointwise one on one thread computes the
+    input gradient through one temporary of its size.
+    """
+    if func is _aten.convolution.default:
+        x, weight, stride, groups = args[0], args[1], args[3], args[8]
+        if not _runs_on_onednn(x, weight, stride, groups):
+            return 0 if _pointwise(weight, stride) else _columns_bytes(x, weight, tuple(out.shape[2:]))
+        return (max(_blocked_bytes(x), _blocked_bytes(out)) + _blocked_bytes(out) - out.untyped_storage().nbytes()
+                + _copied_bytes(x))
+    if func is _aten.convolution_backward.default:
+        grad_out, x, weight, stride, groups, mask = args[0], args[1], args[2], args[4], args[9], args[10]
+        if not _runs_on_onednn(x, weight, stride, groups):
+            if _pointwise(weight, stride):  # the input gradient goes through one temporary of its size
+                return out[0].untyped_storage().nbytes() if mask[0] else 0
+            return _columns_bytes(x, weight, tuple(grad_out.shape[2:]))
+        scratch = 0
+        if mask[0]:
+            grad_x = out[0]
+            scratch = (max(_blocked_bytes(grad_out), _blocked_bytes(grad_x)) + _blocked_bytes(grad_x)
+                       - grad_x.untyped_storage().nbytes())
+        if mask[1]:
+            scratch = max(scratch, _blocked_bytes(x) + _blocked_bytes(grad_out))
+        return scratch + _copied_bytes(grad_out) + _copied_bytes(x)
+    return 0
+
+
 class _Recorder(TorchDispatchMode):
     """Counts FLOPs and follows every tensor storage from creation to release, by owner (a step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, onednn_scratch: bool = False) -> None:
         super().__init__()
+        self.onednn_scratch = onednn_scratch
         self.owner = _BEFORE
         # (first autograd sequence number, owner): whose forward created the autograd nodes from there on
         self.owner_from: list[tuple[int, int]] = [(-1, _BEFORE)]
@@ -330,6 +435,10 @@ class _Recorder(TorchDispatchMode):
         for tensor in tree_leaves(out):
             if isinstance(tensor, Tensor):
                 self._track(tensor)
+        if self.onednn_scratch:  # freed inside the operator: only the peak sees it
+            scratch = onednn_scratch_bytes(func, args, out)
+            if scratch:
+                self.peak_by_phase[self.phase] = max(self.peak_by_phase.get(self.phase, 0), self.live_bytes + scratch)
         return out
 
     def set_owner(self, owner: int) -> None:
@@ -429,7 +538,7 @@ def _check_levels(spec: UNetSpec, levels: Iterable[int]) -> tuple[int, ...]:
     return levels
 
 
-def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "fp32",
+def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "fp32", device: str = "cpu",
                 checkpoint_levels: Iterable[int] = (), checkpoint_mid: bool = False, checkpoint_conditions: bool = False,
                 selective: bool = True, attention_backend: AttentionBackend | str = AttentionBackend.SDPA, text_tokens: int = 77) -> MemoryPlan:
     """Plan one training step of `spec`'s UNet on a batch of `input_shape` (B, C, D, H, W).
@@ -439,6 +548,8 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     - `spec`: the network.
     - `input_shape`: the training batch's shape; the batch size is its first entry.
     - `dtype`: `"fp32"`, `"bf16"` or `"fp16"`: the dtype of the parameters and the activations.
+    - `device`: `"cpu"` (the default) adds oneDNN's blocked copies of each convolution's operands to
+      the peak (see the module docs); `"cuda"` plans the tensors alone.
     - `checkpoint_levels`, `checkpoint_mid`, `checkpoint_conditions`: gradient checkpointing, as
       `UNet3D.set_gradient_checkpointing` sets it.
     - `selective`: selective recomputation of memory-bound operators in every other step (on by
@@ -450,6 +561,8 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
 
     if dtype not in DTYPES:
         raise InputError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}. Use e.g. dtype='bf16'.")
+    if device not in DEVICES:
+        raise InputError(f"device: expected one of {list(DEVICES)}, got {device!r}. Use device='cuda' to plan a GPU step.")
     backend = AttentionBackend(attention_backend)
     expected = plan(spec, tuple(input_shape))
     levels = _check_levels(spec, checkpoint_levels)
@@ -468,7 +581,7 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     inputs = [x, t, target, *conditions.values()]
     input_bytes = sum(v.numel() * v.element_size() for v in inputs)
 
-    recorder = _Recorder()
+    recorder = _Recorder(onednn_scratch=device == "cpu")
     recorder.exclude([*parameters, *model.buffers(), *inputs])
     for position, transition in enumerate(expected.transitions):
         if transition.step.op is Op.ATTN:
@@ -520,7 +633,7 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     forward_flops = sum(v for (phase, _), v in recorder.flops.items() if phase == "forward")
     backward_flops = sum(v for (phase, _), v in recorder.flops.items() if phase == "backward")
     return MemoryPlan(
-        spec=spec, input_shape=expected.input_shape, dtype=dtype, attention_backend=backend, checkpoint_levels=levels,
+        spec=spec, input_shape=expected.input_shape, dtype=dtype, device=device, attention_backend=backend, checkpoint_levels=levels,
         checkpoint_mid=bool(checkpoint_mid), checkpoint_conditions=bool(checkpoint_conditions), selective=bool(selective),
         text_tokens=text_tokens, steps=tuple(costs), parameter_count=sum(p.numel() for p in parameters),
         embedding_parameters=sum(p.numel() for p in parameters) - sum(params_by_key.values()),

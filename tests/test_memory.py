@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cpcbm_blocks import InputError, LevelSpec, MidSpec, UNet3D, UNetSpec, attention_backend, shape_checks
 from cpcbm_blocks.measure import held_for_backward, malloc_bytes_in_use, peak_rss_bytes
-from cpcbm_blocks.memory import CPU_ATTENTION_FLOP_FORMULAS, MemoryPlan, _conditions, memory_plan
+from cpcbm_blocks.memory import CPU_ATTENTION_FLOP_FORMULAS, MemoryPlan, _conditions, memory_plan, onednn_scratch_bytes
 
 from .conftest import randomize_
 
@@ -218,7 +218,8 @@ def test_planned_peak_matches_cuda_max_memory_allocated_within_10_percent():
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-    assert torch.cuda.max_memory_allocated() == pytest.approx(memory_plan(spec, shape).peak_bytes, rel=0.10)
+    assert torch.cuda.max_memory_allocated() == pytest.approx(memory_plan(spec, shape, device="cuda").peak_bytes,
+                                                              rel=0.10)
 
 
 def test_a_conditioned_spec_is_planned_with_its_conditions_and_its_encoder_can_be_checkpointed():
@@ -300,3 +301,47 @@ def test_a_child_process_peak_rss_is_its_own_not_its_parents():
     own, maxrss = map(int, child.stdout.split())
     assert maxrss > 768 * 2**20  # the trap: the parent's mark
     assert own < 400 * 2**20  # Python, torch and this package alone
+
+
+_CONVOLUTION_PROBLEMS = {  # (input shape, output channels, kernel, depth moved last)
+    "32->32": ((1, 32, 8, 192, 192), 32, 3, False), "64->32": ((1, 64, 8, 192, 192), 32, 3, False),
+    "32->64 pointwise": ((1, 32, 8, 192, 192), 64, 1, False), "32->1 (head)": ((1, 32, 8, 192, 192), 1, 3, False),
+    "24->32": ((1, 24, 8, 192, 192), 32, 3, False), "32->32 depth last": ((1, 32, 8, 192, 192), 32, 3, True),
+    "4->32 on slow_conv3d": ((1, 4, 8, 96, 96), 32, 3, False),
+}
+
+
+@pytest.mark.parametrize("problem", _CONVOLUTION_PROBLEMS)
+def test_the_onednn_scratch_model_matches_what_malloc_hands_out_around_a_real_convolution(problem):
+    """What a CPU convolution, its input gradient and its weight gradient allocate beyond their results
+    (the most malloc handed out during the call), against `onednn_scratch_bytes` for the same call."""
+    from cpcbm_blocks.measure import PeakMallocSampler
+
+    if malloc_bytes_in_use() is None:
+        pytest.skip("needs glibc's mallinfo2")
+    shape, out_channels, k, depth_last = _CONVOLUTION_PROBLEMS[problem]
+    x, weight = torch.randn(shape), torch.randn(out_channels, shape[1], k, k, k)
+    padding = [k // 2] * 3
+    if depth_last:  # as conv3d runs a shallow volume: a permuted view of x
+        x, weight = x.permute(0, 1, 3, 4, 2), weight.permute(0, 1, 3, 4, 2)
+    grad_out = torch.randn_like(torch.nn.functional.conv3d(x, weight, padding=padding))
+    if depth_last:
+        grad_out = grad_out.permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2)
+    calls = {"forward": (torch.ops.aten.convolution.default, (x, weight, None, [1] * 3, padding, [1] * 3, False, [0] * 3, 1))}
+    for name, mask in (("input gradient", [True, False, False]), ("weight gradient", [False, True, False])):
+        calls[name] = (torch.ops.aten.convolution_backward.default,
+                       (grad_out, x, weight, None, [1] * 3, padding, [1] * 3, False, [0] * 3, 1, mask))
+    pointwise = k == 1
+    for threads in (1, 2) if pointwise else (2,):  # one thread leaves pointwise kernels to PyTorch's own code
+        torch.set_num_threads(threads)
+        try:
+            for name, (func, args) in calls.items():
+                func(*args)  # oneDNN builds its kernels on the first call
+                with PeakMallocSampler(interval_s=0.0002) as sampler:
+                    out = func(*args)
+                results = sum(t.untyped_storage().nbytes() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+                measured = sampler.peak_bytes - sampler.start_bytes - results
+                predicted = onednn_scratch_bytes(func, args, out)
+                assert measured == pytest.approx(predicted, rel=0.10, abs=2**20), f"{problem}, {name}, {threads} threads"
+        finally:
+            torch.set_num_threads(1)

@@ -240,7 +240,8 @@ def set_weight_grad_method(method: str) -> None:
     thread count) and keeps the fastest: the forms sum in different orders, so which one runs can
     change the last bits of a gradient from one machine to another. Pin `"aten"` or `"depth_taps"`
     for bit-for-bit repeatable runs across machines. On the `meta` device (the memory planner)
-    `"auto"` plans the depth-tap form, whose slice copies are the larger transient. Applies to the
+    `"auto"` plans the form this process measured fastest for the same problem, and the depth-tap
+    form (whose slice copies are the larger transient) for a problem it has not run. Applies to the
     whole process.
     """
     global _weight_grad_method
@@ -270,16 +271,16 @@ def _chosen_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, *, stride: 
                         padding: tuple[int, int, int], groups: int) -> Tensor:
     """The weight gradient by the method `set_weight_grad_method` chose; "auto" measures once per problem."""
     forms = {"depth_taps": weight_grad_by_depth_taps, "aten": _aten_weight_grad}
-    arguments = {"stride": stride, "padding": padding, "groups": groups}
-    method = _weight_grad_method
-    if method == "auto" and x.device.type == "meta":
-        method = "depth_taps"
-    if method != "auto":
-        return forms[method](grad_out, x, weight, **arguments)
     if _pointwise(weight, stride, groups):
         forms["matmul"] = _matmul_weight_grad
+    arguments = {"stride": stride, "padding": padding, "groups": groups}
     problem = (tuple(x.shape), x.stride(), tuple(weight.shape), tuple(grad_out.shape), grad_out.stride(), stride,
                padding, groups, x.dtype, torch.get_num_threads())
+    method = _weight_grad_method
+    if method == "auto" and x.device.type == "meta":  # the memory planner: what a CPU run here would pick
+        method = _fastest_form.get(problem, "depth_taps")
+    if method != "auto":
+        return forms[method](grad_out, x, weight, **arguments)
     if problem in _fastest_form:
         return forms[_fastest_form[problem]](grad_out, x, weight, **arguments)
     seconds, results = {}, {}

@@ -171,6 +171,23 @@ def test_auto_times_both_forms_once_per_problem_and_keeps_the_faster(weight_grad
     assert sum(calls.values()) == 4 + 2 + 4
 
 
+def test_on_meta_auto_plans_the_form_this_process_measured_and_the_depth_taps_before_that(weight_grad_method,
+                                                                                          monkeypatch):
+    """The memory planner runs on `meta`: it plans the weight gradient a CPU run here would compute."""
+    weight_grad_method("auto")
+    calls = _count_weight_grads(monkeypatch)
+    conv = Conv3d(4, 6, kernel_size=(3, 3, 3))
+    with torch.device("meta"):
+        planned = Conv3d(4, 6, kernel_size=(3, 3, 3))
+    planned(torch.empty(1, 4, 6, 8, 8, device="meta")).sum().backward()
+    assert calls == {"depth_taps": 1, "aten": 0, "matmul": 0}  # not measured yet: the larger transient
+    conv(torch.randn(1, 4, 6, 8, 8)).sum().backward()  # measures the problem on CPU
+    (kept,) = conv_module._fastest_form.values()
+    calls.update(dict.fromkeys(calls, 0))
+    planned(torch.empty(1, 4, 6, 8, 8, device="meta")).sum().backward()
+    assert calls == {"depth_taps": kept == "depth_taps", "aten": kept == "aten", "matmul": 0}
+
+
 def test_a_pointwise_kernel_also_times_the_matrix_product_and_trains_to_conv3ds_gradients(weight_grad_method,
                                                                                           monkeypatch):
     weight_grad_method("auto")
