@@ -332,6 +332,11 @@ def _blocked_bytes(t: Tensor) -> int:
     return t.numel() // max(t.shape[1], 1) * channels * t.element_size()
 
 
+def _padding_bytes(t: Tensor) -> int:
+    """What the blocked copy of `t` adds to `t` itself: its padded channels (0 for a channels-last `t`)."""
+    return max(0, _blocked_bytes(t) - t.numel() * t.element_size())
+
+
 def _channels_last(t: Tensor) -> torch.memory_format:
     return torch.channels_last_3d if t.dim() == 5 else torch.channels_last
 
@@ -364,11 +369,11 @@ def onednn_scratch_bytes(func, args: tuple, out) -> int:
     """Bytes a CPU convolution allocates beyond its outputs on oneDNN, for `aten.convolution` and
     `aten.convolution_backward` (0 for any other operator, or where PyTorch runs its own kernel).
 
-    Measured on AVX-512 with PyTorch 2.13 at activations of tens of MiB, where it matters
-    (`tests/test_memory.py`), with `blk(t)` the bytes of `t`
+    Measured for float32 on AVX-512 with PyTorch 2.13 at activations of tens of MiB, where it matters
+    (`tests/test_memory.py`; other dtypes are assumed to behave alike), with `blk(t)` the bytes of `t`
     with its channels padded to a multiple of 16 (0 for a channels-last `t`):
 
-    * forward, and the input gradient alone: `max(blk(in), blk(out)) + blk(out) - bytes(out)`, where
+    * forward, and the input gradient alone: `max(blk(in), blk(out)) + blk(out) - bytes(out)` where
       `in`/`out` are the input and output (for the input gradient: the output gradient and the
       input gradient): one blocked copy at a time, plus the padded result before it is written back;
     * a weight gradient: `blk(input) + blk(grad_out)`, both blocked copies at once;
@@ -382,8 +387,7 @@ def onednn_scratch_bytes(func, args: tuple, out) -> int:
         x, weight, stride, groups = args[0], args[1], args[3], args[8]
         if not _runs_on_onednn(x, weight, stride, groups):
             return 0 if _pointwise(weight, stride) else _columns_bytes(x, weight, tuple(out.shape[2:]))
-        return (max(_blocked_bytes(x), _blocked_bytes(out)) + _blocked_bytes(out) - out.untyped_storage().nbytes()
-                + _copied_bytes(x))
+        return max(_blocked_bytes(x), _blocked_bytes(out)) + _padding_bytes(out) + _copied_bytes(x)
     if func is _aten.convolution_backward.default:
         grad_out, x, weight, stride, groups, mask = args[0], args[1], args[2], args[4], args[9], args[10]
         if not _runs_on_onednn(x, weight, stride, groups):
@@ -392,9 +396,7 @@ def onednn_scratch_bytes(func, args: tuple, out) -> int:
             return _columns_bytes(x, weight, tuple(grad_out.shape[2:]))
         scratch = 0
         if mask[0]:
-            grad_x = out[0]
-            scratch = (max(_blocked_bytes(grad_out), _blocked_bytes(grad_x)) + _blocked_bytes(grad_x)
-                       - grad_x.untyped_storage().nbytes())
+            scratch = max(_blocked_bytes(grad_out), _blocked_bytes(out[0])) + _padding_bytes(out[0])
         if mask[1]:
             scratch = max(scratch, _blocked_bytes(x) + _blocked_bytes(grad_out))
         return scratch + _copied_bytes(grad_out) + _copied_bytes(x)

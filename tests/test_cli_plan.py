@@ -6,7 +6,7 @@ from cpcbm_blocks.cli import main
 def test_plan_with_no_arguments_plans_the_default_at_full_size(capsys):
     assert main(["plan"]) == 0
     out = capsys.readouterr().out
-    assert "input (1, 1, 8, 256, 256), fp32, attention sdpa, checkpointing off" in out
+    assert "input (1, 1, 8, 256, 256), fp32 on cpu, attention sdpa, checkpointing off" in out
     assert "dominant level: level 1" in out and "predicted peak" in out
     assert " 39  output head (beyond the seed trace)" in out
 
@@ -33,3 +33,15 @@ def test_plan_without_selective_recomputation_holds_more(capsys):
         plans[bool(flags)] = json.loads(capsys.readouterr().out)
     assert plans[False]["selective"] and not plans[True]["selective"]
     assert plans[True]["saved_bytes"] > 2 * plans[False]["saved_bytes"]
+
+
+def test_plan_for_cuda_leaves_out_onednns_copies_and_says_so(capsys):
+    plans = {}
+    for device in ("cpu", "cuda"):
+        assert main(["plan", "--format", "json", "--device", device]) == 0  # full size: copies of 64 MiB
+        plans[device] = json.loads(capsys.readouterr().out)
+    assert plans["cpu"]["device"] == "cpu" and plans["cuda"]["device"] == "cuda"
+    assert plans["cuda"]["peak_bytes"] < plans["cpu"]["peak_bytes"]  # the copies only add to the peak
+    assert plans["cuda"]["saved_bytes"] == plans["cpu"]["saved_bytes"]
+    assert main(["plan", "--input-shape", "1,1,8,64,64", "--device", "cuda"]) == 0
+    assert "on cuda (tensors only: no cuDNN workspaces or CUDA context; no allocator cache)" in capsys.readouterr().out

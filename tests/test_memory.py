@@ -303,11 +303,12 @@ def test_a_child_process_peak_rss_is_its_own_not_its_parents():
     assert own < 400 * 2**20  # Python, torch and this package alone
 
 
-_CONVOLUTION_PROBLEMS = {  # (input shape, output channels, kernel, depth moved last)
-    "32->32": ((1, 32, 8, 192, 192), 32, 3, False), "64->32": ((1, 64, 8, 192, 192), 32, 3, False),
-    "32->64 pointwise": ((1, 32, 8, 192, 192), 64, 1, False), "32->1 (head)": ((1, 32, 8, 192, 192), 1, 3, False),
-    "24->32": ((1, 24, 8, 192, 192), 32, 3, False), "32->32 depth last": ((1, 32, 8, 192, 192), 32, 3, True),
-    "4->32 on slow_conv3d": ((1, 4, 8, 96, 96), 32, 3, False),
+_CONVOLUTION_PROBLEMS = {  # (input shape, output channels, kernel, layout)
+    "32->32": ((1, 32, 8, 192, 192), 32, 3, "plain"), "64->32": ((1, 64, 8, 192, 192), 32, 3, "plain"),
+    "32->64 pointwise": ((1, 32, 8, 192, 192), 64, 1, "plain"), "32->1 (head)": ((1, 32, 8, 192, 192), 1, 3, "plain"),
+    "24->32": ((1, 24, 8, 192, 192), 32, 3, "plain"), "32->32 depth last": ((1, 32, 8, 192, 192), 32, 3, "depth last"),
+    "32->32 channels last": ((1, 32, 8, 192, 192), 32, 3, "channels last"),
+    "4->32 on slow_conv3d": ((1, 4, 8, 96, 96), 32, 3, "plain"),
 }
 
 
@@ -319,13 +320,15 @@ def test_the_onednn_scratch_model_matches_what_malloc_hands_out_around_a_real_co
 
     if malloc_bytes_in_use() is None:
         pytest.skip("needs glibc's mallinfo2")
-    shape, out_channels, k, depth_last = _CONVOLUTION_PROBLEMS[problem]
+    shape, out_channels, k, layout = _CONVOLUTION_PROBLEMS[problem]
     x, weight = torch.randn(shape), torch.randn(out_channels, shape[1], k, k, k)
     padding = [k // 2] * 3
-    if depth_last:  # as conv3d runs a shallow volume: a permuted view of x
+    if layout == "depth last":  # as conv3d runs a shallow volume: a permuted view of x
         x, weight = x.permute(0, 1, 3, 4, 2), weight.permute(0, 1, 3, 4, 2)
+    if layout == "channels last":
+        x, weight = x.to(memory_format=torch.channels_last_3d), weight.to(memory_format=torch.channels_last_3d)
     grad_out = torch.randn_like(torch.nn.functional.conv3d(x, weight, padding=padding))
-    if depth_last:
+    if layout == "depth last":
         grad_out = grad_out.permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2)
     calls = {"forward": (torch.ops.aten.convolution.default, (x, weight, None, [1] * 3, padding, [1] * 3, False, [0] * 3, 1))}
     for name, mask in (("input gradient", [True, False, False]), ("weight gradient", [False, True, False])):
