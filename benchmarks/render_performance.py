@@ -42,7 +42,12 @@ malloc settings it ran under. On CPU, `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_
 glibc from returning large activations to the OS and page-faulting them back every step (faster
 and steadier steps, for a higher peak RSS); set both in the environment before starting Python.
 
-The memory planner (`cpcbm-blocks plan`) predicts the same figures before anything runs.
+Peak memory is measured differently: each variant in a fresh process under glibc's default malloc
+and under a fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_=65536`), with the process's own
+high-water RSS (`VmHWM`; `ru_maxrss` would report the parent's), and beside it the most malloc had
+handed out at once. The memory planner (`cpcbm-blocks plan`) predicts the same figures before anything
+runs; the gap between its peak and the peak RSS is the process itself (Python and torch, measured
+before the model) and what the allocator keeps.
 """
 
 
