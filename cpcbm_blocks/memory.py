@@ -55,6 +55,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flo
 
 from cpcbm_blocks.blocks.attention import AttentionBackend
 from cpcbm_blocks.blocks.attention import attention_backend as use_attention_backend
+from cpcbm_blocks.blocks.conv import SLOW_CONV_LIMIT
 from cpcbm_blocks.contracts import shape_checks
 from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.layout import Op, Section, Step
@@ -319,11 +320,6 @@ _ONEDNN_CHANNEL_BLOCK = 16 if torch.backends.cpu.get_cpu_capability().startswith
 """oneDNN's kernels work on channels in blocks of one vector register, padding the last block: 16 float32
 on AVX-512 (`nCdhw16c`), 8 on AVX2."""
 
-_SLOW_CONV_LIMIT = 20480
-"""At batch 1, PyTorch (2.x, CPU) leaves a convolution whose `N*C*size(2)*size(3)` is at most this to its
-own `slow_conv` kernels, not oneDNN (`use_mkldnn` in aten/src/ATen/native/Convolution.cpp)."""
-
-
 def _blocked_bytes(t: Tensor) -> int:
     """Bytes of `t` as oneDNN's channel-blocked copy; 0 if `t` is channels-last, which oneDNN reads as it is."""
     if t.dim() >= 4 and t.is_contiguous(memory_format=_channels_last(t)) and not t.is_contiguous():
@@ -356,7 +352,7 @@ def _runs_on_onednn(x: Tensor, weight: Tensor, stride: list[int], groups: int) -
     undilated convolutions this library runs)."""
     if _pointwise(weight, stride) and x.shape[0] < 16 and torch.get_num_threads() == 1:
         return False  # a matrix product of PyTorch's own
-    return (x.shape[0] > 1 or groups > 1 or math.prod(x.shape[:4]) > _SLOW_CONV_LIMIT
+    return (x.shape[0] > 1 or groups > 1 or math.prod(x.shape[:4]) > SLOW_CONV_LIMIT
             or (weight.shape[-1] > 3 and weight.shape[-2] > 3))
 
 

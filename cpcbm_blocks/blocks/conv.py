@@ -71,9 +71,10 @@ from cpcbm_blocks.rematerialize import recomputable
 __all__ = ["WEIGHT_GRAD_METHODS", "Conv3d", "conv3d", "interleave_parities_by_slices", "set_weight_grad_method",
            "upsample_conv3d", "weight_grad_by_depth_taps", "zero_init"]
 
-_SLOW_CONV3D_LIMIT = 20480
-"""PyTorch (2.x, CPU, float32, batch 1, groups 1) runs a 3-D convolution with `slow_conv3d` when
-`N*C*D*H` is at most this (`use_mkldnn` in aten/src/ATen/native/Convolution.cpp)."""
+SLOW_CONV_LIMIT = 20480
+"""PyTorch (2.x, CPU, float32, batch 1, groups 1) runs a convolution with its own `slow_conv` kernels,
+not oneDNN, when `N*C*size(2)*size(3)` (`N*C*D*H` in 3-D) is at most this (`use_mkldnn` in
+aten/src/ATen/native/Convolution.cpp). The memory planner uses it too."""
 
 
 def folds(depth: int, kernel_depth: int, groups: int = 1) -> bool:
@@ -380,7 +381,7 @@ def _cpu_kernels(x: Tensor) -> bool:
 def _hits_slow_conv3d(shape: tuple[int, ...]) -> bool:
     """True when PyTorch would pick `slow_conv3d` for this input and would not with depth moved last."""
     n, c, d, h, w = shape
-    return n * c * d * h <= _SLOW_CONV3D_LIMIT < n * c * h * w
+    return n * c * d * h <= SLOW_CONV_LIMIT < n * c * h * w
 
 
 class Conv3d(nn.Conv3d):
