@@ -175,10 +175,10 @@ def plan_command(args: argparse.Namespace) -> int:
     if args.batch is not None:
         input_shape = (args.batch, *input_shape[1:])
     warm_up_seconds = _warm_up_meta_kernels()
-    result = memory_plan(spec, input_shape, dtype=args.dtype, device=args.device, checkpoint_levels=args.checkpoint_levels,
-                         checkpoint_mid=args.checkpoint_mid, checkpoint_conditions=args.checkpoint_conditions,
-                         selective=not args.no_selective, attention_backend=args.attention,
-                         text_tokens=args.text_tokens)
+    result = memory_plan(spec, input_shape, dtype=args.dtype, device=args.device,
+                         checkpoint_levels=args.checkpoint_levels, checkpoint_mid=args.checkpoint_mid,
+                         checkpoint_conditions=args.checkpoint_conditions, selective=not args.no_selective,
+                         attention_backend=args.attention, text_tokens=args.text_tokens)
     largest = None if args.fit_gib is None else result.largest_batch(int(args.fit_gib * 2**30))
     if args.format == "json":
         print(json.dumps({"spec": spec.to_dict(), "spec_source": spec_name, **result.to_dict(),

@@ -235,7 +235,8 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         """Plain JSON-able data: totals, per-level sums and one row per transition."""
         return {
-            "input_shape": list(self.input_shape), "dtype": self.dtype, "device": self.device, "attention_backend": self.attention_backend.value,
+            "input_shape": list(self.input_shape), "dtype": self.dtype, "device": self.device,
+            "attention_backend": self.attention_backend.value,
             "checkpoint_levels": list(self.checkpoint_levels), "checkpoint_mid": self.checkpoint_mid,
             "checkpoint_conditions": self.checkpoint_conditions, "selective": self.selective,
             "parameter_count": self.parameter_count, "parameter_bytes": self.parameter_bytes,
