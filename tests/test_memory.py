@@ -384,11 +384,15 @@ def test_the_onednn_scratch_model_matches_what_malloc_hands_out_around_a_real_co
         try:
             for name, (func, args) in calls.items():
                 func(*args)  # oneDNN builds its kernels on the first call
-                with PeakMallocSampler(interval_s=0.0002) as sampler:
-                    out = func(*args)
-                results = sum(t.untyped_storage().nbytes() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
-                measured = sampler.peak_bytes - sampler.start_bytes - results
-                predicted = onednn_scratch_bytes(func, args, out)
+                measured = 0
+                for _ in range(3):  # a polling sampler can miss a short transient, never invent one: keep the most
+                    with PeakMallocSampler(interval_s=0.0002) as sampler:
+                        out = func(*args)
+                    results = sum(t.untyped_storage().nbytes() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+                    measured = max(measured, sampler.peak_bytes - sampler.start_bytes - results)
+                    predicted = onednn_scratch_bytes(func, args, out)
+                    if measured == pytest.approx(predicted, rel=0.10, abs=2**20):
+                        break
                 where = f"{problem}, {name}, {threads} threads"
                 assert measured == pytest.approx(predicted, rel=0.10, abs=2**20), where
         finally:
