@@ -18,7 +18,7 @@ update. A `TorchDispatchMode` sees every operator of that step:
 
 * **oneDNN's copies** (`device="cpu"`, the default). On CPU, PyTorch's convolutions run on oneDNN,
   which computes on *channel-blocked* copies of plain-layout (NCDHW) activations, channels padded
-  to a multiple of 16, and writes the result back to the plain tensor. Those copies are
+  to its block (16 on AVX-512), and writes the result back to the plain tensor. Those copies are
   transients the meta device never creates, as large as the activations themselves: at full size a
   level-1 weight gradient briefly holds 128 MiB beyond its inputs. `onednn_scratch_bytes` models
   them from measurements (`tests/test_memory.py` checks the model against malloc on real
@@ -55,7 +55,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flo
 
 from cpcbm_blocks.blocks.attention import AttentionBackend
 from cpcbm_blocks.blocks.attention import attention_backend as use_attention_backend
-from cpcbm_blocks.blocks.conv import SLOW_CONV_LIMIT
+from cpcbm_blocks.blocks.conv import SLOW_CONV_LIMIT, pointwise
 from cpcbm_blocks.contracts import shape_checks
 from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.layout import Op, Section, Step
@@ -344,14 +344,10 @@ def _copied_bytes(t: Tensor) -> int:
     return 0 if dense else t.numel() * t.element_size()
 
 
-def _pointwise(weight: Tensor, stride: list[int]) -> bool:
-    return all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in stride)
-
-
 def _runs_on_onednn(x: Tensor, weight: Tensor, stride: list[int], groups: int) -> bool:
     """Whether PyTorch's CPU backend hands this float convolution to oneDNN (`use_mkldnn`, for the
     undilated convolutions this library runs)."""
-    if _pointwise(weight, stride) and x.shape[0] < 16 and torch.get_num_threads() == 1:
+    if pointwise(weight, stride) and x.shape[0] < 16 and torch.get_num_threads() == 1:
         return False  # a matrix product of PyTorch's own
     return (x.shape[0] > 1 or groups > 1 or math.prod(x.shape[:4]) > SLOW_CONV_LIMIT
             or (weight.shape[-1] > 3 and weight.shape[-2] > 3))
@@ -368,9 +364,10 @@ def onednn_scratch_bytes(func, args: tuple, out) -> int:
 
     Measured for float32 on AVX-512 with PyTorch 2.13 at activations of tens of MiB, where it matters
     (`tests/test_memory.py`; other dtypes are assumed to behave alike), with `blk(t)` the bytes of `t`
-    with its channels padded to a multiple of 16 (0 for a channels-last `t`):
+    with its channels padded to oneDNN's channel block (16 on AVX-512, 8 on AVX2; 0 for a
+    channels-last `t`) and `pad(t) = blk(t) - bytes(t)`:
 
-    * forward, and the input gradient alone: `max(blk(in), blk(out)) + blk(out) - bytes(out)` where
+    * forward, and the input gradient alone: `max(blk(in), blk(out)) + pad(out)` where
       `in`/`out` are the input and output (for the input gradient: the output gradient and the
       input gradient): one blocked copy at a time, plus the padded result before it is written back;
     * a weight gradient: `blk(input) + blk(grad_out)`, both blocked copies at once;
@@ -383,12 +380,12 @@ def onednn_scratch_bytes(func, args: tuple, out) -> int:
     if func is _aten.convolution.default:
         x, weight, stride, groups = args[0], args[1], args[3], args[8]
         if not _runs_on_onednn(x, weight, stride, groups):
-            return 0 if _pointwise(weight, stride) else _columns_bytes(x, weight, tuple(out.shape[2:]))
+            return 0 if pointwise(weight, stride) else _columns_bytes(x, weight, tuple(out.shape[2:]))
         return max(_blocked_bytes(x), _blocked_bytes(out)) + _padding_bytes(out) + _copied_bytes(x)
     if func is _aten.convolution_backward.default:
         grad_out, x, weight, stride, groups, mask = args[0], args[1], args[2], args[4], args[9], args[10]
         if not _runs_on_onednn(x, weight, stride, groups):
-            if _pointwise(weight, stride):  # the input gradient goes through one temporary of its size
+            if pointwise(weight, stride):  # the input gradient goes through one temporary of its size
                 return out[0].untyped_storage().nbytes() if mask[0] else 0
             return _columns_bytes(x, weight, tuple(grad_out.shape[2:]))
         scratch = 0

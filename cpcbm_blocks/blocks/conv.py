@@ -87,7 +87,7 @@ def conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_w kd
     """`F.conv3d` with "same" padding, run through the fastest exact form (see the module docs)."""
     padding = tuple(k // 2 for k in weight.shape[2:])
     stride = tuple(stride)
-    if weight.shape[2] == 1 and stride[0] == 1 and not _pointwise(weight, stride, groups):
+    if weight.shape[2] == 1 and stride[0] == 1 and not pointwise(weight, stride, groups):
         batch = x.shape[0]
         y = F.conv2d(rearrange(x, "b c d h w -> (b d) c h w"), weight.squeeze(2), bias, stride[1:], padding[1:],
                      groups=groups)
@@ -264,15 +264,16 @@ def _matmul_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, **_: Any) -
     return product.sum(0).view(weight.shape)
 
 
-def _pointwise(weight: Tensor, stride: tuple[int, ...], groups: int) -> bool:
-    return tuple(weight.shape[2:]) == (1, 1, 1) and tuple(stride) == (1, 1, 1) and groups == 1
+def pointwise(weight: Tensor, stride: tuple[int, ...], groups: int = 1) -> bool:
+    """True for an ungrouped, unstrided convolution whose kernel is a single tap (2-D or 3-D)."""
+    return all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in stride) and groups == 1
 
 
 def _chosen_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, *, stride: tuple[int, int, int],
                         padding: tuple[int, int, int], groups: int) -> Tensor:
     """The weight gradient by the method `set_weight_grad_method` chose; "auto" measures once per problem."""
     forms = {"depth_taps": weight_grad_by_depth_taps, "aten": _aten_weight_grad}
-    if _pointwise(weight, stride, groups):
+    if pointwise(weight, stride, groups):
         forms["matmul"] = _matmul_weight_grad
     arguments = {"stride": stride, "padding": padding, "groups": groups}
     problem = (tuple(x.shape), x.stride(), tuple(weight.shape), tuple(grad_out.shape), grad_out.stride(), stride,
