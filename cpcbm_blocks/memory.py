@@ -23,7 +23,9 @@ update. A `TorchDispatchMode` sees every operator of that step:
   level-1 weight gradient briefly holds 128 MiB beyond its inputs. `onednn_scratch_bytes` models
   them from measurements (`tests/test_memory.py` checks the model against malloc on real
   convolutions) and the plan adds each one on top of what is live when its convolution runs.
-  `device="cuda"` leaves them out (cuDNN's workspaces are not modelled).
+  `device="cuda"` leaves them out (cuDNN's workspaces are not modelled) and runs each convolution
+  in the form a GPU would (`cpcbm_blocks.blocks.conv.meta_stands_for`): none of the CPU-only forms
+  (depth moved last, the chosen weight gradient, few output channels by taps).
 
 What the plan does not see: allocator overheads (caching, fragmentation, page rounding), the CUDA
 context and cuDNN workspaces, the Python process itself, and autocast's weight-cast cache
@@ -55,7 +57,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flo
 
 from cpcbm_blocks.blocks.attention import AttentionBackend
 from cpcbm_blocks.blocks.attention import attention_backend as use_attention_backend
-from cpcbm_blocks.blocks.conv import SLOW_CONV_LIMIT, pointwise
+from cpcbm_blocks.blocks.conv import SLOW_CONV_LIMIT, meta_stands_for, pointwise
 from cpcbm_blocks.contracts import shape_checks
 from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.layout import Op, Section, Step
@@ -588,7 +590,7 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     # foreach: what Adam runs on CUDA, and a dozen operators instead of one per parameter here.
     optimizer = torch.optim.Adam(parameters, foreach=True)
     try:
-        with recorder, shape_checks(False), use_attention_backend(backend):
+        with recorder, shape_checks(False), use_attention_backend(backend), meta_stands_for(device):
             out = model(x, t, **conditions)
             recorder.set_owner(len(expected.transitions))  # the loss
             saved = {key: owner for key, (_, owner, phase) in recorder.live.items() if phase == "forward"}

@@ -54,9 +54,11 @@ And one for training on CPU:
   names and 5-D shapes, so state dicts are interchangeable.
 """
 
+import contextlib
 import itertools
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -65,6 +67,7 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from cpcbm_blocks.blocks.conv_by_taps import by_taps_pays, conv3d_by_taps
 from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.rematerialize import recomputable
 
@@ -87,6 +90,9 @@ def conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_w kd
     """`F.conv3d` with "same" padding, run through the fastest exact form (see the module docs)."""
     padding = tuple(k // 2 for k in weight.shape[2:])
     stride = tuple(stride)
+    if (not torch.fx._symbolic_trace.is_fx_symbolic_tracing() and _cpu_kernels(x) and _eager()
+            and by_taps_pays(x, weight, stride=stride, groups=groups)):
+        return conv3d_by_taps(x, weight, bias)
     if weight.shape[2] == 1 and stride[0] == 1 and not pointwise(weight, stride, groups):
         batch = x.shape[0]
         y = F.conv2d(rearrange(x, "b c d h w -> (b d) c h w"), weight.squeeze(2), bias, stride[1:], padding[1:],
@@ -217,11 +223,16 @@ def _fold_taps_for_parity(kernel: Tensor, *, dim: int, parity: int) -> Tensor:
 def _conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...],
             groups: int) -> Tensor:
     """`F.conv3d`; on CPU, when the weight needs a gradient, with the faster weight gradient (see the module docs)."""
-    if (_cpu_kernels(x) and weight.requires_grad and torch.is_grad_enabled() and _weight_grad_method != "aten"
-            and not torch.is_autocast_enabled("cpu")  # autocast casts inside F.conv3d, not in our backward
-            and not torch.compiler.is_compiling()):  # compiled graphs: inductor picks its own kernels
+    if (_cpu_kernels(x) and _eager() and weight.requires_grad and torch.is_grad_enabled()
+            and _weight_grad_method != "aten"):
         return _Conv3dChosenWeightGrad.apply(x, weight, bias, stride, padding, groups)
     return F.conv3d(x, weight, bias, stride, padding, groups=groups)
+
+
+def _eager() -> bool:
+    """True where our own autograd functions may replace PyTorch's operators: not under CPU autocast (which
+    casts inside `F.conv3d`, not in our functions) and not while compiling (inductor picks its own kernels)."""
+    return not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
 
 
 WEIGHT_GRAD_METHODS = ("auto", "depth_taps", "aten")
@@ -374,9 +385,24 @@ def _fold_depth_into_channels(weight: Tensor, *, depth: int, stride: int, paddin
     return torch.cat(rows, dim=0)
 
 
+_meta_stands_for = "cpu"
+
+
+@contextlib.contextmanager
+def meta_stands_for(device: str) -> Iterator[None]:
+    """Within, convolutions on the `meta` device take the forms a run on `device` (`"cpu"`, the default
+    outside, or `"cuda"`) would take: how the memory planner plans a GPU step with the GPU's forms."""
+    global _meta_stands_for
+    before, _meta_stands_for = _meta_stands_for, device
+    try:
+        yield
+    finally:
+        _meta_stands_for = before
+
+
 def _cpu_kernels(x: Tensor) -> bool:
-    """Take the CPU paths: on CPU, and on `meta`, where the memory planner plans a CPU training step."""
-    return x.device.type in ("cpu", "meta")
+    """Take the CPU paths: on CPU, and on `meta` while it stands for a CPU step (the memory planner)."""
+    return x.device.type == "cpu" or (x.device.type == "meta" and _meta_stands_for == "cpu")
 
 
 def _hits_slow_conv3d(shape: tuple[int, ...]) -> bool:

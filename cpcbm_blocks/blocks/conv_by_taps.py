@@ -1,0 +1,122 @@
+"""`conv3d_by_taps`: a convolution to a few output channels as one matrix product and a sum of shifted slices.
+
+A `k_d x k_h x k_w` convolution with "same" padding and stride 1 writes, at every voxel `p`,
+`out[o, p] = sum over taps t of (W[o, :, t] . x[:, p + t - k // 2])`. Computing every product
+`z[o, t, q] = W[o, :, t] . x[:, q]` first is one matrix product over channels, `(C_out * taps, C_in)`
+by `(C_in, voxels)`, with exactly the convolution's multiply-adds; the output is then the sum over
+taps of `z[o, t]` shifted by the tap's offset, where the shift drops what would fall into the zero
+padding. Backward is the same in reverse: the gradient of `z[o, t]` is the output gradient shifted
+back (zero where the tap met padding), and the gradients of `x` and `W` are two more matrix products.
+
+Why: oneDNN pads output channels to its channel block (8 or 16), so a convolution to one channel, the
+output head of every UNet here, costs as much as one to 16: at full size about 10 GFLOP/s, against
+200 or more for the 32-channel convolutions beside it. On a 2-core AVX-512 machine, from
+`(1, 32, 8, 256, 256)` to 1 channel, forward and backward took 240 ms through oneDNN and 55 ms by
+taps (59 and 16 ms at 128x128); to 2 channels 233 and 95 ms; to 3 channels 234 and 181 ms
+(`benchmarks/bench_conv_by_taps.py`). The price is `z`: `C_out * taps` channels at the input's
+resolution (27 for the head), which is why `Conv3d` takes this form only while `z` has at most
+twice the input's channels (`by_taps_pays`), and only on CPU: cuDNN has no such penalty.
+"""
+
+import itertools
+import math
+
+import torch
+from einops import rearrange
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = ["by_taps_pays", "conv3d_by_taps"]
+
+MAX_TAP_CHANNELS_PER_INPUT_CHANNEL = 2
+"""`by_taps_pays` takes the taps form while `C_out * taps <= this * C_in`, so the products `z` hold at
+most this many times the input. From 32 channels with a 3x3x3 kernel at 256x256, 1 and 2 output
+channels ran 4.4x and 2.4x faster by taps; 3 (81 tap channels, z 2.5x the input) only 1.3x."""
+
+
+def by_taps_pays(x: Tensor, weight: Tensor, *, stride: tuple[int, ...], groups: int) -> bool:
+    """True where `conv3d_by_taps` computes `conv3d(x, weight)` and is the faster form: plain-layout
+    input, stride 1, ungrouped, an odd kernel with more than one tap, and few output channels."""
+    taps = math.prod(weight.shape[2:])
+    return (x.is_contiguous() and groups == 1 and all(s == 1 for s in stride) and taps > 1
+            and all(k % 2 for k in weight.shape[2:])
+            and weight.shape[0] * taps <= MAX_TAP_CHANNELS_PER_INPUT_CHANNEL * weight.shape[1])
+
+
+def conv3d_by_taps(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_in kd kh kw"],
+                   bias: Float[Tensor, " c_out"] | None = None) -> Float[Tensor, "b c_out d h w"]:
+    """`F.conv3d(x, weight, bias, padding=k // 2)` (odd kernel, stride 1) by one matrix product over channels
+    and a sum of shifted slices (see the module docs); gradients by two more matrix products."""
+    return _ConvByTaps.apply(x, weight, bias)
+
+
+def _shifted_slices(kernel: tuple[int, ...], size: tuple[int, ...]):
+    """Per tap: the tap, the output slices it adds to, and the slices of `z` it reads there.
+
+    Along an axis of length `n`, tap `t` of a `k`-tap kernel reads input `i + t - k // 2` for output `i`;
+    only the outputs whose input lies inside `[0, n)` receive anything (the rest met zero padding).
+    """
+    for tap in itertools.product(*map(range, kernel)):
+        outputs, inputs = [], []
+        for n, t, k in zip(size, tap, kernel):
+            offset = t - k // 2
+            first, stop = max(0, -offset), min(n, n - offset)
+            outputs.append(slice(first, stop))
+            inputs.append(slice(first + offset, stop + offset))
+        yield tap, tuple(outputs), tuple(inputs)
+
+
+def _tap_matrix(weight: Tensor) -> Tensor:
+    return rearrange(weight, "o i kd kh kw -> (o kd kh kw) i")
+
+
+class _ConvByTaps(torch.autograd.Function):
+    """`conv3d_by_taps`. Saves `x` and `weight`, as a convolution does; `z` and its gradient are transients."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        batch, channels, *size = x.shape
+        out_channels, _, *kernel = weight.shape
+        taps = _tap_matrix(weight)
+        z = x.new_empty(batch, taps.shape[0], math.prod(size))
+        for i in range(batch):  # one 2-D product per sample: batch-1 bmm ran at half mm's speed here
+            torch.mm(taps, x[i].view(channels, -1), out=z[i])
+        z = z.view(batch, out_channels, *kernel, *size)
+        if bias is None:
+            out = x.new_zeros(batch, out_channels, *size)
+        else:
+            out = bias.view(1, out_channels, 1, 1, 1).expand(batch, out_channels, *size).contiguous()
+        for tap, outputs, inputs in _shifted_slices(tuple(kernel), tuple(size)):
+            out[(..., *outputs)].add_(z[(slice(None), slice(None), *tap, *inputs)])
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _bias = inputs
+        ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        batch, channels, *size = x.shape
+        out_channels, _, *kernel = weight.shape
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        grad_x = grad_weight = grad_bias = None
+        grad_z = grad_out.new_zeros(batch, out_channels, *kernel, *size)
+        for tap, outputs, inputs in _shifted_slices(tuple(kernel), tuple(size)):
+            grad_z[(slice(None), slice(None), *tap, *inputs)] = grad_out[(..., *outputs)]
+        grad_z = grad_z.view(batch, out_channels * math.prod(kernel), -1)
+        taps = _tap_matrix(weight)
+        if need_x:
+            grad_x = x.new_empty(x.shape)
+            for i in range(batch):
+                torch.mm(taps.t(), grad_z[i], out=grad_x[i].view(channels, -1))
+        if need_weight:
+            grad_taps = torch.mm(grad_z[0], x[0].view(channels, -1).t())
+            for i in range(1, batch):  # addmm, not addmm_: FlopCounterMode (and so the planner) counts only the former
+                grad_taps = torch.addmm(grad_taps, grad_z[i], x[i].view(channels, -1).t())
+            grad_weight = rearrange(grad_taps, "(o kd kh kw) i -> o i kd kh kw", o=out_channels, kd=kernel[0],
+                                    kh=kernel[1], kw=kernel[2])
+        if need_bias:
+            grad_bias = grad_out.sum(dim=(0, 2, 3, 4))
+        return grad_x, grad_weight, grad_bias
