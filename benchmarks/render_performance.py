@@ -25,6 +25,7 @@ SECTIONS = [
     ("memory", "Selective recomputation, checkpointing, peak memory and the planner", "bench_memory.py"),
     ("attention", "Attention at the 32x32 level: fused SDPA vs naive", "bench_attention.py"),
     ("upsample", "Upsampling into level 1: sub-pixel form vs upsample-then-convolve", "bench_upsample.py"),
+    ("conv_by_taps", "The output head's convolution: oneDNN vs one matrix product over taps", "bench_conv_by_taps.py"),
     ("gpu_step", "A full-size training step on a GPU", "bench_gpu_step.py"),  # only where a GPU has run it
 ]
 
