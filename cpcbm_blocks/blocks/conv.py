@@ -428,8 +428,14 @@ class Conv3d(nn.Conv3d):
         """True when a volume of this `depth` runs as one 2-D convolution with depth folded into channels."""
         return not self.planar and folds(depth, self.kernel_size[0], self.groups)
 
-    def forward(self, x: Float[Tensor, "b c_in d h w"]) -> Float[Tensor, "b c_out d_out h_out w_out"]:
-        return conv3d(x, self.weight, self.bias, stride=self.stride, groups=self.groups)
+    def forward(self, x: Float[Tensor, "b c_in d h w"],
+                shift: Float[Tensor, " c_out"] | None = None) -> Float[Tensor, "b c_out d_out h_out w_out"]:
+        """The convolution of `x`; plus `shift` per output channel, if given, at no extra pass over the output
+        (it joins the bias: how a residual block adds one sample's timestep embedding)."""
+        bias = self.bias
+        if shift is not None:
+            bias = shift if bias is None else bias + shift
+        return conv3d(x, self.weight, bias, stride=self.stride, groups=self.groups)
 
 
 def zero_init(module: nn.Module) -> nn.Module:

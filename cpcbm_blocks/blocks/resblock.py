@@ -44,6 +44,10 @@ class ResBlock3D(nn.Module):
     `SKIP_APART_MIN_BYTES` (where the extra, smaller operators cost more than the memory is worth),
     it concatenates.
 
+    **One sample, additive injection.** With a batch of one, `W e` is one vector per channel, so it
+    joins `conv_1`'s bias (`Conv3d.forward(x, shift=...)`): the same function without a pass over the
+    volume for the add, its recomputation in backward, or the reduction that makes its gradient.
+
     ??? cite "He et al. 2016 (residual blocks); Ho et al. 2020 (DDPM); Dhariwal & Nichol 2021 (scale-shift)"
 
     **Arguments:**
@@ -86,26 +90,35 @@ class ResBlock3D(nn.Module):
         # saved for backward as their recipes, so this block holds only x and conv1's output; with
         # `products=True` (a checkpointed level) conv1's output is a recipe too, run once in backward.
         parts = self._input_parts(x, skip)
-        if len(parts) == 1:
-            x = parts[0]
-            h = recomputable_product(self.conv1, recomputable(self.act, recomputable(self.norm1, x)))
-        else:
-            activated = [recomputable(self.act, recomputable(F.group_norm, part, groups, weight, bias, self.norm1.eps))
-                         for part, (groups, weight, bias) in zip(parts, self._norm1_slices(parts))]
-            h = recomputable_product(_conv_over_parts, activated, self.conv1.weight, self.conv1.bias)
         if (emb is None) != (self.emb_proj is None):
             raise InputError(f"emb: expected {'no embedding' if self.emb_proj is None else 'a timestep embedding'} "
                              f"(emb_channels={self.emb_channels}), got {'None' if emb is None else tuple(emb.shape)}. "
                              "Pass emb exactly when the block was built with emb_channels.")
-        if self.emb_proj is None:
+        e = None if self.emb_proj is None else self.emb_proj(emb)
+        # Additive injection into one sample: W e joins conv1's bias, so `h + W e` costs no pass over the
+        # volume of its own, no recomputation in backward and no reduction for its gradient.
+        additive = e is not None and self.timestep_injection is TimestepInjection.ADD
+        # (traced graphs keep the general form: their batch size is symbolic)
+        one_sample = not torch.fx._symbolic_trace.is_fx_symbolic_tracing() and x.shape[0] == 1
+        emb_in_bias = e[0] if additive and one_sample else None
+        if len(parts) == 1:
+            activated = recomputable(self.act, recomputable(self.norm1, parts[0]))
+            h = recomputable_product(self.conv1, activated, shift=emb_in_bias)
+        else:
+            activated = [recomputable(self.act, recomputable(F.group_norm, part, groups, weight, bias, self.norm1.eps))
+                         for part, (groups, weight, bias) in zip(parts, self._norm1_slices(parts))]
+            bias = self.conv1.bias if emb_in_bias is None else self.conv1.bias + emb_in_bias
+            h = recomputable_product(_conv_over_parts, activated, self.conv1.weight, bias)
+        if e is None:
             h = recomputable(self.act, recomputable(self.norm2, h))
             return self._residual(parts) + self.conv2(self.dropout(h))
-        e = self.emb_proj(emb)[:, :, None, None, None]
         if self.timestep_injection is TimestepInjection.SCALE_SHIFT:
-            scale, shift = e.chunk(2, dim=1)
+            scale, shift = e[:, :, None, None, None].chunk(2, dim=1)
             h = recomputable(_scale_shift, recomputable(self.norm2, h), scale, shift)
+        elif emb_in_bias is None:
+            h = recomputable(self.norm2, recomputable(operator.add, h, e[:, :, None, None, None]))
         else:
-            h = recomputable(self.norm2, recomputable(operator.add, h, e))
+            h = recomputable(self.norm2, h)  # W e is in h already
         h = self.conv2(self.dropout(recomputable(self.act, h)))
         return self._residual(parts) + h
 

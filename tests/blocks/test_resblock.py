@@ -42,20 +42,32 @@ def test_a_fresh_block_is_its_skip_projection_when_channels_change():
     torch.testing.assert_close(block(x, torch.randn(2, 6)), block.skip(x))
 
 
-@pytest.mark.parametrize("injection", list(TimestepInjection))
-def test_output_matches_the_formula_written_with_torch_functional(injection):
-    block = randomize_(_block(out_channels=12, timestep_injection=injection))
-    x, emb = torch.randn(2, 8, 3, 4, 4), torch.randn(2, 6)
-    h = F.conv3d(F.silu(F.group_norm(x, 4, block.norm1.weight, block.norm1.bias)), block.conv1.weight, block.conv1.bias, padding=1)
+def _formula(block, x, emb):
+    """The block written out with torch.nn.functional: the additive injection is its own `h + e`."""
+    groups = block.norm1.num_groups
+    h = F.conv3d(F.silu(F.group_norm(x, groups, block.norm1.weight, block.norm1.bias)), block.conv1.weight,
+                 block.conv1.bias, padding=1)
     e = F.linear(F.silu(emb), block.emb_proj[1].weight, block.emb_proj[1].bias)[:, :, None, None, None]
-    if injection is TimestepInjection.ADD:
-        h = F.group_norm(h + e, 4, block.norm2.weight, block.norm2.bias)
+    if block.timestep_injection is TimestepInjection.ADD:
+        h = F.group_norm(h + e, groups, block.norm2.weight, block.norm2.bias)
     else:
         scale, shift = e.chunk(2, dim=1)
-        h = F.group_norm(h, 4, block.norm2.weight, block.norm2.bias) * (1 + scale) + shift
+        h = F.group_norm(h, groups, block.norm2.weight, block.norm2.bias) * (1 + scale) + shift
     h = F.conv3d(F.silu(h), block.conv2.weight, block.conv2.bias, padding=1)
-    skip = F.conv3d(x, block.skip.weight, block.skip.bias)
-    torch.testing.assert_close(block(x, emb), skip + h, rtol=1e-4, atol=1e-4)
+    return F.conv3d(x, block.skip.weight, block.skip.bias) + h
+
+
+@pytest.mark.parametrize("batch", [1, 2])  # one sample: the additive embedding joins conv1's bias
+@pytest.mark.parametrize("injection", list(TimestepInjection))
+def test_output_and_gradients_match_the_formula_written_with_torch_functional(injection, batch):
+    block = randomize_(_block(out_channels=12, timestep_injection=injection))
+    x, emb = torch.randn(batch, 8, 3, 4, 4, requires_grad=True), torch.randn(batch, 6, requires_grad=True)
+    inputs = [x, emb, *block.parameters()]
+    out, reference = block(x, emb), _formula(block, x, emb)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(out)
+    for ours, theirs in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(reference, inputs, grad)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * max(1.0, theirs.abs().max().item()))
 
 
 @pytest.mark.parametrize("injection", list(TimestepInjection))
@@ -151,3 +163,40 @@ def test_channels_of_x_and_skip_that_do_not_add_up_to_in_channels_raise_our_cont
         block(torch.randn(1, 4, 2, 4, 4), torch.randn(1, 6), skip=torch.randn(1, 4, 2, 4, 4))
     with pytest.raises(ShapeContractError, match="ResBlock3D.forward"):  # skip's volume must be x's
         block(torch.randn(1, 4, 2, 4, 4), torch.randn(1, 6), skip=torch.randn(1, 8, 2, 4, 5))
+
+
+class _BroadcastAdds(TorchDispatchMode):
+    """Counts `add`s with an operand shaped `(b, c, 1, 1, 1)`: a per-sample vector added over a volume."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten.add:
+            self.count += any(isinstance(a, torch.Tensor) and a.dim() == 5 and a.shape[2:] == (1, 1, 1) for a in args)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.usefixtures("apart_at_any_size")
+@pytest.mark.parametrize("saves", [None, "recipes", "products"])
+@pytest.mark.parametrize("apart", [False, True])
+def test_one_samples_additive_embedding_is_added_inside_conv1s_bias_not_over_the_volume(apart, saves):
+    block = randomize_(_block(in_channels=12, out_channels=4))
+    x, skip, emb = torch.randn(1, 4, 4, 5, 6), torch.randn(1, 8, 4, 5, 6), torch.randn(1, 6, requires_grad=True)
+    ours, _ = _step_with_gradients(block, x, skip, emb, apart=apart, saves=saves)
+    ours, emb_grad = [t.clone() for t in ours], emb.grad  # the parameters' gradients accumulate in place
+    emb.grad = None
+    with _BroadcastAdds() as adds:
+        block(torch.cat([x, skip], dim=1), emb, skip=None).square().sum().backward()
+    assert adds.count == 0 and torch.equal(emb.grad, emb_grad)
+    block.zero_grad()
+    joined = torch.cat([x, skip], dim=1).requires_grad_()
+    reference = _formula(block, joined, emb)
+    reference.square().sum().backward()
+    expected = [reference, joined.grad[:, :4], joined.grad[:, 4:], *(p.grad for p in block.parameters())]
+    for a, b in zip(ours, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()))
+    with _BroadcastAdds() as adds:  # two samples keep the add: a bias is one vector for the whole batch
+        block(torch.randn(2, 12, 4, 5, 6), torch.randn(2, 6))
+    assert adds.count == 1
