@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from cpcbm_blocks import (CheckpointError, Downsample3D, InputError, LevelSpec, MidSpec, MultiHeadSelfAttention3D,
-                          ResBlock3D, ShapeContractError, SpecError, TimestepEmbedding, UNet3D, UNetSpec,
-                          set_weight_grad_method)
+from cpcbm_blocks import (CheckpointError, Conv3d, Downsample3D, InputError, LevelSpec, MidSpec,
+                          MultiHeadSelfAttention3D, ResBlock3D, ShapeContractError, SpecError, TimestepEmbedding,
+                          UNet3D, UNetSpec, set_weight_grad_method)
 from cpcbm_blocks.checkpoint import WEIGHTS_FILE, from_pretrained, load_weights, save_pretrained
 from cpcbm_blocks.memory import memory_plan
 from cpcbm_blocks.spec import ConditioningSpec
@@ -379,6 +379,11 @@ CATALOGUE: list[Case] = [
              torch.zeros(1, 4, 2, 4, 4), torch.zeros(1, 16), skip=torch.zeros(1, 2, 2, 4, 4)),
          error=ShapeContractError, argument="x + skip", expected="expected 8 input channels in all (in_channels)",
          actual="got x with 4 and skip with 2", fix="Pass x (and skip) whose channels add up to in_channels"),
+    Case(id="block-conv-shift", topic="blocks",
+         mistake="A convolution's per-channel shift given per sample (or as one value), which would broadcast",
+         trigger=lambda ctx: Conv3d(4, 3, kernel_size=(3, 3, 3))(torch.zeros(2, 4, 2, 4, 4), shift=torch.zeros(2, 3)),
+         error=InputError, argument="shift", expected="expected one value per output channel, shape (3,)",
+         actual="got (2, 3)", fix="Add a per-sample term to the output instead"),
     Case(id="block-stride", topic="blocks", mistake="A downsampling block given a depth its stride does not divide",
          trigger=lambda ctx: Downsample3D(channels=4, stride=(2, 2, 2))(torch.zeros(1, 4, 3, 4, 4)),
          error=ShapeContractError, argument="return value", expected="d//{self.stride[0]}=1", actual="dimension size 2",

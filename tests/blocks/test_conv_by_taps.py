@@ -121,3 +121,18 @@ def test_autocast_and_channels_last_keep_pytorchs_convolution():
         out = conv(x.to(memory_format=torch.channels_last_3d))
     assert "convolution" in operators.seen
     torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_shift_that_is_not_one_value_per_output_channel_is_refused_not_broadcast():
+    from cpcbm_blocks import InputError
+
+    conv = Conv3d(4, 3, kernel_size=(3, 3, 3))
+    x = torch.randn(1, 4, 2, 5, 5)
+    shift = torch.randn(3)
+    torch.testing.assert_close(conv(x, shift=shift), conv(x) + shift[:, None, None, None])
+    for wrong in (torch.randn(1), torch.randn(1, 3)):
+        with pytest.raises(InputError, match=r"shift: expected one value per output channel, shape \(3,\), got"):
+            conv(x, shift=wrong)
+    with pytest.raises(InputError, match="device: expected 'cpu' or 'cuda', got 'tpu'"):
+        with meta_stands_for("tpu"):
+            pass
