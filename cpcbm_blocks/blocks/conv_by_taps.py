@@ -105,15 +105,15 @@ class _ConvByTaps(torch.autograd.Function):
         grad_z = grad_out.new_zeros(batch, out_channels, *kernel, *size)
         for tap, outputs, inputs in _shifted_slices(tuple(kernel), tuple(size)):
             grad_z[(slice(None), slice(None), *tap, *inputs)] = grad_out[(..., *outputs)]
-        grad_z = grad_z.view(batch, out_channels * math.prod(kernel), -1)
+        grad_z = grad_z.view(batch, out_channels * math.prod(kernel), math.prod(size))
         taps = _tap_matrix(weight)
         if need_x:
             grad_x = x.new_empty(x.shape)
             for i in range(batch):
                 torch.mm(taps.t(), grad_z[i], out=grad_x[i].view(channels, -1))
         if need_weight:
-            grad_taps = torch.mm(grad_z[0], x[0].view(channels, -1).t())
-            for i in range(1, batch):  # addmm, not addmm_: FlopCounterMode (and so the planner) counts only the former
+            grad_taps = taps.new_zeros(taps.shape)
+            for i in range(batch):  # addmm, not addmm_: FlopCounterMode (and so the planner) counts only the former
                 grad_taps = torch.addmm(grad_taps, grad_z[i], x[i].view(channels, -1).t())
             grad_weight = rearrange(grad_taps, "(o kd kh kw) i -> o i kd kh kw", o=out_channels, kd=kernel[0],
                                     kh=kernel[1], kw=kernel[2])

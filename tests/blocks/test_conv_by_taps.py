@@ -12,7 +12,7 @@ from cpcbm_blocks.blocks.conv_by_taps import by_taps_pays, conv3d_by_taps
 from cpcbm_blocks.blocks.head import OutputHead
 
 
-@given(batch=st.integers(1, 2), depth=st.integers(1, 5), height=st.integers(1, 6), width=st.integers(1, 6),
+@given(batch=st.integers(0, 2), depth=st.integers(1, 5), height=st.integers(1, 6), width=st.integers(1, 6),
        out_channels=st.integers(1, 3), kernel=st.sampled_from([(3, 3, 3), (1, 3, 3), (3, 1, 5), (5, 5, 5), (1, 1, 3)]),
        bias=st.booleans())
 def test_by_taps_equals_conv3d_in_float64_with_every_gradient(batch, depth, height, width, out_channels, kernel, bias):
