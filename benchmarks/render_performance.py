@@ -26,6 +26,8 @@ SECTIONS = [
     ("attention", "Attention at the 32x32 level: fused SDPA vs naive", "bench_attention.py"),
     ("upsample", "Upsampling into level 1: sub-pixel form vs upsample-then-convolve", "bench_upsample.py"),
     ("conv_by_taps", "The output head's convolution: oneDNN vs one matrix product over taps", "bench_conv_by_taps.py"),
+    ("conv_by_taps_128", "A convolution by taps at the threshold (128 channels to 4 and 8)",
+     "bench_conv_by_taps.py --sizes 64 --in-channels 128 --out-channels 4,8"),
     ("gpu_step", "A full-size training step on a GPU", "bench_gpu_step.py"),  # only where a GPU has run it
 ]
 

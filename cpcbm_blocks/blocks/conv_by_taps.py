@@ -30,8 +30,10 @@ __all__ = ["by_taps_pays", "conv3d_by_taps"]
 
 MAX_TAP_CHANNELS_PER_INPUT_CHANNEL = 2
 """`by_taps_pays` takes the taps form while `C_out * taps <= this * C_in`, so the products `z` hold at
-most this many times the input. From 32 channels with a 3x3x3 kernel at 256x256, 1 and 2 output
-channels ran 4.4x and 2.4x faster by taps; 3 (81 tap channels, z 2.5x the input) only 1.3x."""
+most this many times the input. With a 3x3x3 kernel, forward and backward: from 32 channels at
+256x256, 1 and 2 output channels ran 4.4x and 2.4x faster by taps, 3 (81 tap channels, z 2.5x the
+input) only 1.3x; from 128 channels at 64x64, 4 output channels 1.9x, and 8, at the threshold,
+1.1x (`benchmarks/bench_conv_by_taps.py`)."""
 
 
 def by_taps_pays(x: Tensor, weight: Tensor, *, stride: tuple[int, ...], groups: int) -> bool:
