@@ -24,6 +24,7 @@ import torch
 from cpcbm_blocks import (CheckpointError, Conv3d, Downsample3D, InputError, LevelSpec, MidSpec,
                           MultiHeadSelfAttention3D, ResBlock3D, ShapeContractError, SpecError, TimestepEmbedding,
                           UNet3D, UNetSpec, set_weight_grad_method)
+from cpcbm_blocks.blocks.conv_by_taps import conv3d_by_taps
 from cpcbm_blocks.checkpoint import WEIGHTS_FILE, from_pretrained, load_weights, save_pretrained
 from cpcbm_blocks.memory import memory_plan
 from cpcbm_blocks.spec import ConditioningSpec
@@ -384,6 +385,10 @@ CATALOGUE: list[Case] = [
          trigger=lambda ctx: Conv3d(4, 3, kernel_size=(3, 3, 3))(torch.zeros(2, 4, 2, 4, 4), shift=torch.zeros(2, 3)),
          error=InputError, argument="shift", expected="expected one value per output channel, shape (3,)",
          actual="got (2, 3)", fix="Add a per-sample term to the output instead"),
+    Case(id="block-conv-by-taps-even", topic="blocks", mistake="The taps form of a convolution given an even kernel",
+         trigger=lambda ctx: conv3d_by_taps(torch.zeros(1, 4, 2, 4, 4), torch.zeros(1, 4, 2, 2, 2)), error=InputError,
+         argument="weight", expected="expected an odd kernel size along every axis", actual="got (2, 2, 2)",
+         fix="Use F.conv3d for even kernels"),
     Case(id="block-stride", topic="blocks", mistake="A downsampling block given a depth its stride does not divide",
          trigger=lambda ctx: Downsample3D(channels=4, stride=(2, 2, 2))(torch.zeros(1, 4, 3, 4, 4)),
          error=ShapeContractError, argument="return value", expected="d//{self.stride[0]}=1", actual="dimension size 2",

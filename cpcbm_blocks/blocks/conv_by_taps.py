@@ -26,7 +26,9 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["by_taps_pays", "conv3d_by_taps"]
+from cpcbm_blocks.errors import InputError
+
+__all__ = ["MAX_TAP_CHANNELS_PER_INPUT_CHANNEL", "by_taps_pays", "conv3d_by_taps"]
 
 MAX_TAP_CHANNELS_PER_INPUT_CHANNEL = 2
 """`by_taps_pays` takes the taps form while `C_out * taps <= this * C_in`, so the products `z` hold at
@@ -49,6 +51,15 @@ def conv3d_by_taps(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_ou
                    bias: Float[Tensor, " c_out"] | None = None) -> Float[Tensor, "b c_out d h w"]:
     """`F.conv3d(x, weight, bias, padding=k // 2)` (odd kernel, stride 1) by one matrix product over channels
     and a sum of shifted slices (see the module docs); gradients by two more matrix products."""
+    if x.dim() != 5 or weight.dim() != 5 or weight.shape[1] != x.shape[1]:
+        raise InputError(f"x, weight: expected x (b, c_in, d, h, w) and weight (c_out, c_in, kd, kh, kw) with the same "
+                         f"c_in, got {tuple(x.shape)} and {tuple(weight.shape)}. Pass an ungrouped 3-D kernel.")
+    if not all(k % 2 for k in weight.shape[2:]):
+        raise InputError(f"weight: expected an odd kernel size along every axis (\"same\" padding k // 2), got "
+                         f"{tuple(weight.shape[2:])}. Use F.conv3d for even kernels.")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise InputError(f"bias: expected shape ({weight.shape[0]},), one value per output channel, got "
+                         f"{tuple(bias.shape)}. Pass weight.shape[0] values or None.")
     return _ConvByTaps.apply(x, weight, bias)
 
 

@@ -91,7 +91,7 @@ def test_it_saves_for_backward_what_a_convolution_saves():
     ((1, 32, 8, 16, 16), (1, 32, 3, 3, 3), (1, 2, 2), 1, torch.contiguous_format, False),  # strided
     ((1, 32, 8, 16, 16), (2, 16, 3, 3, 3), (1, 1, 1), 2, torch.contiguous_format, False),  # grouped
     ((1, 32, 8, 16, 16), (1, 32, 2, 2, 2), (1, 1, 1), 1, torch.contiguous_format, False),  # even kernel
-    ((1, 32, 8, 16, 16), (1, 32, 1, 1, 1), (1, 1, 1), 1, torch.contiguous_format, False),  # pointwise: a product already
+    ((1, 32, 8, 16, 16), (1, 32, 1, 1, 1), (1, 1, 1), 1, torch.contiguous_format, False),  # pointwise: a product anyway
     ((1, 32, 8, 16, 16), (1, 32, 3, 3, 3), (1, 1, 1), 1, torch.channels_last_3d, False),  # not the plain layout
 ])
 def test_by_taps_pays_only_where_it_is_exact_and_z_stays_within_twice_the_input(shape, weight_shape, stride, groups,
@@ -136,3 +136,17 @@ def test_a_shift_that_is_not_one_value_per_output_channel_is_refused_not_broadca
     with pytest.raises(InputError, match="device: expected 'cpu' or 'cuda', got 'tpu'"):
         with meta_stands_for("tpu"):
             pass
+
+
+@pytest.mark.parametrize(("x_shape", "weight_shape", "bias_shape", "message"), [
+    ((1, 4, 2, 5, 5), (1, 3, 3, 3, 3), None, r"x, weight: expected .* same c_in, got \(1, 4, 2, 5, 5\) and \(1, 3,"),
+    ((4, 2, 5, 5), (1, 4, 3, 3, 3), None, r"x, weight: expected x \(b, c_in, d, h, w\)"),
+    ((1, 4, 2, 5, 5), (1, 4, 2, 2, 2), None, r"weight: expected an odd kernel size along every axis .* \(2, 2, 2\)"),
+    ((1, 4, 2, 5, 5), (2, 4, 3, 3, 3), (1,), r"bias: expected shape \(2,\), one value per output channel, got \(1,\)"),
+])
+def test_conv3d_by_taps_refuses_what_it_cannot_compute_by_name(x_shape, weight_shape, bias_shape, message):
+    from cpcbm_blocks import InputError
+
+    bias = None if bias_shape is None else torch.zeros(bias_shape)
+    with pytest.raises(InputError, match=message):
+        conv3d_by_taps(torch.zeros(x_shape), torch.zeros(weight_shape), bias)
