@@ -26,6 +26,35 @@ from common import alternate, median, save, setup, table
 from cpcbm_blocks.blocks.conv_by_taps import conv3d_by_taps
 
 
+def time_forms(in_channels: int, out_channels: int, size: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of both forms on one problem, training (fwd+bwd) and inference (fwd), alternating."""
+    torch.manual_seed(0)
+    x = torch.randn(1, in_channels, 8, size, size, requires_grad=True)
+    weight = torch.randn(out_channels, in_channels, 3, 3, 3, requires_grad=True)
+    bias = torch.randn(out_channels, requires_grad=True)
+    grad = torch.randn(1, out_channels, 8, size, size)
+    forms = {"oneDNN": lambda: F.conv3d(x, weight, bias, padding=1),
+             "by taps": lambda: conv3d_by_taps(x, weight, bias)}
+    # The same function, or the comparison means nothing.
+    torch.testing.assert_close(forms["by taps"](), forms["oneDNN"](), rtol=1e-4, atol=1e-4)
+
+    def training(form):
+        def run():
+            x.grad = weight.grad = bias.grad = None
+            form().backward(grad)
+        return run
+
+    def inference(form):
+        def run():
+            with torch.no_grad():
+                form()
+        return run
+
+    variants = {f"{name}, fwd+bwd": training(form) for name, form in forms.items()}
+    variants |= {f"{name}, fwd": inference(form) for name, form in forms.items()}
+    return alternate(variants, repeats=repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="128,256", help="H=W of (1,C_in,8,H,W), comma-separated")
@@ -37,31 +66,7 @@ def main() -> None:
     rows, data = [], []
     for size in (int(v) for v in args.sizes.split(",")):
         for out_channels in (int(v) for v in args.out_channels.split(",")):
-            torch.manual_seed(0)
-            x = torch.randn(1, args.in_channels, 8, size, size, requires_grad=True)
-            weight = torch.randn(out_channels, args.in_channels, 3, 3, 3, requires_grad=True)
-            bias = torch.randn(out_channels, requires_grad=True)
-            grad = torch.randn(1, out_channels, 8, size, size)
-            forms = {"oneDNN": lambda: F.conv3d(x, weight, bias, padding=1),
-                     "by taps": lambda: conv3d_by_taps(x, weight, bias)}
-            # The same function, or the comparison means nothing.
-            torch.testing.assert_close(forms["by taps"](), forms["oneDNN"](), rtol=1e-4, atol=1e-4)
-
-            def training(form):
-                def run():
-                    x.grad = weight.grad = bias.grad = None
-                    form().backward(grad)
-                return run
-
-            def inference(form):
-                def run():
-                    with torch.no_grad():
-                        form()
-                return run
-
-            variants = {f"{name}, fwd+bwd": training(form) for name, form in forms.items()}
-            variants |= {f"{name}, fwd": inference(form) for name, form in forms.items()}
-            times = alternate(variants, repeats=args.repeats)
+            times = time_forms(args.in_channels, out_channels, size, args.repeats)
             for name, values in times.items():
                 base = median(times["oneDNN, " + name.split(", ")[1]])
                 rows.append([f"1,{args.in_channels},8,{size},{size}", out_channels, name, median(values) * 1e3,

@@ -187,7 +187,8 @@ def plan_command(args: argparse.Namespace) -> int:
         return 0
     checkpointing = ", ".join([*(f"level {v}" for v in result.checkpoint_levels), *(["mid"] if result.checkpoint_mid else []),
                                *(["conditions"] if result.checkpoint_conditions else [])])
-    print(f"cpcbm-blocks plan: {spec_name}, input {result.input_shape}, {args.dtype} on {args.device}, attention {result.attention_backend.value}, "
+    print(f"cpcbm-blocks plan: {spec_name}, input {result.input_shape}, {args.dtype} on {args.device}, "
+          f"attention {result.attention_backend.value}, "
           f"checkpointing {checkpointing or 'off'}, selective recomputation {'on' if result.selective else 'off'}; a training step (forward, MSE loss, backward, Adam) on meta")
     print(result.render())
     if largest is not None:
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="dtype of parameters and activations (default: fp32)")
     plan_parser.add_argument("--device", choices=DEVICES, default="cpu",
                              help="cpu counts oneDNN's blocked copies of convolution operands; cuda plans "
-                                  "the tensors alone (default: cpu)")
+                                  "the tensors alone, with the convolution forms a GPU runs (default: cpu)")
     plan_parser.add_argument("--checkpoint-levels", type=_levels, default=(), metavar="L1,L2",
                              help="levels to run with gradient checkpointing, e.g. 1,2 (default: none)")
     plan_parser.add_argument("--checkpoint-mid", action="store_true", help="also checkpoint the middle")

@@ -57,7 +57,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flo
 
 from cpcbm_blocks.blocks.attention import AttentionBackend
 from cpcbm_blocks.blocks.attention import attention_backend as use_attention_backend
-from cpcbm_blocks.blocks.conv import SLOW_CONV_LIMIT, meta_stands_for, pointwise
+from cpcbm_blocks.blocks.conv import META_DEVICES, SLOW_CONV_LIMIT, meta_stands_for, pointwise
 from cpcbm_blocks.contracts import shape_checks
 from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.layout import Op, Section, Step
@@ -70,9 +70,9 @@ __all__ = ["CPU_ATTENTION_FLOP_FORMULAS", "DEVICES", "DTYPES", "MemoryPlan", "St
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The dtypes a plan can be made for, by the names the command line uses."""
 
-DEVICES = ("cpu", "cuda")
+DEVICES = META_DEVICES
 """What a plan can be made for: `"cpu"` counts oneDNN's blocked copies (see the module docs), `"cuda"`
-the tensors alone."""
+the tensors alone, with each convolution in the form a GPU runs."""
 
 _aten = torch.ops.aten
 
@@ -274,7 +274,8 @@ class MemoryPlan:
                      f"dominant level: {self.dominant_level()}")
         counted = ("tensors and oneDNN's blocked copies" if self.device == "cpu"
                    else "tensors only: no cuDNN workspaces or CUDA context")
-        lines.append(f"predicted peak    {self.peak_bytes / 2**30:.3f} GiB for a training step with Adam on {self.device} "
+        lines.append(f"predicted peak    {self.peak_bytes / 2**30:.3f} GiB for a training step with Adam "
+                     f"on {self.device} "
                      f"({counted}; no allocator cache)")
         return "\n".join(lines)
 
@@ -322,6 +323,7 @@ decomposition computes exactly these shapes, dtypes and layouts, only slower;
 _ONEDNN_CHANNEL_BLOCK = 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
 """oneDNN's kernels work on channels in blocks of one vector register, padding the last block: 16 float32
 on AVX-512 (`nCdhw16c`), 8 on AVX2."""
+
 
 def _blocked_bytes(t: Tensor) -> int:
     """Bytes of `t` as oneDNN's channel-blocked copy; 0 if `t` is channels-last, which oneDNN reads as it is."""
@@ -547,7 +549,8 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     - `input_shape`: the training batch's shape; the batch size is its first entry.
     - `dtype`: `"fp32"`, `"bf16"` or `"fp16"`: the dtype of the parameters and the activations.
     - `device`: `"cpu"` (the default) adds oneDNN's blocked copies of each convolution's operands to
-      the peak (see the module docs); `"cuda"` plans the tensors alone.
+      the peak (see the module docs); `"cuda"` plans the tensors alone, with each convolution in the
+      form a GPU runs (none of the CPU-only forms).
     - `checkpoint_levels`, `checkpoint_mid`, `checkpoint_conditions`: gradient checkpointing, as
       `UNet3D.set_gradient_checkpointing` sets it.
     - `selective`: selective recomputation of memory-bound operators in every other step (on by
@@ -560,7 +563,8 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     if dtype not in DTYPES:
         raise InputError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}. Use e.g. dtype='bf16'.")
     if device not in DEVICES:
-        raise InputError(f"device: expected one of {list(DEVICES)}, got {device!r}. Use device='cuda' to plan a GPU step.")
+        raise InputError(f"device: expected one of {list(DEVICES)}, got {device!r}. "
+                         "Use device='cuda' to plan a GPU step.")
     backend = AttentionBackend(attention_backend)
     expected = plan(spec, tuple(input_shape))
     levels = _check_levels(spec, checkpoint_levels)
@@ -631,7 +635,8 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     forward_flops = sum(v for (phase, _), v in recorder.flops.items() if phase == "forward")
     backward_flops = sum(v for (phase, _), v in recorder.flops.items() if phase == "backward")
     return MemoryPlan(
-        spec=spec, input_shape=expected.input_shape, dtype=dtype, device=device, attention_backend=backend, checkpoint_levels=levels,
+        spec=spec, input_shape=expected.input_shape, dtype=dtype, device=device, attention_backend=backend,
+        checkpoint_levels=levels,
         checkpoint_mid=bool(checkpoint_mid), checkpoint_conditions=bool(checkpoint_conditions), selective=bool(selective),
         text_tokens=text_tokens, steps=tuple(costs), parameter_count=sum(p.numel() for p in parameters),
         embedding_parameters=sum(p.numel() for p in parameters) - sum(params_by_key.values()),

@@ -390,6 +390,9 @@ def _fold_depth_into_channels(weight: Tensor, *, depth: int, stride: int, paddin
     return torch.cat(rows, dim=0)
 
 
+META_DEVICES = ("cpu", "cuda")
+"""What the `meta` device can stand for (`meta_stands_for`), and so what a memory plan can be made for."""
+
 _meta_stands_for = "cpu"
 
 
@@ -398,8 +401,9 @@ def meta_stands_for(device: str) -> Iterator[None]:
     """Within, convolutions on the `meta` device take the forms a run on `device` (`"cpu"`, the default
     outside, or `"cuda"`) would take: how the memory planner plans a GPU step with the GPU's forms."""
     global _meta_stands_for
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"device: expected 'cpu' or 'cuda', got {device!r}. Pass the device the plan is for.")
+    if device not in META_DEVICES:
+        raise InputError(f"device: expected one of {list(META_DEVICES)}, got {device!r}. "
+                         "Pass the device the plan is for.")
     before, _meta_stands_for = _meta_stands_for, device
     try:
         yield
