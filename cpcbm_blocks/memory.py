@@ -57,7 +57,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flo
 
 from cpcbm_blocks.blocks.attention import AttentionBackend
 from cpcbm_blocks.blocks.attention import attention_backend as use_attention_backend
-from cpcbm_blocks.blocks.conv import META_DEVICES, SLOW_CONV_LIMIT, meta_stands_for, pointwise
+from cpcbm_blocks.blocks.conv import META_DEVICES, meta_stands_for, pointwise, runs_on_onednn
 from cpcbm_blocks.contracts import shape_checks
 from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.layout import Op, Section, Step
@@ -348,23 +348,20 @@ def _copied_bytes(t: Tensor) -> int:
     return 0 if dense else t.numel() * t.element_size()
 
 
-def _runs_on_onednn(x: Tensor, weight: Tensor, stride: list[int], groups: int) -> bool:
-    """Whether PyTorch's CPU backend hands this float convolution to oneDNN (`use_mkldnn`, for the
-    undilated convolutions this library runs)."""
-    if pointwise(weight, stride) and x.shape[0] < 16 and torch.get_num_threads() == 1:
-        return False  # a matrix product of PyTorch's own
-    return (x.shape[0] > 1 or groups > 1 or math.prod(x.shape[:4]) > SLOW_CONV_LIMIT
-            or (weight.shape[-1] > 3 and weight.shape[-2] > 3))
-
-
 def _columns_bytes(x: Tensor, weight: Tensor, out_spatial: tuple[int, ...]) -> int:
     """PyTorch's own `slow_conv` kernels unfold the input into columns: `C_in * taps` rows per output voxel."""
     return x.shape[0] * weight.shape[1] * math.prod(weight.shape[2:]) * math.prod(out_spatial) * x.element_size()
 
 
+def _onednn_forward_scratch(x: Tensor, out: Tensor) -> int:
+    """A oneDNN forward: one blocked copy at a time, the padded result, and a plain copy of a strided input."""
+    return max(_blocked_bytes(x), _blocked_bytes(out)) + _padding_bytes(out) + _copied_bytes(x)
+
+
 def onednn_scratch_bytes(func, args: tuple, out) -> int:
-    """Bytes a CPU convolution allocates beyond its outputs on oneDNN, for `aten.convolution` and
-    `aten.convolution_backward` (0 for any other operator, or where PyTorch runs its own kernel).
+    """Bytes a CPU convolution allocates beyond its outputs on oneDNN, for `aten.convolution`,
+    `aten.mkldnn_convolution` and `aten.convolution_backward` (0 for any other operator, or where PyTorch
+    runs its own kernel).
 
     Measured for float32 on AVX-512 with PyTorch 2.13 at activations of tens of MiB, where it matters
     (`tests/test_memory.py`; other dtypes are assumed to behave alike), with `blk(t)` the bytes of `t`
@@ -381,14 +378,16 @@ def onednn_scratch_bytes(func, args: tuple, out) -> int:
     columns (`C_in * taps` values per output voxel), and a pointwise one on one thread computes the
     input gradient through one temporary of its size.
     """
+    if func is _aten.mkldnn_convolution.default:  # oneDNN whatever the sizes (conv3d's small batch-1 volumes)
+        return _onednn_forward_scratch(args[0], out)
     if func is _aten.convolution.default:
         x, weight, stride, groups = args[0], args[1], args[3], args[8]
-        if not _runs_on_onednn(x, weight, stride, groups):
+        if not runs_on_onednn(x, weight, stride, groups):
             return 0 if pointwise(weight, stride) else _columns_bytes(x, weight, tuple(out.shape[2:]))
-        return max(_blocked_bytes(x), _blocked_bytes(out)) + _padding_bytes(out) + _copied_bytes(x)
+        return _onednn_forward_scratch(x, out)
     if func is _aten.convolution_backward.default:
         grad_out, x, weight, stride, groups, mask = args[0], args[1], args[2], args[4], args[9], args[10]
-        if not _runs_on_onednn(x, weight, stride, groups):
+        if not runs_on_onednn(x, weight, stride, groups):
             if pointwise(weight, stride):  # the input gradient goes through one temporary of its size
                 return out[0].untyped_storage().nbytes() if mask[0] else 0
             return _columns_bytes(x, weight, tuple(grad_out.shape[2:]))

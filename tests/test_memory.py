@@ -352,6 +352,7 @@ _CONVOLUTION_PROBLEMS = {  # (input shape, output channels, kernel, layout)
     "24->32": ((1, 24, 8, 192, 192), 32, 3, "plain"), "32->32 depth last": ((1, 32, 8, 192, 192), 32, 3, "depth last"),
     "32->32 channels last": ((1, 32, 8, 192, 192), 32, 3, "channels last"),
     "4->32 on slow_conv3d": ((1, 4, 8, 96, 96), 32, 3, "plain"),
+    "32->32 oneDNN as is": ((1, 32, 8, 64, 512), 32, 3, "oneDNN as is"),  # N*C*D*H <= 20480: conv3d's own call
 }
 
 
@@ -378,6 +379,11 @@ def test_the_onednn_scratch_model_matches_what_malloc_hands_out_around_a_real_co
     for name, mask in (("input gradient", [True, False, False]), ("weight gradient", [False, True, False])):
         calls[name] = (torch.ops.aten.convolution_backward.default,
                        (grad_out, x, weight, None, [1] * 3, padding, [1] * 3, False, [0] * 3, 1, mask))
+    if layout == "oneDNN as is":  # forward and input gradient as `_OneDnnConv3d` calls them
+        flipped = weight.flip(2, 3, 4).transpose(0, 1).contiguous()
+        calls = {"forward": (torch.ops.aten.mkldnn_convolution.default, (x, weight, None, padding, [1] * 3, [1] * 3, 1)),
+                 "input gradient": (torch.ops.aten.mkldnn_convolution.default,
+                                    (grad_out, flipped, None, padding, [1] * 3, [1] * 3, 1))}
     pointwise = k == 1
     for threads in (1, 2) if pointwise else (2,):  # one thread leaves pointwise kernels to PyTorch's own code
         torch.set_num_threads(threads)

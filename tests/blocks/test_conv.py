@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,7 +63,7 @@ def test_a_volume_no_deeper_than_the_kernel_folds_into_one_conv2d_equal_to_conv3
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
-@pytest.mark.parametrize("shape", [(1, 4, 2, 6, 6), (1, 32, 4, 32, 32)], ids=["folded", "depth-last"])
+@pytest.mark.parametrize("shape", [(1, 4, 2, 6, 6), (1, 32, 4, 32, 32)], ids=["folded", "onednn-as-is"])
 def test_the_fast_forms_return_the_inputs_layout(shape, memory_format):
     # Not a permuted view, which every GroupNorm reading it would copy (and hold for backward).
     conv = Conv3d(shape[1], 8, kernel_size=(3, 3, 3))
@@ -77,14 +79,87 @@ def test_deeper_volumes_keep_the_3d_convolution():
 
 
 @given(depth=st.sampled_from([4, 8]), depth_stride=st.sampled_from([1, 2]), stride=st.sampled_from([1, 2]))
-def test_a_shallow_wide_volume_runs_depth_last_on_onednn_and_equals_conv3d(depth, depth_stride, stride):
+def test_a_shallow_wide_volume_runs_on_onednn_and_equals_conv3d(depth, depth_stride, stride):
+    """Stride 1: oneDNN's operator called as it is; strided: depth moved last, where PyTorch picks oneDNN."""
     torch.manual_seed(0)
     conv = Conv3d(32, 8, kernel_size=(3, 3, 3), stride=(depth_stride, stride, stride))
     x = torch.randn(1, 32, depth, 32, 32, requires_grad=True)  # N*C*D*H <= 20480 < N*C*H*W
     with torch.profiler.profile() as profile:
         out = conv(x)
     assert "aten::slow_conv3d_forward" not in {event.key for event in profile.key_averages()}
+    assert (type(out.grad_fn).__name__ == "_OneDnnConv3dBackward") == (depth_stride == stride == 1)
     _assert_equals_conv3d_with_gradients(conv, out, x, tolerance=1e-4)
+
+
+@given(channels=st.sampled_from([(1, 16), (3, 2), (8, 8)]), depth=st.integers(6, 8), height=st.integers(3, 9),
+       width=st.integers(3, 9), kernel=st.sampled_from([(3, 3, 3), (5, 3, 3), (3, 1, 5)]), bias=st.booleans(),
+       channels_last=st.booleans(), method=st.sampled_from(["auto", "depth_taps", "aten"]))
+def test_a_volume_pytorch_would_leave_to_slow_conv3d_runs_on_onednn_as_it_is(channels, depth, height, width, kernel,
+                                                                             bias, channels_last, method):
+    """Batch 1, small `N*C*D*H`: forward and input gradient by `aten.mkldnn_convolution` in the input's layout
+    (the input gradient with the kernel flipped and its channels swapped), the weight gradient by any method;
+    values and gradients equal `F.conv3d`'s, whose `slow_conv3d` is the reference."""
+    conv_module.set_weight_grad_method(method)
+    try:
+        torch.manual_seed(0)
+        conv = Conv3d(*channels, kernel_size=kernel, bias=bias)
+        layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+        x = torch.randn(1, channels[0], depth, height, width).contiguous(memory_format=layout).requires_grad_()
+        assert not conv_module.runs_on_onednn(x, conv.weight, conv.stride, conv.groups)
+        with torch.profiler.profile() as profile:
+            out = conv(x)
+        operators = {event.key for event in profile.key_averages()}
+        assert "aten::mkldnn_convolution" in operators and "aten::slow_conv3d_forward" not in operators
+        assert type(out.grad_fn).__name__ == "_OneDnnConv3dBackward"
+        assert out.is_contiguous(memory_format=layout) or channels[0] == 1  # one channel: both layouts at once
+        planned = copy.deepcopy(conv).to("meta")(x.detach().to("meta"))  # the meta kernel conv.py registers
+        assert planned.shape == out.shape and planned.stride() == out.stride()
+        reference = F.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+        torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+        grad = torch.randn_like(out)
+        wrt = (x, conv.weight) if conv.bias is None else (x, conv.weight, conv.bias)
+        for ours, theirs in zip(torch.autograd.grad(out, wrt, grad), torch.autograd.grad(reference, wrt, grad)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * max(1.0, theirs.abs().max().item()))
+    finally:
+        conv_module.set_weight_grad_method("auto")
+        conv_module._fastest_form.clear()
+
+
+def test_flop_counter_counts_onednn_as_is_like_conv3d():
+    """torch's FLOP registry lacks `aten.mkldnn_convolution`; conv.py registers a convolution's formula for it,
+    so `FlopCounterMode` (the planner, the benchmarks) counts the forward and the input gradient as for F.conv3d."""
+    conv = Conv3d(16, 8, kernel_size=(3, 3, 3), bias=False).requires_grad_(False)
+    x = torch.randn(1, 16, 4, 24, 24, requires_grad=True)
+    counts = []
+    for run in (conv, lambda v: F.conv3d(v, conv.weight, None, conv.stride, conv.padding)):
+        with FlopCounterMode(display=False) as counter:
+            run(x).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 2 * 2 * 16 * 8 * 27 * 4 * 24 * 24
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+def test_on_meta_onednn_as_is_gives_the_cpu_runs_shape_and_layout(memory_format):
+    """PyTorch has no meta kernel for `aten.mkldnn_convolution`; conv.py registers one, so the planner can run it."""
+    x = torch.randn(1, 6, 5, 8, 7).contiguous(memory_format=memory_format)
+    conv = Conv3d(6, 4, kernel_size=(3, 3, 5))
+    cpu = conv(x)
+    meta = conv.to("meta")(x.to("meta"))
+    assert meta.shape == cpu.shape and meta.stride() == cpu.stride()
+
+
+def test_the_aten_weight_gradient_of_a_slow_conv3d_volume_moves_depth_last(weight_grad_method):
+    weight_grad_method("aten")
+    conv = Conv3d(32, 8, kernel_size=(3, 3, 3))
+    x = torch.randn(1, 32, 4, 32, 32)
+    out = conv(x)
+    with torch.profiler.profile() as profile:
+        out.sum().backward()
+    assert not any("slow_conv3d" in event.key for event in profile.key_averages())
+    reference = torch.nn.Conv3d(32, 8, kernel_size=3, padding=1)
+    reference.load_state_dict(conv.state_dict())
+    reference(x).sum().backward()
+    torch.testing.assert_close(conv.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
 
 
 def _assert_equals_conv3d_with_gradients(conv, out, x, *, tolerance):
