@@ -39,7 +39,8 @@ _ATTENTION = frozenset({
 })
 
 COMPUTE_BOUND = frozenset({
-    _aten.convolution.default, _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+    _aten.convolution.default, _aten.mkldnn_convolution.default,  # the latter: `Conv3d` on small CPU volumes
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
     *_ATTENTION,
 })
 """The operators whose outputs are kept (unless `CHEAP_PER_OUTPUT` says otherwise): recomputing them
@@ -52,7 +53,7 @@ projection of up to 255 channels does as little arithmetic per byte it would hol
 
 
 def _multiply_adds_per_output(op, args) -> int:
-    if op is _aten.convolution.default:
+    if op is _aten.convolution.default or op is _aten.mkldnn_convolution.default:
         weight = args[1]
         return weight.shape[1] * weight.shape[2:].numel()  # (c_in / groups) x kernel taps
     if op is _aten.addmm.default or op is _aten.baddbmm.default:

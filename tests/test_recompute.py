@@ -72,7 +72,7 @@ class _CountConvolutions(TorchDispatchMode):
         self.expensive = self.cheap = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.convolution.default:
+        if func in (torch.ops.aten.convolution.default, torch.ops.aten.mkldnn_convolution.default):
             weight = args[1]
             if weight.shape[1] * weight.shape[2:].numel() >= CHEAP_PER_OUTPUT:
                 self.expensive += 1
@@ -91,6 +91,27 @@ def test_selective_recomputation_runs_no_expensive_convolution_twice():
         model(x, t, **conditions).sum().backward()
     assert forward_only.expensive > 0 and step.expensive == forward_only.expensive  # backward recomputed none
     assert step.cheap > forward_only.cheap  # cheap ones are run again rather than held
+
+
+def test_selective_recomputation_runs_no_expensive_convolution_twice_at_batch_1():
+    """At batch 1 the small volumes run `aten.mkldnn_convolution` (conv.py), in forward and for input gradients:
+    a selective step runs exactly the expensive convolutions a plain step runs."""
+    # 8 slices: level 2 is 4 deep, so its 16-channel convolutions (432 multiply-adds per output) are not folded
+    spec = UNetSpec.conditioned(text_channels=8, channels=(8, 16), attention_levels=(2,), num_groups=4, head_channels=4,
+                                sample_size=(8, 8, 8), time_embedding_channels=16)
+    model = randomize_(UNet3D(spec), scale=0.1, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    x, t = torch.randn(1, 1, 8, 8, 8, generator=generator), torch.tensor([3.0])
+    conditions = {"text": torch.randn(1, 5, 8, generator=generator),
+                  "cond_images": torch.randn(1, spec.conditioning.image_channels, 8, 8, 8, generator=generator)}
+    counts = {}
+    for selective in (True, False):
+        model.set_gradient_checkpointing(selective=selective)
+        with _CountConvolutions() as step:
+            model(x, t, **conditions).sum().backward()
+        counts[selective] = step
+    assert counts[False].expensive > 0 and counts[True].expensive == counts[False].expensive
+    assert counts[True].cheap > counts[False].cheap
 
 
 def test_selective_recomputation_holds_far_fewer_activations_for_the_same_flops():
