@@ -28,6 +28,8 @@ SECTIONS = [
     ("conv_by_taps", "The output head's convolution: oneDNN vs one matrix product over taps", "bench_conv_by_taps.py"),
     ("conv_by_taps_128", "A convolution by taps at the threshold (128 channels to 4 and 8)",
      "bench_conv_by_taps.py --sizes 64 --in-channels 128 --out-channels 4,8"),
+    ("small_volumes", "Small batch-1 volumes: slow_conv3d vs depth moved last vs oneDNN as is",
+     "bench_small_volumes.py"),
     ("gpu_step", "A full-size training step on a GPU", "bench_gpu_step.py"),  # only where a GPU has run it
 ]
 

@@ -25,7 +25,8 @@ update. A `TorchDispatchMode` sees every operator of that step:
   convolutions) and the plan adds each one on top of what is live when its convolution runs.
   `device="cuda"` leaves them out (cuDNN's workspaces are not modelled) and runs each convolution
   in the form a GPU would (`cpcbm_blocks.blocks.conv.meta_stands_for`): none of the CPU-only forms
-  (depth moved last, the chosen weight gradient, few output channels by taps).
+  (oneDNN called directly or depth moved last for small volumes, the chosen weight gradient, few
+  output channels by taps).
 
 What the plan does not see: allocator overheads (caching, fragmentation, page rounding), the CUDA
 context and cuDNN workspaces, the Python process itself, and autocast's weight-cast cache
