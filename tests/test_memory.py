@@ -353,6 +353,7 @@ _CONVOLUTION_PROBLEMS = {  # (input shape, output channels, kernel, layout)
     "32->32 channels last": ((1, 32, 8, 192, 192), 32, 3, "channels last"),
     "4->32 on slow_conv3d": ((1, 4, 8, 96, 96), 32, 3, "plain"),
     "32->32 oneDNN as is": ((1, 32, 8, 64, 512), 32, 3, "oneDNN as is"),  # N*C*D*H <= 20480: conv3d's own call
+    "32->64 pointwise oneDNN as is": ((1, 32, 8, 64, 512), 64, 1, "oneDNN as is"),
 }
 
 
