@@ -213,27 +213,26 @@ class _InterleaveParities(torch.autograd.Function):
 
 
 def _parity_kernels(weight: Tensor, *, scale: tuple[int, int, int]) -> Tensor:
-    """The kernels of every parity of `upsample_conv3d`, stacked as output channels (depth-major)."""
-    kernels = []
-    for parity in itertools.product(*(range(f) for f in scale)):
-        kernel = weight
-        for axis, (f, k, p) in enumerate(zip(scale, weight.shape[2:], parity)):
-            if f == 2 and k == 3:
-                kernel = _fold_taps_for_parity(kernel, dim=2 + axis, parity=p)
-        kernels.append(kernel)
-    return torch.cat(kernels)
+    """The kernels of every parity of `upsample_conv3d`, stacked as output channels (depth-major).
 
-
-def _fold_taps_for_parity(kernel: Tensor, *, dim: int, parity: int) -> Tensor:
-    """Along `dim`, the 3-tap kernel (w0, w1, w2) that follows nearest upsampling by 2 seen at low resolution.
-
-    An output at an even position (parity 0) reads its low-resolution neighbour once and itself twice:
-    taps (w0, w1 + w2). An odd one reads itself twice and the next neighbour once: (w0 + w1, w2).
-    Sums, not a matrix product, so any dtype (and autocast) gives exactly the folded weights.
+    Along an axis upsampled by 2 with 3 taps `(w0, w1, w2)`, an output at an even position (parity 0)
+    reads its low-resolution neighbour once and itself twice: taps `(w0, w1 + w2)`; an odd one reads
+    itself twice and the next neighbour once: `(w0 + w1, w2)`. Both parities of an axis are built at
+    once and stacked in front, width first, so that depth's parity ends outermost and the result is
+    already in output-channel order: a dozen operators and no transposing copy, not a loop over the
+    eight parities. Sums, not a matrix product, so any dtype (and autocast) gives exactly the folded
+    weights.
     """
-    first, middle, last = kernel.unbind(dim)
-    taps = (first, middle + last) if parity == 0 else (first + middle, last)
-    return torch.stack(taps, dim=dim)
+    kernel = weight
+    for dim in (4, 3, 2):  # w, h, d: each stack adds a leading parity axis, so d's ends outermost
+        factor, taps = scale[dim - 2], weight.shape[dim]
+        dim += kernel.dim() - weight.dim()  # past the parity axes already in front
+        if factor == 2 and taps == 3:
+            first, middle, last = kernel.split(1, dim)
+            kernel = torch.stack([torch.cat([first, middle + last], dim), torch.cat([first + middle, last], dim)])
+        elif factor == 2:  # a 1-tap axis: both parities read the same input
+            kernel = torch.stack([kernel, kernel])
+    return kernel.reshape(-1, *weight.shape[1:2], *kernel.shape[-3:])
 
 
 def _conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...],
@@ -397,15 +396,17 @@ def _folded(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, .
 
 
 def _fold_depth_into_channels(weight: Tensor, *, depth: int, stride: int, padding: int) -> Tensor:
-    """The block weight of `_folded`: tap `i - o*stride + padding` in block `(o, i)`, zero outside the kernel."""
+    """The block weight of `_folded`: tap `i - o*stride + padding` in block `(o, i)`, zero outside the kernel.
+
+    One `index_select` of the taps (and of an appended zero tap for blocks outside the kernel), so its
+    backward is one `index_add`, whatever the depth."""
     taps = weight.shape[2]
     depth_out = (depth + 2 * padding - taps) // stride + 1
-    zero = weight.new_zeros(weight.shape[:2] + weight.shape[3:])
-    rows = []
-    for o in range(depth_out):  # plain loops: torch.compile cannot trace a walrus inside a comprehension
-        taps_of_row = [i - o * stride + padding for i in range(depth)]
-        rows.append(torch.cat([weight[:, :, tap] if 0 <= tap < taps else zero for tap in taps_of_row], dim=1))
-    return torch.cat(rows, dim=0)
+    zero_tap = weight.new_zeros(weight.shape[:2] + (1,) + weight.shape[3:])
+    blocks = [i - o * stride + padding for o in range(depth_out) for i in range(depth)]
+    index = torch.tensor([tap if 0 <= tap < taps else taps for tap in blocks], device=weight.device)
+    folded = torch.cat([weight, zero_tap], dim=2).index_select(2, index)  # (C_out, C_in, D_out*D, kh, kw)
+    return rearrange(folded, "co ci (do di) kh kw -> (do co) (di ci) kh kw", do=depth_out).contiguous()
 
 
 META_DEVICES = ("cpu", "cuda")
