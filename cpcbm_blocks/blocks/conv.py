@@ -488,11 +488,14 @@ _mkldnn_convolution = torch.ops.aten.mkldnn_convolution
 
 def _mkldnn_convolution_meta(x, weight, bias, padding, stride, dilation, groups):
     """Output of `aten.mkldnn_convolution` on `meta`, where PyTorch has no kernel for it: the memory planner
-    runs the forms a CPU step runs. oneDNN writes in the input's layout."""
+    runs the forms a CPU step runs. oneDNN writes channels-last when the input or the weight is."""
     spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1
                for size, k, p, s, d in zip(x.shape[2:], weight.shape[2:], padding, stride, dilation)]
     out = x.new_empty((x.shape[0], weight.shape[0], *spatial))
-    return out.contiguous(memory_format=_memory_format_of(x))
+    channels_last = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    if any(t.is_contiguous(memory_format=channels_last) and not t.is_contiguous() for t in (x, weight)):
+        return out.contiguous(memory_format=channels_last)
+    return out
 
 
 def _mkldnn_convolution_flops(x_shape, w_shape, _bias, _padding, _stride, _dilation, _groups, *, out_shape) -> int:

@@ -138,14 +138,21 @@ def test_flop_counter_counts_onednn_as_is_like_conv3d():
     assert counts[0] == counts[1] == 2 * 2 * 16 * 8 * 27 * 4 * 24 * 24
 
 
+@pytest.mark.parametrize("weights", [torch.contiguous_format, torch.channels_last_3d])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
-def test_on_meta_onednn_as_is_gives_the_cpu_runs_shape_and_layout(memory_format):
-    """PyTorch has no meta kernel for `aten.mkldnn_convolution`; conv.py registers one, so the planner can run it."""
+def test_on_meta_onednn_as_is_gives_the_cpu_runs_shape_and_layout(memory_format, weights):
+    """PyTorch has no meta kernel for `aten.mkldnn_convolution`; conv.py registers one, so the planner can run it.
+    oneDNN writes channels-last when the input or the weight is (`model.to(memory_format=...)`)."""
     x = torch.randn(1, 6, 5, 8, 7).contiguous(memory_format=memory_format)
-    conv = Conv3d(6, 4, kernel_size=(3, 3, 5))
+    conv = Conv3d(6, 4, kernel_size=(3, 3, 5)).to(memory_format=weights)
     cpu = conv(x)
     meta = conv.to("meta")(x.to("meta"))
     assert meta.shape == cpu.shape and meta.stride() == cpu.stride()
+    for layout in (torch.channels_last, torch.contiguous_format):  # and so for any 2-D call of the operator
+        x2, w2 = torch.randn(1, 6, 8, 7).contiguous(memory_format=layout), torch.randn(4, 6, 3, 3)
+        cpu = torch.ops.aten.mkldnn_convolution(x2, w2, None, [1, 1], [1, 1], [1, 1], 1)
+        meta = torch.ops.aten.mkldnn_convolution(x2.to("meta"), w2.to("meta"), None, [1, 1], [1, 1], [1, 1], 1)
+        assert meta.shape == cpu.shape and meta.stride() == cpu.stride()
 
 
 def test_the_aten_weight_gradient_of_a_slow_conv3d_volume_moves_depth_last(weight_grad_method):
