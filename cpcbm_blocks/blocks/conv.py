@@ -17,10 +17,10 @@ included):
   times faster. A stride-1 convolution with an odd kernel calls oneDNN's operator
   (`aten.mkldnn_convolution`) directly, in the input's own layout; its input gradient is the same
   operator with the kernel flipped and its channels swapped (a stride-1 transposed convolution with
-  "same" padding), and its weight gradient is the measured choice below. On a 2-core AVX-512 machine
-  that forward ran 15-25% faster than with depth moved last (64 -> 64 channels at `(4, 64, 64)`:
-  13.5 against 16.9 ms; the 1-channel stem at `(8, 128, 128)`: 1.9 against 7.4 ms through
-  `slow_conv3d`), and it writes no permuted copies. A strided convolution (a downsampler) instead
+  "same" padding), and its weight gradient is the measured choice below. It writes no permuted
+  copies, and on a 2-core AVX-512 machine its forward ran faster than with depth moved last
+  (`benchmarks/bench_small_volumes.py`: 64 -> 64 channels at `(4, 64, 64)`, 14.5 against 17.7 ms;
+  the 1-channel stem at `(8, 256, 256)`, 9.8 against 17.4 ms). A strided convolution (a downsampler) instead
   moves depth to the last axis (input, kernel, stride and padding together), which is the same
   convolution, and whose `N*C*H*W` picks oneDNN.
 
