@@ -21,7 +21,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import alternate, median, save, setup, table
+from common import alternate, median, save, setup, table, training_and_inference
 
 from cpcbm_blocks.blocks.conv_by_taps import conv3d_by_taps
 
@@ -38,21 +38,7 @@ def time_forms(in_channels: int, out_channels: int, size: int, repeats: int) -> 
     # The same function, or the comparison means nothing.
     torch.testing.assert_close(forms["by taps"](), forms["oneDNN"](), rtol=1e-4, atol=1e-4)
 
-    def training(form):
-        def run():
-            x.grad = weight.grad = bias.grad = None
-            form().backward(grad)
-        return run
-
-    def inference(form):
-        def run():
-            with torch.no_grad():
-                form()
-        return run
-
-    variants = {f"{name}, fwd+bwd": training(form) for name, form in forms.items()}
-    variants |= {f"{name}, fwd": inference(form) for name, form in forms.items()}
-    return alternate(variants, repeats=repeats)
+    return alternate(training_and_inference(forms, grad, [x, weight, bias]), repeats=repeats)
 
 
 def main() -> None:

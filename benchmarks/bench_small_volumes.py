@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from common import alternate, median, save, setup, table
+from common import alternate, median, save, setup, table, training_and_inference
 
 from cpcbm_blocks import Conv3d
 
@@ -53,21 +53,7 @@ def time_forms(shape: tuple[int, ...], out_channels: int, repeats: int) -> dict[
     for name in ("depth last", "oneDNN as is"):  # the same function, or the comparison means nothing
         torch.testing.assert_close(forms[name](), reference, rtol=1e-4, atol=1e-4)
 
-    def training(form):
-        def run():
-            x.grad = conv.weight.grad = conv.bias.grad = None
-            form().backward(grad)
-        return run
-
-    def inference(form):
-        def run():
-            with torch.no_grad():
-                form()
-        return run
-
-    variants = {f"{name}, fwd+bwd": training(form) for name, form in forms.items()}
-    variants |= {f"{name}, fwd": inference(form) for name, form in forms.items()}
-    return alternate(variants, repeats=repeats)
+    return alternate(training_and_inference(forms, grad, [x, conv.weight, conv.bias]), repeats=repeats)
 
 
 def main() -> None:

@@ -63,3 +63,23 @@ def save(name: str, env: dict, tables: dict[str, str], data: dict) -> Path:
     path.write_text(json.dumps({"name": name, "env": env, "tables": tables, "data": data}, indent=2))
     print(f"\nwrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
     return path
+
+
+def training_and_inference(forms: dict, grad: torch.Tensor, leaves: list[torch.Tensor]) -> dict:
+    """For each form (a function returning a tensor): `"<name>, fwd+bwd"` (the gradients of `leaves`
+    cleared, then `backward(grad)`) and `"<name>, fwd"` (under `no_grad`), ready for `alternate`."""
+    def training(form):
+        def run():
+            for leaf in leaves:
+                leaf.grad = None
+            form().backward(grad)
+        return run
+
+    def inference(form):
+        def run():
+            with torch.no_grad():
+                form()
+        return run
+
+    variants = {f"{name}, fwd+bwd": training(form) for name, form in forms.items()}
+    return variants | {f"{name}, fwd": inference(form) for name, form in forms.items()}

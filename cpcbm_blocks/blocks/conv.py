@@ -342,18 +342,29 @@ class _Conv3dChosenWeightGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_x = grad_weight = grad_bias = None
-        if need_bias:
-            grad_bias = grad_out.sum(dim=(0, 2, 3, 4))
-        if need_weight:  # first: the depth taps' slice copies are gone before grad_x exists
-            grad_weight = _chosen_weight_grad(grad_out, x, weight, stride=ctx.stride, padding=ctx.padding,
-                                              groups=ctx.groups)
-        if need_x:  # input gradient alone: asking aten for the bias gradient too takes a path 4x slower
-            grad_x = torch.ops.aten.convolution_backward(grad_out, x, weight, None, ctx.stride, ctx.padding, (1, 1, 1),
-                                                         False, (0, 0, 0), ctx.groups, [True, False, False])[0]
-        return grad_x, grad_weight, grad_bias, None, None, None
+        return *_gradients(ctx, grad_out, _aten_input_grad), None, None, None
+
+
+def _gradients(ctx, grad_out: Tensor, input_grad) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The input, weight and bias gradients a convolution's backward owes, those its inputs need: the
+    weight gradient by the chosen form, the input gradient by `input_grad(grad_out, x, weight, ctx)`."""
+    x, weight = ctx.saved_tensors
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grad_x = grad_weight = grad_bias = None
+    if need_bias:
+        grad_bias = grad_out.sum(dim=(0, 2, 3, 4))
+    if need_weight:  # first: the depth taps' slice copies are gone before grad_x exists
+        grad_weight = _chosen_weight_grad(grad_out, x, weight, stride=ctx.stride, padding=ctx.padding,
+                                          groups=ctx.groups)
+    if need_x:
+        grad_x = input_grad(grad_out, x, weight, ctx)
+    return grad_x, grad_weight, grad_bias
+
+
+def _aten_input_grad(grad_out: Tensor, x: Tensor, weight: Tensor, ctx) -> Tensor:
+    # The input gradient alone: asking aten for the bias gradient too takes a path 4x slower.
+    return torch.ops.aten.convolution_backward(grad_out, x, weight, None, ctx.stride, ctx.padding, (1, 1, 1), False,
+                                               (0, 0, 0), ctx.groups, [True, False, False])[0]
 
 
 def weight_grad_by_depth_taps(grad_out: Float[Tensor, "b c_out d_out h_out w_out"], x: Float[Tensor, "b c_in d h w"],
@@ -466,21 +477,17 @@ class _OneDnnConv3d(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, weight, _bias, padding = inputs
         ctx.save_for_backward(x, weight)
-        ctx.padding = padding
+        ctx.stride, ctx.padding, ctx.groups = (1, 1, 1), padding, 1
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_x = grad_weight = grad_bias = None
-        if need_bias:
-            grad_bias = grad_out.sum(dim=(0, 2, 3, 4))
-        if need_weight:
-            grad_weight = _chosen_weight_grad(grad_out, x, weight, stride=(1, 1, 1), padding=ctx.padding, groups=1)
-        if need_x:  # the transposed convolution: the kernel flipped along every axis, in and out channels swapped
-            flipped = rearrange(weight.flip(2, 3, 4), "o i d h w -> i o d h w").contiguous()
-            grad_x = _mkldnn_convolution(grad_out, flipped, None, list(ctx.padding), [1, 1, 1], [1, 1, 1], 1)
-        return grad_x, grad_weight, grad_bias, None
+        return *_gradients(ctx, grad_out, _transposed_input_grad), None
+
+
+def _transposed_input_grad(grad_out: Tensor, x: Tensor, weight: Tensor, ctx) -> Tensor:
+    """The transposed convolution, as a convolution: the kernel flipped along every axis, in and out channels swapped."""
+    flipped = rearrange(weight.flip(2, 3, 4), "o i d h w -> i o d h w").contiguous()
+    return _mkldnn_convolution(grad_out, flipped, None, list(ctx.padding), [1, 1, 1], [1, 1, 1], 1)
 
 
 _mkldnn_convolution = torch.ops.aten.mkldnn_convolution
