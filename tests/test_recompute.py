@@ -114,6 +114,38 @@ def test_selective_recomputation_runs_no_expensive_convolution_twice_at_batch_1(
     assert counts[True].cheap > counts[False].cheap
 
 
+class _CountOneDnnAsIs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.aten.mkldnn_convolution.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("switches", [{}, {"levels": (1, 2), "mid": True, "conditions": True}],
+                         ids=["selective", "checkpointed"])
+def test_at_batch_1_recomputation_gives_the_plain_gradients_with_onednn_as_is(switches):
+    """Batch 1 is where `Conv3d` calls oneDNN's operator itself (conv.py): recipes, selective checkpoints and
+    full checkpointing recompute through it and still give plain PyTorch's output and gradients."""
+    spec = UNetSpec.conditioned(text_channels=8, channels=(8, 16), attention_levels=(2,), num_groups=4, head_channels=4,
+                                sample_size=(8, 16, 16), time_embedding_channels=16)
+    model = randomize_(UNet3D(spec), scale=0.1, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    x, t = torch.randn(1, 1, 8, 16, 16, generator=generator), torch.tensor([3.0])
+    conditions = {"text": torch.randn(1, 5, 8, generator=generator),
+                  "cond_images": torch.randn(1, spec.conditioning.image_channels, 8, 16, 16, generator=generator)}
+    out_plain, plain = _step(model.set_gradient_checkpointing(selective=False), x, t, conditions)
+    with _CountOneDnnAsIs() as counter:
+        out, recomputed = _step(model.set_gradient_checkpointing(**switches), x, t, conditions)
+    assert counter.calls > 0
+    torch.testing.assert_close(out, out_plain)
+    assert recomputed.keys() == plain.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], msg=name)
+
+
 def test_selective_recomputation_holds_far_fewer_activations_for_the_same_flops():
     selective = memory_plan(UNetSpec.default(), (1, 1, 8, 64, 64))
     plain = memory_plan(UNetSpec.default(), (1, 1, 8, 64, 64), selective=False)
