@@ -169,6 +169,21 @@ def test_the_aten_weight_gradient_of_a_slow_conv3d_volume_moves_depth_last(weigh
     torch.testing.assert_close(conv.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+def test_two_samples_of_a_small_volume_keep_their_layout_pytorch_runs_them_on_onednn(memory_format, weight_grad_method):
+    """PyTorch hands any batch of two or more to oneDNN: neither the forward nor the weight gradient moves depth last."""
+    weight_grad_method("aten")  # oneDNN's 3-D weight gradient, the form that would move depth last
+    x = torch.randn(2, 32, 4, 32, 32).contiguous(memory_format=memory_format)
+    conv = Conv3d(32, 8, kernel_size=(3, 3, 3), stride=(2, 2, 2))
+    assert conv_module.runs_on_onednn(x, conv.weight, conv.stride, conv.groups)
+    assert not conv_module._depth_last_reaches_onednn(x, conv.weight, conv.stride, conv.groups)
+    assert conv_module._depth_last_reaches_onednn(x[:1], conv.weight, conv.stride, conv.groups)  # one sample would
+    with torch.profiler.profile(record_shapes=True) as profile:
+        conv(x).sum().backward()
+    shapes = [event.input_shapes[1] for event in profile.events() if event.name == "aten::convolution_backward"]
+    assert shapes and all(shape == list(x.shape) for shape in shapes)
+
+
 def _assert_equals_conv3d_with_gradients(conv, out, x, *, tolerance):
     """`out = conv(x)` equals `F.conv3d` with the same weights, and so do the gradients of x, weight and bias."""
     reference = F.conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
