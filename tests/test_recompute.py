@@ -65,13 +65,15 @@ def test_selective_recomputation_gives_the_plain_gradients(tiny_spec, variant):
 
 
 class _CountConvolutions(TorchDispatchMode):
-    """Counts convolutions by cost: `expensive` ones do at least CHEAP_PER_OUTPUT multiply-adds per output."""
+    """Counts convolutions by cost: `expensive` ones do at least CHEAP_PER_OUTPUT multiply-adds per output;
+    `onednn_as_is` counts the calls of oneDNN's operator itself (conv.py's form for small batch-1 volumes)."""
 
     def __init__(self):
         super().__init__()
-        self.expensive = self.cheap = 0
+        self.expensive = self.cheap = self.onednn_as_is = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.onednn_as_is += func is torch.ops.aten.mkldnn_convolution.default
         if func in (torch.ops.aten.convolution.default, torch.ops.aten.mkldnn_convolution.default):
             weight = args[1]
             if weight.shape[1] * weight.shape[2:].numel() >= CHEAP_PER_OUTPUT:
@@ -93,17 +95,24 @@ def test_selective_recomputation_runs_no_expensive_convolution_twice():
     assert step.cheap > forward_only.cheap  # cheap ones are run again rather than held
 
 
+def _one_sample_of_8_slices(*, size: int):
+    """A conditioned UNet and one sample of (8, size, size): at batch 1 `Conv3d` calls oneDNN's operator
+    itself (conv.py), and with 8 slices level 2 is 4 deep, so its 16-channel convolutions (432
+    multiply-adds per output) are not folded."""
+    spec = UNetSpec.conditioned(text_channels=8, channels=(8, 16), attention_levels=(2,), num_groups=4, head_channels=4,
+                                sample_size=(8, size, size), time_embedding_channels=16)
+    model = randomize_(UNet3D(spec), scale=0.1, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    x, t = torch.randn(1, 1, 8, size, size, generator=generator), torch.tensor([3.0])
+    conditions = {"text": torch.randn(1, 5, 8, generator=generator),
+                  "cond_images": torch.randn(1, spec.conditioning.image_channels, 8, size, size, generator=generator)}
+    return model, x, t, conditions
+
+
 def test_selective_recomputation_runs_no_expensive_convolution_twice_at_batch_1():
     """At batch 1 the small volumes run `aten.mkldnn_convolution` (conv.py), in forward and for input gradients:
     a selective step runs exactly the expensive convolutions a plain step runs."""
-    # 8 slices: level 2 is 4 deep, so its 16-channel convolutions (432 multiply-adds per output) are not folded
-    spec = UNetSpec.conditioned(text_channels=8, channels=(8, 16), attention_levels=(2,), num_groups=4, head_channels=4,
-                                sample_size=(8, 8, 8), time_embedding_channels=16)
-    model = randomize_(UNet3D(spec), scale=0.1, seed=0)
-    generator = torch.Generator().manual_seed(1)
-    x, t = torch.randn(1, 1, 8, 8, 8, generator=generator), torch.tensor([3.0])
-    conditions = {"text": torch.randn(1, 5, 8, generator=generator),
-                  "cond_images": torch.randn(1, spec.conditioning.image_channels, 8, 8, 8, generator=generator)}
+    model, x, t, conditions = _one_sample_of_8_slices(size=8)
     counts = {}
     for selective in (True, False):
         model.set_gradient_checkpointing(selective=selective)
@@ -114,32 +123,16 @@ def test_selective_recomputation_runs_no_expensive_convolution_twice_at_batch_1(
     assert counts[True].cheap > counts[False].cheap
 
 
-class _CountOneDnnAsIs(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func is torch.ops.aten.mkldnn_convolution.default
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("switches", [{}, {"levels": (1, 2), "mid": True, "conditions": True}],
                          ids=["selective", "checkpointed"])
 def test_at_batch_1_recomputation_gives_the_plain_gradients_with_onednn_as_is(switches):
     """Batch 1 is where `Conv3d` calls oneDNN's operator itself (conv.py): recipes, selective checkpoints and
     full checkpointing recompute through it and still give plain PyTorch's output and gradients."""
-    spec = UNetSpec.conditioned(text_channels=8, channels=(8, 16), attention_levels=(2,), num_groups=4, head_channels=4,
-                                sample_size=(8, 16, 16), time_embedding_channels=16)
-    model = randomize_(UNet3D(spec), scale=0.1, seed=0)
-    generator = torch.Generator().manual_seed(1)
-    x, t = torch.randn(1, 1, 8, 16, 16, generator=generator), torch.tensor([3.0])
-    conditions = {"text": torch.randn(1, 5, 8, generator=generator),
-                  "cond_images": torch.randn(1, spec.conditioning.image_channels, 8, 16, 16, generator=generator)}
+    model, x, t, conditions = _one_sample_of_8_slices(size=16)
     out_plain, plain = _step(model.set_gradient_checkpointing(selective=False), x, t, conditions)
-    with _CountOneDnnAsIs() as counter:
+    with _CountConvolutions() as counter:
         out, recomputed = _step(model.set_gradient_checkpointing(**switches), x, t, conditions)
-    assert counter.calls > 0
+    assert counter.onednn_as_is > 0
     torch.testing.assert_close(out, out_plain)
     assert recomputed.keys() == plain.keys() and plain
     for name in plain:
