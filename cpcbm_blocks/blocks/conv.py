@@ -118,7 +118,7 @@ def conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_w kd
         return _folded(x, weight, bias, stride, padding)
     if _cpu_kernels(x) and _eager() and _onednn_runs_it_as_is(x, weight, stride, groups):
         return _OneDnnConv3d.apply(x, weight, bias, padding)
-    if _cpu_kernels(x) and _depth_last_reaches_onednn(x, weight, stride, groups):
+    if _cpu_kernels(x) and _depth_last_reaches_onednn(x, weight, groups):
         (sd, sh, sw), (pd, ph, pw) = stride, padding
         y = _conv3d(rearrange(x, "b c d h w -> b c h w d"), rearrange(weight, "o i d h w -> o i h w d"), bias,
                     (sh, sw, sd), (ph, pw, pd), 1)
@@ -281,7 +281,7 @@ def set_weight_grad_method(method: str) -> None:
 def _aten_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, *, stride: tuple[int, int, int],
                       padding: tuple[int, int, int], groups: int) -> Tensor:
     """oneDNN's 3-D weight gradient; for a volume PyTorch would leave to `slow_conv3d`, with depth moved last."""
-    if _cpu_kernels(x) and _depth_last_reaches_onednn(x, weight, stride, groups):
+    if _cpu_kernels(x) and _depth_last_reaches_onednn(x, weight, groups):
         (sd, sh, sw), (pd, ph, pw) = stride, padding
         grad = _aten_weight_grad(rearrange(grad_out, "b c d h w -> b c h w d"), rearrange(x, "b c d h w -> b c h w d"),
                                  rearrange(weight, "o i d h w -> o i h w d"), stride=(sh, sw, sd), padding=(ph, pw, pd),
@@ -452,6 +452,11 @@ def runs_on_onednn(x: Tensor, weight: Tensor, stride: tuple[int, ...], groups: i
     The memory planner models each backend's temporaries by it."""
     if pointwise(weight, stride) and x.shape[0] < 16 and torch.get_num_threads() == 1:
         return False  # a matrix product of PyTorch's own
+    return _sizes_reach_onednn(x, weight, groups)
+
+
+def _sizes_reach_onednn(x: Tensor, weight: Tensor, groups: int) -> bool:
+    """The part of `runs_on_onednn` that reads sizes (and no thread count, which `torch.compile` cannot trace)."""
     return (x.shape[0] > 1 or groups > 1 or math.prod(x.shape[:4]) > SLOW_CONV_LIMIT
             or (weight.shape[-1] > 3 and weight.shape[-2] > 3))
 
@@ -519,11 +524,12 @@ if not torch._C._dispatch_has_kernel_for_dispatch_key(_mkldnn_convolution.defaul
     _ATEN_META.impl("mkldnn_convolution", _mkldnn_convolution_meta, "Meta")
 
 
-def _depth_last_reaches_onednn(x: Tensor, weight: Tensor, stride: tuple[int, ...], groups: int) -> bool:
-    """True when PyTorch would leave this convolution to `slow_conv3d` and would not with depth moved last
-    (its check reads `N*C*D*H`, which becomes `N*C*H*W`). A batch of two or more already runs on oneDNN."""
-    return (not runs_on_onednn(x, weight, stride, groups)
-            and runs_on_onednn(x.movedim(2, -1), weight.movedim(2, -1), stride, groups))
+def _depth_last_reaches_onednn(x: Tensor, weight: Tensor, groups: int) -> bool:
+    """True when the sizes keep this convolution from oneDNN and would not with depth moved last (PyTorch's
+    check reads `N*C*D*H`, which becomes `N*C*H*W`). A batch of two or more already runs on oneDNN. The
+    thread count, which `runs_on_onednn` also reads for pointwise kernels, is the same either way."""
+    return not _sizes_reach_onednn(x, weight, groups) and _sizes_reach_onednn(x.movedim(2, -1), weight.movedim(2, -1),
+                                                                              groups)
 
 
 class Conv3d(nn.Conv3d):

@@ -176,8 +176,8 @@ def test_two_samples_of_a_small_volume_keep_their_layout_pytorch_runs_them_on_on
     x = torch.randn(2, 32, 4, 32, 32).contiguous(memory_format=memory_format)
     conv = Conv3d(32, 8, kernel_size=(3, 3, 3), stride=(2, 2, 2))
     assert conv_module.runs_on_onednn(x, conv.weight, conv.stride, conv.groups)
-    assert not conv_module._depth_last_reaches_onednn(x, conv.weight, conv.stride, conv.groups)
-    assert conv_module._depth_last_reaches_onednn(x[:1], conv.weight, conv.stride, conv.groups)  # one sample would
+    assert not conv_module._depth_last_reaches_onednn(x, conv.weight, conv.groups)
+    assert conv_module._depth_last_reaches_onednn(x[:1], conv.weight, conv.groups)  # one sample would
     with torch.profiler.profile(record_shapes=True) as profile:
         conv(x).sum().backward()
     shapes = [event.input_shapes[1] for event in profile.events() if event.name == "aten::convolution_backward"]
