@@ -1,5 +1,6 @@
 """`UNet3D`: the documented diffusion UNet, run step by step with every transition asserted."""
 
+import contextlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from cpcbm_blocks.errors import InputError, TraceMismatchError
 from cpcbm_blocks.layout import Op, Section, Step, layout
 from cpcbm_blocks.plan import Plan, Transition, check_input_shape, plan
 from cpcbm_blocks.recompute import recompute_memory_bound
-from cpcbm_blocks.rematerialize import can_rematerialize, recomputable, rematerialized_saves
+from cpcbm_blocks.rematerialize import (can_rematerialize, recomputable, recomputable_product, rematerialized_saves,
+                                        rematerializing)
 from cpcbm_blocks.spec import UNetSpec
 
 __all__ = ["UNet3D"]
@@ -63,6 +65,8 @@ class UNet3D(nn.Module):
         self.conditioner = ConditionEncoder(spec) if spec.is_conditioned else None
         self._trace_sink: list[Transition] | None = None
         self._checkpointed: frozenset[int] = frozenset()
+        self._span: frozenset[int] = frozenset()
+        self._remade_outputs: frozenset[int] = frozenset()
         self._checkpoint_conditions = False
         self._selective = True
 
@@ -113,6 +117,7 @@ class UNet3D(nn.Module):
         self._checkpointed = frozenset(position for position, step in enumerate(self.steps)
                                        if (step.section is Section.MID and mid)
                                        or (step.section in (Section.DOWN, Section.UP) and step.group in levels))
+        self._span, self._remade_outputs = _remade_outputs(self.steps, self._checkpointed)
         return self
 
     @property
@@ -211,27 +216,33 @@ class UNet3D(nn.Module):
                 emb = emb * (1 + scale) + shift
 
         h, skips = x, []
-        for position, step in enumerate(self.steps):
-            block = self.blocks[step.module_key]
-            skip = skips.pop() if step.takes_skip else None
-            h_in = h
-            if position in self._checkpointed and torch.is_grad_enabled():
-                if step.op in _REMATERIALIZED and can_rematerialize():
-                    with rematerialized_saves(products=True):
-                        h = _run_step(step, block, h, skip, emb, conditions)
+        # Consecutive checkpointed steps share one rematerialized_saves(products=True), so that an encoder
+        # output which is not a skip can be saved by the next step as its recipe (see `_remade_outputs`).
+        with contextlib.ExitStack() as span:
+            for position, step in enumerate(self.steps):
+                block = self.blocks[step.module_key]
+                skip = skips.pop() if step.takes_skip else None
+                h_in = h
+                if position in self._span and torch.is_grad_enabled() and can_rematerialize():
+                    if not rematerializing():
+                        span.enter_context(rematerialized_saves(products=True))
+                    run = recomputable_product if position in self._remade_outputs else _call
+                    h = run(_run_step, step, block, h, skip, emb, conditions)
                 else:
-                    h = recompute_in_backward(_run_step, step, block, h, skip, emb, conditions, use_reentrant=False)
-            elif selective and step.op in _REMATERIALIZED and can_rematerialize():
-                with rematerialized_saves():
-                    h = _run_step(step, block, h, skip, emb, conditions)
-            elif selective:
-                h = recompute_memory_bound(_run_step, step, block, h, skip, emb, conditions)
-            else:
-                h = _run_step(step, block, h, skip, emb, conditions)
-            if expected is not None:
-                self._observe(expected[position], h_in, skip, h, raise_on_mismatch=checking)
-            if step.gives_skip:
-                skips.append(h)
+                    span.close()
+                    if position in self._checkpointed and torch.is_grad_enabled():
+                        h = recompute_in_backward(_run_step, step, block, h, skip, emb, conditions, use_reentrant=False)
+                    elif selective and step.op in _REMATERIALIZED and can_rematerialize():
+                        with rematerialized_saves():
+                            h = _run_step(step, block, h, skip, emb, conditions)
+                    elif selective:
+                        h = recompute_memory_bound(_run_step, step, block, h, skip, emb, conditions)
+                    else:
+                        h = _run_step(step, block, h, skip, emb, conditions)
+                if expected is not None:
+                    self._observe(expected[position], h_in, skip, h, raise_on_mismatch=checking)
+                if step.gives_skip:
+                    skips.append(h)
         return h
 
     def _observe(self, expected: Transition, h_in: Tensor, skip: Tensor | None, h_out: Tensor, *,
@@ -251,6 +262,35 @@ activations and FiLM maps are saved as recipes and remade one at a time in backw
 holds a convolution output that no backward needs (the second convolution of a residual block, the
 parity outputs of the sub-pixel upsample). Where recipes cannot apply (under autocast) they fall
 back to the selective checkpoint like every other step."""
+
+
+def _remade_outputs(steps: tuple[Step, ...], checkpointed: frozenset[int]) -> tuple[frozenset[int], frozenset[int]]:
+    """The steps that run in shared `rematerialized_saves(products=True)` spans, and those among them
+    whose output is saved by the next step as its recipe (the step itself) rather than held.
+
+    A checkpointed step holds its input. On the way down that input lives until the encoder's own
+    backward, after the whole decoder's: it sits through the peak, which comes in the backward of
+    the first full-resolution decoder blocks. Skips must be held anyway (the decoder reads them),
+    but an encoder output that is not a skip (the stem's, the block before a fusion, a
+    downsampler's) is only the next step's input: remaking it once more in that step's backward
+    (one more forward of the step) frees it for the rest of the step. On the way up an output is
+    released by the next step's backward soon after it is made, so remaking it would cost a
+    forward and rarely lower the peak. An output is remade only where the next step is in the
+    same span (otherwise nothing would save it as a recipe) and the step's own input is not
+    remade, so that one remake never runs a chain of steps. The stem joins level 1's span when its
+    output is remade.
+    """
+    span = {position for position in checkpointed if steps[position].op in _REMATERIALIZED}
+    remade: set[int] = set()
+    for position, step in enumerate(steps[:-1]):
+        if ((position in span or step.op is Op.CONV_IN) and position + 1 in span and step.section is Section.DOWN
+                and not step.gives_skip and position - 1 not in remade):
+            remade.add(position)
+    return frozenset(span | remade), frozenset(remade)
+
+
+def _call(fn, *args):
+    return fn(*args)
 
 
 def _run_step(step: Step, block: nn.Module, h: Tensor, skip: Tensor | None, emb: Tensor,

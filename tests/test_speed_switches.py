@@ -1,5 +1,8 @@
 """The memory and speed switches change time and memory, never the function."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -37,19 +40,23 @@ def test_gradient_checkpointing_gives_the_plain_models_outputs_and_gradients(tin
 
 def test_checkpointed_steps_really_recompute_in_backward(tiny_spec):
     model = _model(tiny_spec).set_gradient_checkpointing(levels=(1, 2))
-    calls = {name: [] for name in ("down1_res1", "down1_res1.conv1", "down1_res1.conv2", "down1_down.conv",
+    calls = {name: [] for name in ("conv_in", "down1_res1", "down1_res1.conv1", "down1_res1.conv2", "down1_down.conv",
                                    "down2_attn1")}
     for name, log in calls.items():
         model.blocks.get_submodule(name).register_forward_pre_hook(lambda *_, log=log: log.append(1))
     model(torch.randn(1, 1, 4, 8, 8), 5).sum().backward()
     # A checkpointed residual block keeps only its inputs (rematerialized_saves(products=True)): in
-    # backward its first convolution runs once more, its second and the downsampler's not at all,
-    # because no backward needs their outputs. Attention runs again as a whole (torch.utils.checkpoint).
+    # backward its first convolution runs once more, its second not at all, because no backward
+    # needs its output. The stem's and the downsampler's outputs are not skips, so the next step
+    # saves them as their recipes and remakes them once in its backward; a residual block that gives
+    # a skip is not remade. Attention runs again as a whole (torch.utils.checkpoint).
     assert {name: len(log) for name, log in calls.items()} == {
-        "down1_res1": 1, "down1_res1.conv1": 2, "down1_res1.conv2": 1, "down1_down.conv": 1, "down2_attn1": 2}
+        "conv_in": 2, "down1_res1": 1, "down1_res1.conv1": 2, "down1_res1.conv2": 1, "down1_down.conv": 2,
+        "down2_attn1": 2}
     with torch.no_grad():
         model(torch.randn(1, 1, 4, 8, 8), 5)
     assert len(calls["down1_res1.conv1"]) == 3 and len(calls["down2_attn1"]) == 3  # no recompute without grad
+    assert len(calls["conv_in"]) == 3 and len(calls["down1_down.conv"]) == 3
 
 
 def test_checkpointing_rejects_levels_that_do_not_exist(tiny_spec):
@@ -128,15 +135,20 @@ def test_compile_fullgraph_has_no_graph_breaks_and_matches_eager(tiny_spec):
     torch._dynamo.reset()
 
 
-def test_checkpointing_a_conditioned_unet_with_its_encoder_gives_the_same_gradients():
+def _small_conditioned():
     from cpcbm_blocks import UNetSpec
     spec = UNetSpec.conditioned(text_channels=8, channels=(8, 16), attention_levels=(2,), num_groups=4, head_channels=4,
                                 sample_size=(4, 8, 8), time_embedding_channels=16)
-    model = _model(spec)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 1, 4, 8, 8, generator=generator)
     conditions = {"text": torch.randn(2, 5, 8, generator=generator),
                   "cond_images": torch.randn(2, spec.conditioning.image_channels, 4, 8, 8, generator=generator)}
+    return spec, x, conditions
+
+
+def test_checkpointing_a_conditioned_unet_with_its_encoder_gives_the_same_gradients():
+    spec, x, conditions = _small_conditioned()
+    model = _model(spec)
 
     def grads():
         model.zero_grad(set_to_none=True)
@@ -151,3 +163,35 @@ def test_checkpointing_a_conditioned_unet_with_its_encoder_gives_the_same_gradie
     assert checkpointed.keys() == plain.keys() and plain
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+def test_a_checkpointed_encoder_holds_its_skips_but_not_its_other_outputs():
+    """The stem's, the pre-fusion block's and the downsamplers' outputs are only the next step's
+    input: under checkpointing that step saves them as recipes, so nothing holds them after the
+    forward. Skips stay held (the decoder reads them)."""
+    spec, x, conditions = _small_conditioned()
+    model = _model(spec).set_gradient_checkpointing(levels=(1, 2), mid=True, conditions=True)
+    remade = {model.steps[p].module_key for p in model._remade_outputs}
+    assert {"conv_in", "down1_res2", "down1_down"} <= remade
+    assert not any(model.steps[p].gives_skip for p in model._remade_outputs)
+    alive: dict[str, list[bool]] = {}
+    handles = []
+    for position, step in enumerate(model.steps):
+        if step.section.value != "down":
+            continue
+
+        def record(module, args, out, key=f"{position}:{step.module_key}"):
+            flag = [True]
+            weakref.finalize(out.untyped_storage(), flag.__setitem__, 0, False)
+            alive[key] = flag
+        handles.append(model.blocks[step.module_key].register_forward_hook(record))
+    out = model(x, torch.tensor([3.0, 700.0]), **conditions)
+    for handle in handles:
+        handle.remove()
+    gc.collect()
+    for position, step in enumerate(model.steps):
+        if step.section.value == "down":
+            held = alive[f"{position}:{step.module_key}"][0]
+            assert held == (position not in model._remade_outputs), (position, step.module_key, held)
+    out.square().mean().backward()  # the remade outputs are made again for it (gradients: the test above)
+
