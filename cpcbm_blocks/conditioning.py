@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from cpcbm_blocks.blocks.cond_image_encoder import CondImageEncoder3D
 from cpcbm_blocks.blocks.fusion_gated import GatedFusion3D
@@ -141,6 +142,19 @@ class ConditionEncoder(nn.Module):
                 raise InputError(f"{name}: expected a tensor on the model's device {like.device}, got one on "
                                  f"{value.device}. Move it with {name}.to({str(like.device)!r}).")
 
+    def encode_checkpointed(self, **conditions: Tensor | None) -> EncodedConditions:
+        """`encode(**conditions)` under gradient checkpointing: it holds only the raw conditions for backward.
+
+        The whole encoding runs under a non-reentrant `torch.utils.checkpoint`, and inside it each
+        full-size block (the image encoder's convolution, residual blocks and downsamplings, the
+        gates) under one more. In backward the outer region runs again holding only each block's
+        input, and each block then runs once more, alone, for its own backward. A single region
+        would hold every tensor the encoding saves, all levels at once: at (1, 1, 8, 256, 256) that
+        transient (13 full-resolution maps of 64 MiB) was the peak of a checkpointed conditioned
+        training step. The price is a third forward of the encoder's blocks.
+        """
+        return checkpoint(self.encode, use_reentrant=False, checkpoint_blocks=True, **conditions)
+
     def forward(self, *, text: Tensor | None = None, text_mask: Tensor | None = None, text_pooled: Tensor | None = None,
                 cond_images: Tensor | None = None, cond_available: Tensor | None = None) -> EncodedConditions:
         """Validate, then encode (see `validate`)."""
@@ -148,13 +162,18 @@ class ConditionEncoder(nn.Module):
                                            cond_images=cond_images, cond_available=cond_available))
 
     def encode(self, *, text: Tensor | None, text_mask: Tensor | None, text_pooled: Tensor | None,
-               cond_images: Tensor | None, cond_available: Tensor | None) -> EncodedConditions:
-        """Encode conditions that `validate` returned."""
+               cond_images: Tensor | None, cond_available: Tensor | None,
+               checkpoint_blocks: bool = False) -> EncodedConditions:
+        """Encode conditions that `validate` returned.
+
+        `checkpoint_blocks=True` runs each full-size block (those of the image encoder, the gates)
+        under `torch.utils.checkpoint`; see `encode_checkpointed`.
+        """
         batch = (text if text is not None else cond_images).shape[0]
         cond = self.spec.conditioning
         features, image_present = None, None
         if cond.has_images:
-            features = self.image_encoder(cond_images, cond_available)
+            features = self.image_encoder(cond_images, cond_available, checkpoint_blocks=checkpoint_blocks)
             image_present = cond_available.any(dim=1)
         tokens = token_mask = pooled = text_present = None
         if cond.has_text:
@@ -178,6 +197,9 @@ class ConditionEncoder(nn.Module):
                     parts.append(image_tokens)
                     masks.append(image_present[:, None].expand(-1, image_tokens.shape[1]))
                 context[key], context_mask[key] = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+            elif key in self.gated and checkpoint_blocks and torch.is_grad_enabled():
+                maps[key] = checkpoint(self.gated[key], pooled, level_features, text_present, image_present,
+                                       use_reentrant=False)
             elif key in self.gated:
                 maps[key] = self.gated[key](pooled, level_features, text_present, image_present)
             elif key in self.text_maps:

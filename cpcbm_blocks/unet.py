@@ -18,8 +18,13 @@ from cpcbm_blocks.errors import InputError, TraceMismatchError
 from cpcbm_blocks.layout import Op, Section, Step, layout
 from cpcbm_blocks.plan import Plan, Transition, check_input_shape, plan
 from cpcbm_blocks.recompute import recompute_memory_bound
-from cpcbm_blocks.rematerialize import (can_rematerialize, recomputable, recomputable_product, rematerialized_saves,
-                                        rematerializing)
+from cpcbm_blocks.rematerialize import (
+    can_rematerialize,
+    recomputable,
+    recomputable_product,
+    rematerialized_saves,
+    rematerializing,
+)
 from cpcbm_blocks.spec import UNetSpec
 
 __all__ = ["UNet3D"]
@@ -201,7 +206,7 @@ class UNet3D(nn.Module):
                 _check_conditions_match(x, batch_size=batch, image_size=image_size,
                                         name="text" if text is not None else "cond_images")
             if self._checkpoint_conditions and torch.is_grad_enabled():
-                conditions = recompute_in_backward(self.conditioner.encode, use_reentrant=False, **raw)
+                conditions = self.conditioner.encode_checkpointed(**raw)
             elif selective:
                 conditions = recompute_memory_bound(self.conditioner.encode, **raw)
             else:

@@ -5,6 +5,7 @@ import weakref
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from cpcbm_blocks import InputError, UNet3D, attention_backend, set_attention_backend, shape_checks
 from cpcbm_blocks.blocks.attention import AttentionBackend, attention, reference_attention
@@ -195,3 +196,33 @@ def test_a_checkpointed_encoder_holds_its_skips_but_not_its_other_outputs():
             assert held == (position not in model._remade_outputs), (position, step.module_key, held)
     out.square().mean().backward()  # the remade outputs are made again for it (gradients: the test above)
 
+
+def test_a_checkpointed_condition_encoder_holds_one_block_at_a_time_in_backward():
+    """One checkpoint around the whole encoding would hold every tensor it saves, all levels at once,
+    when its backward recomputes it; with each block checkpointed inside it, one block's at a time."""
+    from cpcbm_blocks.memory import _Recorder
+    spec, _, conditions = _small_conditioned()
+    encoder = _model(spec).conditioner
+    raw = encoder.validate(**conditions)
+
+    def backward_peak_and_grads(encode):
+        encoder.zero_grad(set_to_none=True)
+        recorder = _Recorder()
+        recorder.exclude([*encoder.parameters(), *(v for v in raw.values() if v is not None)])
+        with recorder:
+            encoded = encode(**raw)
+            loss = sum(m.square().mean() for m in encoded.maps.values())
+            loss = loss + sum(c.square().mean() for c in encoded.context.values())
+            recorder.set_phase("backward")
+            loss.backward()
+        return recorder.peak_by_phase["backward"], {n: p.grad.clone() for n, p in encoder.named_parameters()
+                                                     if p.grad is not None}
+
+    one_region, expected = backward_peak_and_grads(lambda **r: checkpoint(encoder.encode, use_reentrant=False, **r))
+    nested, grads = backward_peak_and_grads(encoder.encode_checkpointed)
+    plain, plain_grads = backward_peak_and_grads(encoder.encode)
+    assert grads.keys() == expected.keys() == plain_grads.keys() and grads
+    for name in expected:
+        torch.testing.assert_close(grads[name], expected[name], msg=name)
+        torch.testing.assert_close(grads[name], plain_grads[name], msg=name)
+    assert nested < 0.8 * one_region, (nested, one_region)

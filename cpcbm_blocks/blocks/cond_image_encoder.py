@@ -3,6 +3,7 @@
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from cpcbm_blocks.blocks.conv import Conv3d
 from cpcbm_blocks.blocks.resblock import ResBlock3D
@@ -55,13 +56,29 @@ class CondImageEncoder3D(nn.Module):
 
     @shape_checked
     def forward(self, images: Float[Tensor, "b {self.image_channels} d h w"],
-                available: Bool[Tensor, "b {self.image_channels}"]) -> tuple[Tensor, ...]:
-        """Feature maps for levels 1..L and the middle, in that order (shapes as in the UNet's plan)."""
+                available: Bool[Tensor, "b {self.image_channels}"], *,
+                checkpoint_blocks: bool = False) -> tuple[Tensor, ...]:
+        """Feature maps for levels 1..L and the middle, in that order (shapes as in the UNet's plan).
+
+        With `checkpoint_blocks=True` (and grad enabled) each block (the input convolution, each
+        residual block, each downsampling) runs under `torch.utils.checkpoint` (non-reentrant), so
+        that a backward holds one block's tensors at a time; `UNet3D` asks for it inside its
+        checkpointed condition encoder.
+        """
+        run = _checkpointed if checkpoint_blocks and torch.is_grad_enabled() else _called
         flags = available.to(images.dtype)[:, :, None, None, None]
-        h = self.conv_in(torch.cat([images * flags, flags.expand_as(images)], dim=1))
+        h = run(self.conv_in, torch.cat([images * flags, flags.expand_as(images)], dim=1))
         features = []
         for res, down in zip(self.res, self.down):
-            h = res(h)
+            h = run(res, h)
             features.append(h)
-            h = down(h)
+            h = run(down, h)
         return (*features, h)
+
+
+def _called(module: nn.Module, *args: Tensor) -> Tensor:
+    return module(*args)
+
+
+def _checkpointed(module: nn.Module, *args: Tensor) -> Tensor:
+    return checkpoint(module, *args, use_reentrant=False)
