@@ -1,6 +1,8 @@
 """`ResBlock3D`: the residual block of the diffusion UNet, with timestep injection."""
 
 import operator
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -101,17 +103,22 @@ class ResBlock3D(nn.Module):
         # (traced graphs keep the general form: their batch size is symbolic)
         one_sample = not torch.fx._symbolic_trace.is_fx_symbolic_tracing() and x.shape[0] == 1
         emb_in_bias = e[0] if additive and one_sample else None
+        # The residual first: autograd runs the nodes made last first, so in backward the main branch
+        # (its remade activations and their gradients) runs before the residual's backward has made the
+        # input gradients, which then do not exist during the main branch's peak.
+        residual = self._residual(parts)
         if len(parts) == 1:
             activated = recomputable(self.act, recomputable(self.norm1, parts[0]))
             h = recomputable_product(self.conv1, activated, shift=emb_in_bias)
         else:
-            activated = [recomputable(self.act, recomputable(F.group_norm, part, groups, weight, bias, self.norm1.eps))
-                         for part, (groups, weight, bias) in zip(parts, self._norm1_slices(parts))]
+            # Normalised and activated inside the product, part by part: remade in backward, one part's
+            # activation exists at a time.
             bias = self.conv1.bias if emb_in_bias is None else self.conv1.bias + emb_in_bias
-            h = recomputable_product(_conv_over_parts, activated, self.conv1.weight, bias)
+            h = recomputable_product(_conv_over_parts, parts, self.conv1.weight, bias,
+                                     prepare=partial(self._activated_part, self._norm1_slices(parts)))
         if e is None:
             h = recomputable(self.act, recomputable(self.norm2, h))
-            return self._residual(parts) + self.conv2(self.dropout(h))
+            return residual + self.conv2(self.dropout(h))
         if self.timestep_injection is TimestepInjection.SCALE_SHIFT:
             scale, shift = e[:, :, None, None, None].chunk(2, dim=1)
             h = recomputable(_scale_shift, recomputable(self.norm2, h), scale, shift)
@@ -120,7 +127,7 @@ class ResBlock3D(nn.Module):
         else:
             h = recomputable(self.norm2, h)  # W e is in h already
         h = self.conv2(self.dropout(recomputable(self.act, h)))
-        return self._residual(parts) + h
+        return residual + h
 
     def _input_parts(self, x: Tensor, skip: Tensor | None) -> list[Tensor]:
         """`[x]`, or `[x, skip]` where the norm's groups allow running them apart, else their concatenation."""
@@ -154,6 +161,11 @@ class ResBlock3D(nn.Module):
             start = stop
         return slices
 
+    def _activated_part(self, norm_slices: list[tuple[int, Tensor, Tensor]], index: int, part: Tensor) -> Tensor:
+        """SiLU(GroupNorm_1(part)) with the part's groups and slices of the norm's affine parameters."""
+        groups, weight, bias = norm_slices[index]
+        return recomputable(self.act, recomputable(F.group_norm, part, groups, weight, bias, self.norm1.eps))
+
     def _residual(self, parts: list[Tensor]) -> Tensor:
         if len(parts) == 1:
             return self.skip(parts[0])
@@ -161,12 +173,16 @@ class ResBlock3D(nn.Module):
 
 
 def _conv_over_parts(parts: list[Float[Tensor, "b _ d h w"]], weight: Float[Tensor, "c_out c_in kd kh kw"],
-                    bias: Tensor | None) -> Float[Tensor, "b c_out d h w"]:
+                     bias: Tensor | None, *, prepare: Callable[[int, Tensor], Tensor] | None = None
+                     ) -> Float[Tensor, "b c_out d h w"]:
     """`conv3d(torch.cat(parts, dim=1), weight, bias)` as a sum of one convolution per part with its slice of
-    `weight`'s input channels: the concatenation is never made."""
+    `weight`'s input channels: the concatenation is never made. With `prepare`, part `i` is first
+    replaced by `prepare(i, part)` (its norm and activation), one part at a time."""
     out, start = None, 0
-    for part in parts:
+    for index, part in enumerate(parts):
         stop = start + part.shape[1]
+        if prepare is not None:
+            part = prepare(index, part)
         term = conv3d(part, weight[:, start:stop], bias if out is None else None)
         if out is None:
             out = term

@@ -10,6 +10,7 @@ from torch.utils._pytree import tree_leaves
 
 from cpcbm_blocks import ResBlock3D, ShapeContractError, TimestepInjection
 from cpcbm_blocks.blocks import resblock as resblock_module
+from cpcbm_blocks.memory import _Recorder
 from cpcbm_blocks.rematerialize import rematerialized_saves
 
 from ..conftest import randomize_
@@ -135,6 +136,29 @@ def test_a_skip_given_apart_equals_the_concatenation_and_the_concatenation_is_ne
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()))
     concatenated = (2, 12, 4, 5, 6)
     assert concatenated in shapes_joined and concatenated not in shapes_apart
+
+
+@pytest.mark.usefixtures("apart_at_any_size")
+@pytest.mark.parametrize("products", [False, True])
+def test_a_decoder_blocks_backward_remakes_one_parts_activation_at_a_time(products):
+    """Live tensors in backward, counted in part-sized units (x and skip are one each and not counted).
+
+    At most 7: the output and its gradient, conv1's remade output, one remade activation and the
+    gradients on their way. Before, both parts' activations were remade together for conv1's
+    output, and the residual's backward made x's and skip's gradients before the main branch ran: 9."""
+    block = randomize_(_block(in_channels=16, out_channels=8, emb_channels=6))
+    x, skip = torch.randn(1, 8, 4, 16, 16, requires_grad=True), torch.randn(1, 8, 4, 16, 16, requires_grad=True)
+    emb = torch.randn(1, 6)
+    recorder = _Recorder()
+    recorder.exclude([*block.parameters(), x, skip, emb])
+    with recorder:
+        with rematerialized_saves(products=products):
+            out = block(x, emb, skip=skip)
+        gradient = torch.ones_like(out)
+        recorder.set_phase("backward")
+        out.backward(gradient)
+    part_bytes = x.numel() * x.element_size()
+    assert recorder.peak_by_phase["backward"] <= 7.1 * part_bytes, recorder.peak_by_phase["backward"] / part_bytes
 
 
 @pytest.mark.usefixtures("apart_at_any_size")
