@@ -83,3 +83,12 @@ def tiny_spec() -> UNetSpec:
     return UNetSpec(levels=(LevelSpec(channels=8, stride=(2, 2, 2)),
                             LevelSpec(channels=16, attention=True, stride=(1, 2, 2), kernel_size=(1, 3, 3))),
                     mid=MidSpec(kernel_size=(1, 3, 3)), num_groups=4, head_channels=4, time_embedding_channels=16)
+
+
+@pytest.fixture
+def one_weight_gradient_form(monkeypatch):
+    """oneDNN's 3-D weight gradient everywhere: what a backward holds then does not depend on which form an
+    earlier test measured fastest (`set_weight_grad_method("auto")` times them once per problem)."""
+    from cpcbm_blocks.blocks import conv
+
+    monkeypatch.setattr(conv, "_weight_grad_method", "aten")

@@ -8,6 +8,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from cpcbm_blocks.blocks.conv import Conv3d, conv3d
+from cpcbm_blocks.blocks.gated_residual import gated_residual
 from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.rematerialize import recomputable, recomputable_product
 
@@ -88,6 +89,18 @@ class DynamicConvFusion3D(nn.Module):
         # the modulated u are remade one at a time when backward needs them; with `products=True`
         # (a checkpointed level) u is a recipe too, run once in backward.
         u = recomputable_product(self.dynamic_conv, recomputable(self.norm, x), self.routing(condition))
-        gamma, beta = recomputable(self.film, condition).chunk(2, dim=1)
-        u = recomputable(torch.addcmul, beta, u, recomputable(torch.add, gamma, 1))  # u (1 + γ) + β
-        return torch.addcmul(x, torch.tanh(self.gate)[None, :, None, None, None], u)
+        # γ and β as two recipes (the halves of the FiLM convolution): the backward of the modulation
+        # needs γ alone, so only γ is remade for it, and their gradients are never one 2C-channel tensor.
+        gamma, beta = (recomputable(self._film_half, condition, half) for half in (0, 1))
+        return gated_residual(x, self.gate, recomputable(_modulate, u, gamma, beta))
+
+    def _film_half(self, condition: Tensor, half: int) -> Tensor:
+        """γ (`half=0`) or β (`half=1`): the 1x1x1 FiLM convolution with its half of the output channels."""
+        channels = slice(half * self.channels, (half + 1) * self.channels)
+        return conv3d(condition, self.film.weight[channels], self.film.bias[channels])
+
+
+def _modulate(u: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """`u (1 + γ) + β`, as `u γ + β + u`: no `1 + γ` tensor, in forward or when remade. Not `addcmul`, whose
+    backward first scales each factor by its `value` (a full-size copy per factor, even for 1)."""
+    return torch.mul(u, gamma).add_(beta).add_(u)

@@ -10,6 +10,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from cpcbm_blocks.blocks.conv import Conv3d
+from cpcbm_blocks.blocks.gated_residual import gated_residual
 from cpcbm_blocks.contracts import shape_checked
 
 __all__ = ["GatedFusion3D", "GatedInjection3D"]
@@ -93,4 +94,4 @@ class GatedInjection3D(nn.Module):
     @shape_checked
     def forward(self, x: Float[Tensor, "b {self.channels} d h w"], condition: Float[Tensor, "b {self.channels} d h w"]
                 ) -> Float[Tensor, "b {self.channels} d h w"]:
-        return x + torch.tanh(self.gate)[None, :, None, None, None] * self.proj(condition)
+        return gated_residual(x, self.gate, self.proj(condition))

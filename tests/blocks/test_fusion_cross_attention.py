@@ -1,6 +1,5 @@
 import pytest
 import torch
-from einops import rearrange
 
 from cpcbm_blocks import CrossAttentionFusion3D, ShapeContractError
 

@@ -5,6 +5,8 @@ from hypothesis import strategies as st
 
 from cpcbm_blocks import DynamicConvFusion3D, ShapeContractError
 from cpcbm_blocks.blocks.fusion_dynamic_conv import naive_dynamic_conv
+from cpcbm_blocks.memory import _Recorder
+from cpcbm_blocks.rematerialize import rematerialized_saves
 
 from ..conftest import randomize_
 
@@ -53,6 +55,45 @@ def test_the_forward_matches_the_formula_with_film_and_gate():
     gamma, beta = block.film(c).chunk(2, dim=1)
     expected = x + torch.tanh(block.gate)[None, :, None, None, None] * (u * (1 + gamma) + beta)
     torch.testing.assert_close(block(x, c), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("saves", [None, "recipes", "products"])
+def test_the_gradients_are_those_of_the_formula(saves):
+    block = randomize_(_block(), scale=0.2).double()
+    x = torch.randn(2, 8, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(2, 8, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def formula():
+        alpha = torch.softmax(block.router(c.mean(dim=(2, 3, 4))), dim=-1)
+        u = naive_dynamic_conv(block.norm(x), block.experts, block.expert_bias, alpha)
+        gamma, beta = block.film(c).chunk(2, dim=1)
+        return x + torch.tanh(block.gate)[None, :, None, None, None] * (u * (1 + gamma) + beta)
+
+    inputs = [x, c, *block.parameters()]
+    weights = torch.randn(2, 8, 2, 4, 4, dtype=torch.float64)
+    expected = torch.autograd.grad((formula() * weights).sum(), inputs)
+    with rematerialized_saves(products=saves == "products") if saves else torch.enable_grad():
+        out = block(x, c)
+    for got, want in zip(torch.autograd.grad((out * weights).sum(), inputs), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.usefixtures("one_weight_gradient_form")
+def test_its_backward_holds_at_most_seven_full_size_tensors_when_checkpointed():
+    """Counted in units of x's size (x and the condition are not counted). Before: 8.2, because
+    `addcmul`'s backward scales each factor by its `value` into a full-size copy, the FiLM maps were
+    one 2C-channel tensor remade whole for γ alone, and the gate's gradient was a full-size product."""
+    block = randomize_(_block(), scale=0.2)
+    x, c = torch.randn(1, 8, 4, 16, 16, requires_grad=True), torch.randn(1, 8, 4, 16, 16, requires_grad=True)
+    recorder = _Recorder()
+    recorder.exclude([*block.parameters(), x, c])
+    with recorder:
+        with rematerialized_saves(products=True):
+            out = block(x, c)
+        gradient = torch.ones_like(out)
+        recorder.set_phase("backward")
+        out.backward(gradient)
+    assert recorder.peak_by_phase["backward"] <= 7.3 * x.numel() * x.element_size()
 
 
 def test_the_router_is_a_distribution_sharpened_by_a_lower_temperature():

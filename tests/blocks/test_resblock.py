@@ -139,6 +139,7 @@ def test_a_skip_given_apart_equals_the_concatenation_and_the_concatenation_is_ne
 
 
 @pytest.mark.usefixtures("apart_at_any_size")
+@pytest.mark.usefixtures("one_weight_gradient_form")
 @pytest.mark.parametrize("products", [False, True])
 def test_a_decoder_blocks_backward_remakes_one_parts_activation_at_a_time(products):
     """Live tensors in backward, counted in part-sized units (x and skip are one each and not counted).
