@@ -275,21 +275,24 @@ def _remade_outputs(steps: tuple[Step, ...], checkpointed: frozenset[int]) -> tu
 
     A checkpointed step holds its input. On the way down that input lives until the encoder's own
     backward, after the whole decoder's: it sits through the peak, which comes in the backward of
-    the first full-resolution decoder blocks. Skips must be held anyway (the decoder reads them),
-    but an encoder output that is not a skip (the stem's, the block before a fusion, a
-    downsampler's) is only the next step's input: remaking it once more in that step's backward
-    (one more forward of the step) frees it for the rest of the step. On the way up an output is
-    released by the next step's backward soon after it is made, so remaking it would cost a
-    forward and rarely lower the peak. An output is remade only where the next step is in the
-    same span (otherwise nothing would save it as a recipe) and the step's own input is not
-    remade, so that one remake never runs a chain of steps. The stem joins level 1's span when its
-    output is remade.
+    the full-resolution decoder blocks. Skips must be held anyway (the decoder reads them), but an
+    encoder output that is not a skip (the stem's, the block before a fusion, a downsampler's) is
+    only the next step's input: the next step remakes it in its own backward (one more forward of
+    the step) instead of holding it through the decoder. On the way up, an upsampler's output is
+    held through the backward of every later step of its level, and it is cheap to make (one
+    convolution at the coarser level): it is remade too. Other decoder outputs are released by the
+    next step's backward soon after they are made, so remaking them would cost a whole block's
+    forward and rarely lower the peak. An output is remade only where the next step is in the same
+    span (otherwise nothing would save it as a recipe) and the step's own input is not remade, so
+    that one remake never runs a chain of steps. The stem joins level 1's span when its output is
+    remade.
     """
     span = {position for position in checkpointed if steps[position].op in _REMATERIALIZED}
     remade: set[int] = set()
     for position, step in enumerate(steps[:-1]):
-        if ((position in span or step.op is Op.CONV_IN) and position + 1 in span and step.section is Section.DOWN
-                and not step.gives_skip and position - 1 not in remade):
+        encoder_only_input = step.section is Section.DOWN and not step.gives_skip
+        if ((position in span or step.op is Op.CONV_IN) and position + 1 in span
+                and (encoder_only_input or step.op is Op.UP) and position - 1 not in remade):
             remade.add(position)
     return frozenset(span | remade), frozenset(remade)
 

@@ -42,18 +42,19 @@ def test_gradient_checkpointing_gives_the_plain_models_outputs_and_gradients(tin
 def test_checkpointed_steps_really_recompute_in_backward(tiny_spec):
     model = _model(tiny_spec).set_gradient_checkpointing(levels=(1, 2))
     calls = {name: [] for name in ("conv_in", "down1_res1", "down1_res1.conv1", "down1_res1.conv2", "down1_down.conv",
-                                   "down2_attn1")}
+                                   "down2_attn1", "up1_up")}
     for name, log in calls.items():
         model.blocks.get_submodule(name).register_forward_pre_hook(lambda *_, log=log: log.append(1))
     model(torch.randn(1, 1, 4, 8, 8), 5).sum().backward()
     # A checkpointed residual block keeps only its inputs (rematerialized_saves(products=True)): in
     # backward its first convolution runs once more, its second not at all, because no backward
-    # needs its output. The stem's and the downsampler's outputs are not skips, so the next step
-    # saves them as their recipes and remakes them once in its backward; a residual block that gives
-    # a skip is not remade. Attention runs again as a whole (torch.utils.checkpoint).
+    # needs its output. The stem's and the downsampler's outputs are not skips, and the upsampler's is
+    # cheap to make, so the next step saves them as their recipes and remakes them once in its
+    # backward; a residual block that gives a skip is not remade. Attention runs again as a whole
+    # (torch.utils.checkpoint).
     assert {name: len(log) for name, log in calls.items()} == {
         "conv_in": 2, "down1_res1": 1, "down1_res1.conv1": 2, "down1_res1.conv2": 1, "down1_down.conv": 2,
-        "down2_attn1": 2}
+        "down2_attn1": 2, "up1_up": 2}
     with torch.no_grad():
         model(torch.randn(1, 1, 4, 8, 8), 5)
     assert len(calls["down1_res1.conv1"]) == 3 and len(calls["down2_attn1"]) == 3  # no recompute without grad
@@ -166,19 +167,19 @@ def test_checkpointing_a_conditioned_unet_with_its_encoder_gives_the_same_gradie
         torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
 
 
-def test_a_checkpointed_encoder_holds_its_skips_but_not_its_other_outputs():
-    """The stem's, the pre-fusion block's and the downsamplers' outputs are only the next step's
-    input: under checkpointing that step saves them as recipes, so nothing holds them after the
-    forward. Skips stay held (the decoder reads them)."""
+def test_checkpointing_holds_skips_but_not_outputs_that_are_only_the_next_steps_input():
+    """The stem's, the pre-fusion block's, the downsamplers' and the upsamplers' outputs are only the
+    next step's input: under checkpointing that step saves them as recipes, so nothing holds them
+    after the forward. Skips stay held (the decoder reads them)."""
     spec, x, conditions = _small_conditioned()
     model = _model(spec).set_gradient_checkpointing(levels=(1, 2), mid=True, conditions=True)
     remade = {model.steps[p].module_key for p in model._remade_outputs}
-    assert {"conv_in", "down1_res2", "down1_down"} <= remade
+    assert {"conv_in", "down1_res2", "down1_down", "up1_up", "up2_up"} <= remade
     assert not any(model.steps[p].gives_skip for p in model._remade_outputs)
     alive: dict[str, list[bool]] = {}
     handles = []
     for position, step in enumerate(model.steps):
-        if step.section.value != "down":
+        if step.section.value != "down" and step.op.value != "up":
             continue
 
         def record(module, args, out, key=f"{position}:{step.module_key}"):
@@ -191,7 +192,7 @@ def test_a_checkpointed_encoder_holds_its_skips_but_not_its_other_outputs():
         handle.remove()
     gc.collect()
     for position, step in enumerate(model.steps):
-        if step.section.value == "down":
+        if step.section.value == "down" or step.op.value == "up":
             held = alive[f"{position}:{step.module_key}"][0]
             assert held == (position not in model._remade_outputs), (position, step.module_key, held)
     out.square().mean().backward()  # the remade outputs are made again for it (gradients: the test above)
