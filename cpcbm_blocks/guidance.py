@@ -88,7 +88,6 @@ def guidance_conditions(model, *, text: Tensor | None = None, text_mask: Tensor 
     def three(value: Tensor | None) -> Tensor | None:
         return None if value is None else torch.cat([value, value, value])
 
-    batch = (text if text is not None else cond_images).shape[0]
     if cond.has_text and text is not None and text_mask is None:
         text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
     if cond.has_images and cond_images is not None and cond_available is None:
