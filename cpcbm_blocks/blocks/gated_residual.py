@@ -20,18 +20,18 @@ from torch import Tensor
 __all__ = ["gated_residual", "per_channel_dot"]
 
 
-def gated_residual(x: Float[Tensor, "b c *spatial"], gate: Float[Tensor, " c"], u: Float[Tensor, "b c *spatial"]
-                   ) -> Float[Tensor, "b c *spatial"]:
-    """`x + tanh(gate)[None, :, None, ...] * u`, with a backward that makes no full-size product for the gate."""
+def gated_residual(x: Float[Tensor, "b c d h w"], gate: Float[Tensor, " c"], u: Float[Tensor, "b c d h w"]
+                   ) -> Float[Tensor, "b c d h w"]:
+    """`x + tanh(gate)[None, :, None, None, None] * u`, with a backward that makes no full-size product for the gate."""
     scale = torch.tanh(gate)
     if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
             or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or not x.dtype == u.dtype == scale.dtype):
-        return x + _per_channel(scale, u.ndim) * u
+        return x + _per_channel(scale) * u
     return _GatedResidual.apply(x, scale, u)
 
 
-def _per_channel(scale: Tensor, ndim: int) -> Tensor:
-    return scale.view(1, -1, *([1] * (ndim - 2)))
+def _per_channel(scale: Tensor) -> Tensor:
+    return scale[None, :, None, None, None]  # no size read: fx tracing (block diagrams) sees symbolic ones
 
 
 def per_channel_dot(a: Float[Tensor, "b c *spatial"], b: Float[Tensor, "b c *spatial"]) -> Float[Tensor, " c"]:
@@ -48,12 +48,12 @@ class _GatedResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, u: Tensor) -> Tensor:
         ctx.save_for_backward(scale, u if ctx.needs_input_grad[1] else None)  # u only for the gate's gradient
-        return torch.addcmul(x, _per_channel(scale, u.ndim), u)
+        return torch.addcmul(x, _per_channel(scale), u)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         scale, u = ctx.saved_tensors
         grad_scale = per_channel_dot(grad, u) if ctx.needs_input_grad[1] else None
         del u  # a remade u goes before u's gradient is made
-        grad_u = grad * _per_channel(scale, grad.ndim) if ctx.needs_input_grad[2] else None
+        grad_u = grad * _per_channel(scale) if ctx.needs_input_grad[2] else None
         return grad if ctx.needs_input_grad[0] else None, grad_scale, grad_u
