@@ -90,8 +90,13 @@ class UNet3D(nn.Module):
         fewer FLOPs; under autocast they fall back to `torch.utils.checkpoint`. Gradients are the same
         as without checkpointing (tested). A residual block takes its skip apart
         ([`ResBlock3D`][cpcbm_blocks.ResBlock3D]`(..., skip=)`), so at the large levels (from
-        `SKIP_APART_MIN_BYTES`) no concatenation is made, in forward or in backward. With `conditions=True` the
-        condition encoder is checkpointed too (it keeps only its encoded outputs). Levels are numbered
+        `SKIP_APART_MIN_BYTES`) no concatenation is made, in forward or in backward. Consecutive checkpointed
+        steps share one `rematerialized_saves(products=True)`, so an output that is only the next step's
+        input (the stem's, a downsampler's, an upsampler's, the block before a fusion on the way down) is
+        not held either: the next step remakes it in its own backward (see `_remade_outputs`). With
+        `conditions=True` the condition encoder is checkpointed too
+        ([`encode_checkpointed`][cpcbm_blocks.conditioning.ConditionEncoder.encode_checkpointed]: it keeps
+        only the raw conditions, and its backward remakes one block at a time). Levels are numbered
         from 1 (shallowest); `levels=()`, `mid=False` and `conditions=False` switch it off. Only training (grad
         enabled) is affected. The setting lives on the module, not in the spec: it changes memory and
         time, never the function. Returns the model.
