@@ -54,3 +54,8 @@ def test_guidance_needs_the_three_branches():
     with pytest.raises(InputError, match="three guidance branches"):
         guided_prediction(model, torch.randn(2, 1, 4, 16, 16), 5, model.encode_conditions(**inputs()),
                           image_scale=1, text_scale=1)
+
+
+def test_guidance_conditions_without_any_condition_raise_our_error_naming_the_argument():
+    with pytest.raises(InputError, match="text: expected token embeddings"):
+        guidance_conditions(UNet3D(small_conditioned()))
