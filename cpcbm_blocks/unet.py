@@ -93,7 +93,7 @@ class UNet3D(nn.Module):
         `SKIP_APART_MIN_BYTES`) no concatenation is made, in forward or in backward. Consecutive checkpointed
         steps share one `rematerialized_saves(products=True)`, so an output that is only the next step's
         input (the stem's, a downsampler's, an upsampler's, the block before a fusion on the way down) is
-        not held either: the next step remakes it in its own backward (see `_remade_outputs`). With
+        not held either: the next step remakes it in its own backward. With
         `conditions=True` the condition encoder is checkpointed too
         ([`encode_checkpointed`][cpcbm_blocks.conditioning.ConditionEncoder.encode_checkpointed]: it keeps
         only the raw conditions, and its backward remakes one block at a time). Levels are numbered
@@ -127,7 +127,7 @@ class UNet3D(nn.Module):
         self._checkpointed = frozenset(position for position, step in enumerate(self.steps)
                                        if (step.section is Section.MID and mid)
                                        or (step.section in (Section.DOWN, Section.UP) and step.group in levels))
-        self._span, self._remade_outputs = _remade_outputs(self.steps, self._checkpointed)
+        self._span, self._remade_outputs = _spans_and_remade_outputs(self.steps, self._checkpointed)
         return self
 
     @property
@@ -227,7 +227,7 @@ class UNet3D(nn.Module):
 
         h, skips = x, []
         # Consecutive checkpointed steps share one rematerialized_saves(products=True), so that an encoder
-        # output which is not a skip can be saved by the next step as its recipe (see `_remade_outputs`).
+        # output which is not a skip can be saved by the next step as its recipe (see `_spans_and_remade_outputs`).
         with contextlib.ExitStack() as span:
             for position, step in enumerate(self.steps):
                 block = self.blocks[step.module_key]
@@ -274,7 +274,8 @@ parity outputs of the sub-pixel upsample). Where recipes cannot apply (under aut
 back to the selective checkpoint like every other step."""
 
 
-def _remade_outputs(steps: tuple[Step, ...], checkpointed: frozenset[int]) -> tuple[frozenset[int], frozenset[int]]:
+def _spans_and_remade_outputs(steps: tuple[Step, ...], checkpointed: frozenset[int]
+                              ) -> tuple[frozenset[int], frozenset[int]]:
     """The steps that run in shared `rematerialized_saves(products=True)` spans, and those among them
     whose output is saved by the next step as its recipe (the step itself) rather than held.
 
