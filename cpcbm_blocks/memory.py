@@ -161,7 +161,29 @@ class MemoryPlan:
     backward_flops: int
     peak_bytes: int
     """Predicted peak of a steady-state training step (Adam state included)."""
+    peak_phase: str
+    """Where the peak is reached: `"forward"`, `"backward"` or `"optimizer"` (Adam's update)."""
+    peak_step: int | None
+    """The index into `steps` of the step whose forward (or, in backward, whose autograd nodes) runs at
+    the peak; None before the first step (timestep embedding, condition encoder), at the loss, or in
+    the optimizer."""
+    peak_operator: str
+    """The aten operator running at the peak, e.g. `convolution_backward.default`."""
+    peak_scratch_bytes: int
+    """oneDNN's blocked copies inside that operator, on top of the live tensors (CPU plans only)."""
     planning_seconds: float
+
+    @property
+    def peak_at(self) -> str:
+        """Where the peak is reached, in words: phase, step, operator and oneDNN's share."""
+        if self.peak_phase == "optimizer":
+            return "in Adam's update"
+        if self.peak_step is None:
+            where = "before the first step (timestep embedding, condition encoder) or at the loss"
+        else:
+            where = f"of step {self.peak_step + 1} ({self.steps[self.peak_step].step.describe()})"
+        copies = f", {_mib(self.peak_scratch_bytes):.0f} MiB of it oneDNN's blocked copies" if self.peak_scratch_bytes else ""
+        return f"in the {self.peak_phase} {where}, at {self.peak_operator}{copies}"
 
     @property
     def saved_bytes(self) -> int:
@@ -246,7 +268,7 @@ class MemoryPlan:
             "gradient_bytes": self.gradient_bytes, "optimizer_bytes": self.optimizer_bytes,
             "input_bytes": self.input_bytes, "saved_bytes": self.saved_bytes,
             "attention_score_bytes": self.attention_score_bytes, "forward_flops": self.forward_flops,
-            "backward_flops": self.backward_flops, "peak_bytes": self.peak_bytes,
+            "backward_flops": self.backward_flops, "peak_bytes": self.peak_bytes, "peak_at": self.peak_at,
             "dominant_level": self.dominant_level(), "levels": self.by_level(),
             "planning_seconds": round(self.planning_seconds, 3),
             "steps": [{"where": s.step.describe(), "transition": s.transition.render(), "module": s.step.module_key,
@@ -278,6 +300,7 @@ class MemoryPlan:
         lines.append(f"predicted peak    {self.peak_bytes / 2**30:.3f} GiB for a training step with Adam "
                      f"on {self.device} "
                      f"({counted}; no allocator cache)")
+        lines.append(f"peak reached      {self.peak_at}")
         return "\n".join(lines)
 
 
@@ -413,7 +436,10 @@ class _Recorder(TorchDispatchMode):
         self.live: dict[int, tuple[int, int, str]] = {}  # storage id -> (bytes, owner, phase)
         self.live_bytes = 0
         self.excluded: set[int] = set()
+        self.operator = "(start)"  # the operator running, for `peak_where`
         self.peak_by_phase: dict[str, int] = {}
+        # phase -> (owner, operator, bytes of oneDNN's blocked copies): where that phase's peak was reached
+        self.peak_where: dict[str, tuple[int, str, int]] = {}
         self.phase = "forward"
         self.flops: dict[tuple[str, int], int] = {}
         self.score_bytes: dict[int, int] = {}
@@ -432,14 +458,21 @@ class _Recorder(TorchDispatchMode):
         if formula is not None:
             key = (self.phase, self.owner)
             self.flops[key] = self.flops.get(key, 0) + formula(*args, **kwargs, out_val=out)
+        self.operator = func.__name__
         for tensor in tree_leaves(out):
             if isinstance(tensor, Tensor):
                 self._track(tensor)
         if self.onednn_scratch:  # freed inside the operator: only the peak sees it
             scratch = onednn_scratch_bytes(func, args, out)
             if scratch:
-                self.peak_by_phase[self.phase] = max(self.peak_by_phase.get(self.phase, 0), self.live_bytes + scratch)
+                self._reach(self.live_bytes + scratch, scratch)
         return out
+
+    def _reach(self, live_bytes: int, scratch: int = 0) -> None:
+        """Raise the current phase's peak to `live_bytes` if higher, remembering where it was reached."""
+        if live_bytes > self.peak_by_phase.get(self.phase, -1):
+            self.peak_by_phase[self.phase] = live_bytes
+            self.peak_where[self.phase] = (self.owner, self.operator, scratch)
 
     def set_owner(self, owner: int) -> None:
         """The forward of `owner` starts: what it creates, and the autograd nodes it records, are its."""
@@ -472,7 +505,7 @@ class _Recorder(TorchDispatchMode):
         nbytes = storage.nbytes()
         self.live[key] = (nbytes, self.owner, self.phase)
         self.live_bytes += nbytes
-        self.peak_by_phase[self.phase] = max(self.peak_by_phase.get(self.phase, 0), self.live_bytes)
+        self._reach(self.live_bytes)
         weakref.finalize(storage, self._release, key)
         scores = self.score_shapes.get(self.owner)
         if (scores is not None and self.phase == "forward" and tensor.ndim >= 3
@@ -484,8 +517,8 @@ class _Recorder(TorchDispatchMode):
         self.live_bytes -= nbytes
 
     def set_phase(self, phase: str) -> None:
-        self.phase = phase
-        self.peak_by_phase[phase] = max(self.peak_by_phase.get(phase, 0), self.live_bytes)
+        self.phase, self.operator = phase, "(start)"
+        self._reach(self.live_bytes)
 
 
 def _owner_hooks(model, recorder: _Recorder) -> list:
@@ -618,6 +651,12 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
             handle.remove()
     # CPU step counters of Adam are a few bytes; the meta state tensors are the moments.
     peak = parameter_bytes + input_bytes + max(before_update + optimizer_bytes, during_update)
+    if before_update + optimizer_bytes >= during_update:
+        peak_phase = max((phase for phase in recorder.peak_by_phase if phase != "optimizer"),
+                         key=recorder.peak_by_phase.__getitem__)
+    else:
+        peak_phase = "optimizer"
+    peak_owner, peak_operator, peak_scratch = recorder.peak_where[peak_phase]
 
     params_by_key = {key: sum(p.numel() for p in module.parameters()) for key, module in model.blocks.items()}
     seen: set[str] = set()
@@ -643,5 +682,7 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
         parameter_bytes=parameter_bytes, gradient_bytes=gradient_bytes, optimizer_bytes=optimizer_bytes,
         input_bytes=input_bytes, embedding_saved_bytes=saved_by_owner.get(_BEFORE, 0),
         embedding_forward_flops=recorder.flops.get(("forward", _BEFORE), 0),
-        forward_flops=forward_flops, backward_flops=backward_flops, peak_bytes=peak,
+        forward_flops=forward_flops, backward_flops=backward_flops, peak_bytes=peak, peak_phase=peak_phase,
+        peak_step=peak_owner if 0 <= peak_owner < len(costs) and peak_phase != "optimizer" else None,
+        peak_operator=peak_operator, peak_scratch_bytes=peak_scratch,
         planning_seconds=time.perf_counter() - started)

@@ -11,6 +11,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from cpcbm_blocks import InputError, LevelSpec, MidSpec, UNet3D, UNetSpec, attention_backend, shape_checks
+from cpcbm_blocks.layout import Section
 from cpcbm_blocks.measure import held_for_backward, malloc_bytes_in_use, peak_rss_bytes
 from cpcbm_blocks.memory import (CPU_ATTENTION_FLOP_FORMULAS, DEVICES, MemoryPlan, _conditions, memory_plan,
                                  onednn_scratch_bytes)
@@ -230,6 +231,28 @@ def test_the_batch_search_is_exact_when_memory_does_not_grow_linearly(tiny_spec,
 def test_the_dominant_level_of_the_default_is_the_full_resolution_one(default_plan):
     assert default_plan.dominant_level() == "level 1"
     assert "dominant level: level 1" in default_plan.render()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_plan_says_where_its_peak_is_reached(device):
+    # Checkpointed and conditioned at full size: the peak is in the backward of a full-resolution decoder
+    # block, at a convolution's backward, where on CPU oneDNN's blocked copies of its operands add to it.
+    plan = memory_plan(UNetSpec.conditioned(), (1, 1, 8, 256, 256), device=device, checkpoint_levels=(1, 2, 3, 4),
+                       checkpoint_mid=True, checkpoint_conditions=True)
+    step = plan.steps[plan.peak_step].step
+    assert plan.peak_phase == "backward" and step.section is Section.UP and step.group == 1
+    assert plan.peak_operator.startswith("convolution_backward")
+    assert (plan.peak_scratch_bytes > 0) == (device == "cpu")
+    assert f"of step {plan.peak_step + 1} ({step.describe()})" in plan.peak_at
+    assert f"peak reached      {plan.peak_at}" in plan.render() and plan.to_dict()["peak_at"] == plan.peak_at
+
+
+def test_a_small_volume_peaks_in_the_adam_update():
+    # At 64x64 the default's activations are small beside three copies of its parameters (Adam's moments
+    # and the gradients): the update, which makes foreach temporaries of parameter size, is the peak.
+    plan = memory_plan(UNetSpec.default(), (1, 1, 8, 64, 64))
+    assert plan.peak_phase == "optimizer" and plan.peak_step is None and plan.peak_scratch_bytes == 0
+    assert plan.peak_at == "in Adam's update"
 
 
 def test_bad_arguments_are_rejected_with_what_to_do():
