@@ -26,6 +26,10 @@ Rules, as autograd's own saved tensors follow them:
 
 * A recipe must be deterministic (no dropout) and its held arguments must not be modified in
   place afterwards; a changed version counter raises `RuntimeError` when the recipe runs.
+* A custom autograd `Function` takes part through `SavedApart(t)` instead of
+  `ctx.save_for_backward(t)`: each such tensor is remade when the backward unpacks it, so the
+  backward decides what exists at once (`Conv3d` lets its remade input go before it makes the input
+  gradient; the FiLM modulation of `DynamicConvFusion3D` remakes γ and then u, never both).
 * It applies in eager training only: without grad, under autocast (a saved tensor is then a cast
   copy), under `torch.compile` (the partitioner decides what to save), or inside another
   saved-tensor hook such as `torch.utils.checkpoint`, `recomputable(fn, *args)` is `fn(*args)` and
@@ -49,7 +53,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["can_rematerialize", "recomputable", "recomputable_product", "rematerialized_saves", "rematerializing"]
+__all__ = ["SavedApart", "can_rematerialize", "recomputable", "recomputable_product", "remaking_products",
+           "rematerialized_saves", "rematerializing", "saves_apart"]
 
 
 class _Recipe:
@@ -194,6 +199,24 @@ def _applies() -> bool:
             and not any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")))
 
 
+def remaking_products() -> bool:
+    """True inside `rematerialized_saves(products=True)` where it took effect: gradient checkpointing,
+    where memory comes before time."""
+    return bool(_active) and _active[-1].products
+
+
+def saves_apart() -> bool:
+    """Whether a `SavedApart` made here would keep a recipe: inside `rematerialized_saves()` where it took
+    effect, with no other saved-tensor hook (a `torch.utils.checkpoint` region) opened inside it.
+
+    A custom autograd `Function` saves through `SavedApart` only where this is true; elsewhere it
+    saves with `ctx.save_for_backward`, which such a region would see."""
+    if not _active or torch.compiler.is_compiling():
+        return False
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return top is not None and top[0] == _active[-1].pack
+
+
 def can_rematerialize() -> bool:
     """Whether `rematerialized_saves()` would take effect here: grad on, no autocast, not compiling,
     and no other saved-tensor hook (such as a `torch.utils.checkpoint` region) active.
@@ -247,6 +270,51 @@ def recomputable_product(fn: Callable[..., Tensor], *args: Any, **kwargs: Any) -
     usual by whichever operator needs it.
     """
     return _record(fn, args, kwargs, expensive=True)
+
+
+class SavedApart:
+    """One tensor that a custom autograd `Function` keeps for its backward and unpacks on its own.
+
+    `ctx.saved_tensors` hands back every saved tensor at once, so a backward that needs two remade
+    tensors one after the other would hold both, and one that could let a remade tensor go before
+    making the next gradient cannot. Kept as `SavedApart(t)` inside `rematerialized_saves()`, a
+    tensor made by `recomputable` (or `recomputable_product`) is kept as its recipe and remade when
+    `unpack()` is called; any other tensor is held, as autograd would hold it, with the same check
+    that it was not modified in place. Like autograd's saved tensors it is freed once unpacked,
+    unless the backward keeps the graph (`retain_graph=True`).
+
+    Use it only where `saves_apart()` is true (in a `Function`'s forward or `setup_context`, for a call
+    made with grad on); elsewhere save with `ctx.save_for_backward`, so that other saved-tensor hooks
+    (a `torch.utils.checkpoint` region) see the tensor.
+    """
+
+    __slots__ = ("_kept", "_version")
+
+    def __init__(self, tensor: Tensor) -> None:
+        self._version = tensor._version
+        packed = _active[-1].pack(tensor) if _active else tensor
+        self._kept: Any = packed if isinstance(packed, _Packed) else tensor.detach()
+
+    def unpack(self) -> Tensor:
+        kept = self._kept
+        if kept is None:
+            raise RuntimeError("SavedApart: the saved tensor was already freed by an earlier backward through this "
+                               "graph. Pass retain_graph=True to the first backward to go through it again.")
+        # Freed as autograd frees its saved tensors once a node's backward ran (unless the graph is kept):
+        # the Function's ctx, which holds this, lives until the whole graph goes.
+        if not _keeps_graph():
+            self._kept = None
+        if isinstance(kept, _Packed):
+            return kept.remake()
+        if kept._version != self._version:
+            raise RuntimeError(f"SavedApart: a tensor of shape {tuple(kept.shape)} saved for backward was "
+                               "modified in place after the forward. Do not modify it in place before backward.")
+        return kept
+
+
+def _keeps_graph() -> bool:
+    """Whether the running backward keeps the graph (`retain_graph=True`); torch.utils.checkpoint asks the same."""
+    return torch._C._autograd._get_current_graph_task_keep_graph()
 
 
 def _record(fn: Callable[..., Tensor], args: tuple, kwargs: dict, *, expensive: bool) -> Tensor:

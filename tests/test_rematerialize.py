@@ -1,5 +1,6 @@
 """Rematerialised saves: the same gradients, less held for backward, and a loud error rather than a wrong one."""
 
+import gc
 import weakref
 
 import pytest
@@ -10,11 +11,14 @@ from torch.utils.checkpoint import checkpoint
 from cpcbm_blocks import ResBlock3D
 from cpcbm_blocks.measure import held_for_backward, malloc_bytes_in_use
 from cpcbm_blocks.rematerialize import (
+    SavedApart,
     can_rematerialize,
     recomputable,
     recomputable_product,
+    remaking_products,
     rematerialized_saves,
     rematerializing,
+    saves_apart,
 )
 
 from .conftest import randomize_
@@ -245,3 +249,64 @@ def test_with_products_a_residual_block_holds_about_nothing_but_its_input():
             return block(x, emb)
 
     assert held_for_backward(checkpointed, x, emb) <= 0.25 * x.numel() * x.element_size()
+
+
+class _Scale(torch.autograd.Function):
+    """`a * b` whose backward unpacks b, then a, each through `SavedApart`."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.a, ctx.b = SavedApart(a), SavedApart(b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_a = grad * ctx.b.unpack()
+        return grad_a, grad * ctx.a.unpack()
+
+
+def test_saved_apart_keeps_a_recipe_remakes_it_when_unpacked_and_frees_it_after():
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    b = torch.randn(2, 4, 3, 3, requires_grad=True)
+    made = []
+
+    def silu(t):
+        out = F.silu(t)
+        made.append(weakref.ref(out))
+        return out
+
+    with rematerialized_saves():
+        assert saves_apart()
+        a = recomputable(silu, x)
+        out = _Scale.apply(a, b)
+    del a
+    gc.collect()
+    assert made[0]() is None  # the graph keeps the recipe, not the tensor
+    out.sum().backward(retain_graph=True)
+    assert len(made) == 2 and made[1]() is None  # remade for the backward, then let go
+    torch.testing.assert_close(x.grad, (b * torch.autograd.grad(F.silu(x).sum(), x)[0]).detach())
+    torch.testing.assert_close(b.grad, F.silu(x).detach())
+    out.sum().backward()  # the graph was kept: a second backward remakes it again
+    assert len(made) == 3
+    with pytest.raises(RuntimeError, match="already freed by an earlier backward.*retain_graph=True"):
+        out.sum().backward()
+
+
+def test_saved_apart_holds_any_other_tensor_and_refuses_one_modified_in_place():
+    a = torch.randn(5, requires_grad=True)
+    b = torch.randn(5)
+    with rematerialized_saves():
+        out = _Scale.apply(a * 1.0, b)
+    b.add_(1)
+    with pytest.raises(RuntimeError, match="modified in place after the forward"):
+        out.sum().backward()
+
+
+def test_saves_apart_only_where_the_recipes_hook_is_the_innermost():
+    assert not saves_apart() and not remaking_products()
+    with rematerialized_saves(products=True):
+        assert saves_apart() and remaking_products()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # a checkpoint region, say
+            assert not saves_apart()
+    with rematerialized_saves():
+        assert saves_apart() and not remaking_products()

@@ -6,11 +6,12 @@ import torch
 from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from cpcbm_blocks.blocks.conv import Conv3d, conv3d
 from cpcbm_blocks.blocks.gated_residual import gated_residual
 from cpcbm_blocks.contracts import shape_checked
-from cpcbm_blocks.rematerialize import recomputable, recomputable_product
+from cpcbm_blocks.rematerialize import SavedApart, recomputable, recomputable_product, saves_apart
 
 __all__ = ["DynamicConvFusion3D", "naive_dynamic_conv"]
 
@@ -102,5 +103,31 @@ class DynamicConvFusion3D(nn.Module):
 
 def _modulate(u: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
     """`u (1 + γ) + β`, as `u γ + β + u`: no `1 + γ` tensor, in forward or when remade. Not `addcmul`, whose
-    backward first scales each factor by its `value` (a full-size copy per factor, even for 1)."""
+    backward first scales each factor by its `value` (a full-size copy per factor, even for 1).
+
+    While rematerializing, its backward remakes γ and then u one at a time (`_Modulate`); autograd's
+    own would hold both, with both their gradients."""
+    if saves_apart() and torch.is_grad_enabled() and (u.requires_grad or gamma.requires_grad or beta.requires_grad):
+        return _Modulate.apply(u, gamma, beta)
     return torch.mul(u, gamma).add_(beta).add_(u)
+
+
+class _Modulate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+        # Each remade on its own in backward, and only where the other's gradient is wanted.
+        ctx.gamma = SavedApart(gamma) if ctx.needs_input_grad[0] else None
+        ctx.u = SavedApart(u) if ctx.needs_input_grad[1] else None
+        return torch.mul(u, gamma).add_(beta).add_(u)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        grad_u = grad_gamma = None
+        if ctx.needs_input_grad[0]:  # grad (1 + γ), as grad γ + grad
+            gamma = ctx.gamma.unpack()
+            grad_u = torch.mul(grad, gamma).add_(grad)
+            del gamma  # gone before u is remade
+        if ctx.needs_input_grad[1]:
+            grad_gamma = grad * ctx.u.unpack()
+        return grad_u, grad_gamma, grad if ctx.needs_input_grad[2] else None

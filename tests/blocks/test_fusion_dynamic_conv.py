@@ -79,10 +79,12 @@ def test_the_gradients_are_those_of_the_formula(saves):
 
 
 @pytest.mark.usefixtures("one_weight_gradient_form")
-def test_its_backward_holds_at_most_seven_full_size_tensors_when_checkpointed():
+def test_its_backward_holds_under_seven_full_size_tensors_when_checkpointed():
     """Counted in units of x's size (x and the condition are not counted). Before: 8.2, because
     `addcmul`'s backward scales each factor by its `value` into a full-size copy, the FiLM maps were
-    one 2C-channel tensor remade whole for γ alone, and the gate's gradient was a full-size product."""
+    one 2C-channel tensor remade whole for γ alone, and the gate's gradient was a full-size product;
+    then 7.2, while autograd's own backward of `u γ` held the remade u and γ with both their gradients
+    (`_Modulate` remakes γ, then u: 6.9)."""
     block = randomize_(_block(), scale=0.2)
     x, c = torch.randn(1, 8, 4, 16, 16, requires_grad=True), torch.randn(1, 8, 4, 16, 16, requires_grad=True)
     recorder = _Recorder()
@@ -93,7 +95,7 @@ def test_its_backward_holds_at_most_seven_full_size_tensors_when_checkpointed():
         gradient = torch.ones_like(out)
         recorder.set_phase("backward")
         out.backward(gradient)
-    assert recorder.peak_by_phase["backward"] <= 7.3 * x.numel() * x.element_size()
+    assert recorder.peak_by_phase["backward"] <= 6.9 * x.numel() * x.element_size()
 
 
 def test_the_router_is_a_distribution_sharpened_by_a_lower_temperature():
