@@ -383,7 +383,8 @@ def _onednn_forward_scratch(x: Tensor, out: Tensor) -> int:
 
 
 def onednn_scratch_bytes(func, args: tuple, out) -> int:
-    """Bytes a CPU convolution allocates beyond its outputs on oneDNN, for `aten.convolution`,
+    """Bytes a CPU convolution allocates beyond its outputs on oneDNN, for `aten.convolution` (a transposed
+    one as the input gradient it computes: `Conv3d`'s, where its input was saved apart),
     `aten.mkldnn_convolution` and `aten.convolution_backward` (0 for any other operator, or where PyTorch
     runs its own kernel).
 
@@ -405,7 +406,11 @@ def onednn_scratch_bytes(func, args: tuple, out) -> int:
     if func is _aten.mkldnn_convolution.default:  # oneDNN whatever the sizes (conv3d's small batch-1 volumes)
         return _onednn_forward_scratch(args[0], out)
     if func is _aten.convolution.default:
-        x, weight, stride, groups = args[0], args[1], args[3], args[8]
+        x, weight, stride, transposed, groups = args[0], args[1], args[3], args[6], args[8]
+        if transposed:  # an input gradient (Conv3d's, once its remade input is gone): as convolution_backward's
+            return onednn_scratch_bytes(_aten.convolution_backward.default,
+                                        (x, out, weight, None, stride, None, None, None, None, groups,
+                                         [True, False, False]), (out,))
         if not runs_on_onednn(x, weight, stride, groups):
             return 0 if pointwise(weight, stride) else _columns_bytes(x, weight, tuple(out.shape[2:]))
         return _onednn_forward_scratch(x, out)

@@ -65,7 +65,8 @@ def test_selective_recomputation_gives_the_plain_gradients(tiny_spec, variant):
 
 
 class _CountConvolutions(TorchDispatchMode):
-    """Counts convolutions by cost: `expensive` ones do at least CHEAP_PER_OUTPUT multiply-adds per output;
+    """Counts forward convolutions by cost (not the transposed ones, which are `Conv3d`'s input gradients where its
+    input was saved apart): `expensive` ones do at least CHEAP_PER_OUTPUT multiply-adds per output;
     `onednn_as_is` counts the calls of oneDNN's operator itself (conv.py's form for small batch-1 volumes)."""
 
     def __init__(self):
@@ -74,7 +75,8 @@ class _CountConvolutions(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.onednn_as_is += func is torch.ops.aten.mkldnn_convolution.default
-        if func in (torch.ops.aten.convolution.default, torch.ops.aten.mkldnn_convolution.default):
+        transposed = func is torch.ops.aten.convolution.default and args[6]  # an input gradient, not a forward
+        if func in (torch.ops.aten.convolution.default, torch.ops.aten.mkldnn_convolution.default) and not transposed:
             weight = args[1]
             if weight.shape[1] * weight.shape[2:].numel() >= CHEAP_PER_OUTPUT:
                 self.expensive += 1

@@ -65,6 +65,20 @@ And one for training on CPU:
   and keeps the fastest, as `torch.backends.cudnn.benchmark` does on GPUs. Only the weight gradient changes; the
   forward and the input gradient are `F.conv3d`'s own. `Conv3d`'s parameters keep `nn.Conv3d`'s
   names and 5-D shapes, so state dicts are interchangeable.
+* **A large pointwise convolution as a matrix product.** A `1x1x1` convolution (a skip projection,
+  the FiLM maps of a fusion) of one contiguous sample is `weight @ x` with the channels as rows:
+  `torch.addmm` reads the NCDHW sample in place. oneDNN would first copy it into its
+  channel-blocked layout (64 MiB at the full-size level 1, in forward and again for the input
+  gradient), and it is no faster: forward and backward of `32 -> 32` at `(1, 32, 8, 256, 256)` took
+  65 ms by matrix products against 72 ms by oneDNN. From `POINTWISE_MATMUL_MIN_BYTES` up, where
+  those copies matter; smaller ones stay on oneDNN (at `(1, 64, 4, 128, 128)` it was 6% faster).
+* **A large weight gradient by halves of its output channels.** oneDNN's 3-D weight gradient works
+  on channel-blocked copies of its input and of the output gradient, both at once: 128 MiB at the
+  full-size level 1, on top of everything live at that moment of backward, which is where a
+  checkpointed step peaks. From an output gradient of `WEIGHT_GRAD_HALVES_MIN_BYTES` up (one sample,
+  so that each half is contiguous), each half of the output channels gets its own call: the same
+  sums, bit for bit, with the output gradient's copy half as large (96 MiB), for about 6% more time
+  on that operator (measured at `(1, 32, 8, 256, 256)`).
 """
 
 import contextlib
@@ -72,6 +86,7 @@ import itertools
 import math
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -83,7 +98,7 @@ from torch.utils.flop_counter import conv_flop_count, flop_registry, register_fl
 
 from cpcbm_blocks.blocks.conv_by_taps import by_taps_pays, conv3d_by_taps
 from cpcbm_blocks.errors import InputError
-from cpcbm_blocks.rematerialize import recomputable
+from cpcbm_blocks.rematerialize import SavedApart, recomputable, remaking_products, saves_apart
 
 __all__ = ["WEIGHT_GRAD_METHODS", "Conv3d", "conv3d", "interleave_parities_by_slices", "set_weight_grad_method",
            "runs_on_onednn", "upsample_conv3d", "weight_grad_by_depth_taps", "zero_init"]
@@ -114,6 +129,8 @@ def conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_w kd
         return rearrange(y, "(b d) c h w -> b c d h w", b=batch)
     if torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # sizes are symbolic: keep the one plain operator
         return F.conv3d(x, weight, bias, stride, padding, groups=groups)
+    if _cpu_kernels(x) and _eager() and _pointwise_as_matmul(x, weight, stride, groups):
+        return _pointwise_by_matmul(x, weight, bias)
     if folds(x.shape[2], weight.shape[2], groups):
         return _folded(x, weight, bias, stride, padding)
     if _cpu_kernels(x) and _eager() and _onednn_runs_it_as_is(x, weight, stride, groups):
@@ -125,6 +142,26 @@ def conv3d(x: Float[Tensor, "b c_in d h w"], weight: Float[Tensor, "c_out c_w kd
         # In x's layout, not a permuted view, which every later norm would copy (and hold for backward).
         return rearrange(y, "b c h w d -> b c d h w").contiguous(memory_format=_memory_format_of(x))
     return _conv3d(x, weight, bias, stride, padding, groups)
+
+
+POINTWISE_MATMUL_MIN_BYTES = 32 * 2**20
+"""From an input of this many bytes up (one contiguous sample), a `1x1x1` convolution on CPU is a matrix
+product (see the module docs)."""
+
+
+def _pointwise_as_matmul(x: Tensor, weight: Tensor, stride: tuple[int, ...], groups: int) -> bool:
+    return (pointwise(weight, stride, groups) and x.shape[0] == 1 and x.is_contiguous()
+            and x.numel() * x.element_size() >= POINTWISE_MATMUL_MIN_BYTES)
+
+
+def _pointwise_by_matmul(x: Float[Tensor, "1 c_in d h w"], weight: Float[Tensor, "c_out c_in 1 1 1"],
+                         bias: Tensor | None) -> Float[Tensor, "1 c_out d h w"]:
+    """A `1x1x1` convolution of one contiguous sample as `weight @ x` over its voxels: the channels of an
+    NCDHW sample are the rows of a matrix, so no copy is made in forward or backward."""
+    voxels = rearrange(x, "1 c d h w -> c (d h w)")
+    matrix = rearrange(weight, "o i 1 1 1 -> o i")
+    y = torch.mm(matrix, voxels) if bias is None else torch.addmm(rearrange(bias, "o -> o 1"), matrix, voxels)
+    return rearrange(y, "o (d h w) -> 1 o d h w", d=x.shape[2], h=x.shape[3])
 
 
 def _memory_format_of(x: Tensor) -> torch.memory_format:
@@ -278,9 +315,24 @@ def set_weight_grad_method(method: str) -> None:
     _weight_grad_method = method
 
 
+WEIGHT_GRAD_HALVES_MIN_BYTES = 64 * 2**20
+"""Under gradient checkpointing, an output gradient or input of this many bytes (one sample, ungrouped)
+has the oneDNN weight gradient computed by halves of its channels (see the module docs)."""
+
+
 def _aten_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, *, stride: tuple[int, int, int],
-                      padding: tuple[int, int, int], groups: int) -> Tensor:
-    """oneDNN's 3-D weight gradient; for a volume PyTorch would leave to `slow_conv3d`, with depth moved last."""
+                      padding: tuple[int, int, int], groups: int, by_halves: bool = False) -> Tensor:
+    """oneDNN's 3-D weight gradient; for a volume PyTorch would leave to `slow_conv3d`, with depth moved last;
+    with `by_halves`, a large one by halves of the output, then of the input channels."""
+    arguments = {"stride": stride, "padding": padding, "groups": groups, "by_halves": by_halves}
+    if by_halves and grad_out.shape[0] == 1 and groups == 1 and grad_out.is_contiguous() and x.is_contiguous():
+        # One sample: a run of channels is a contiguous block, so each half is a view, not a copy.
+        if _halves_pay(grad_out):
+            return torch.cat([_aten_weight_grad(grad_out[:, half], x, weight[half], **arguments)
+                              for half in _halves(grad_out.shape[1])])
+        if _halves_pay(x):
+            return torch.cat([_aten_weight_grad(grad_out, x[:, half], weight[:, half], **arguments)
+                              for half in _halves(x.shape[1])], dim=1)
     if _cpu_kernels(x) and _depth_last_reaches_onednn(x, weight, groups):
         (sd, sh, sw), (pd, ph, pw) = stride, padding
         grad = _aten_weight_grad(rearrange(grad_out, "b c d h w -> b c h w d"), rearrange(x, "b c d h w -> b c h w d"),
@@ -289,6 +341,14 @@ def _aten_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, *, stride: tu
         return rearrange(grad, "o i h w d -> o i d h w")
     return torch.ops.aten.convolution_backward(grad_out, x, weight, None, stride, padding, (1, 1, 1), False,
                                                (0, 0, 0), groups, [False, True, False])[1]
+
+
+def _halves_pay(t: Tensor) -> bool:
+    return t.shape[1] % 2 == 0 and t.numel() * t.element_size() >= WEIGHT_GRAD_HALVES_MIN_BYTES
+
+
+def _halves(channels: int) -> tuple[slice, slice]:
+    return slice(0, channels // 2), slice(channels // 2, channels)
 
 
 def _matmul_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, **_: Any) -> Tensor:
@@ -303,14 +363,15 @@ def pointwise(weight: Tensor, stride: tuple[int, ...], groups: int = 1) -> bool:
 
 
 def _chosen_weight_grad(grad_out: Tensor, x: Tensor, weight: Tensor, *, stride: tuple[int, int, int],
-                        padding: tuple[int, int, int], groups: int) -> Tensor:
-    """The weight gradient by the method `set_weight_grad_method` chose; "auto" measures once per problem."""
-    forms = {"depth_taps": weight_grad_by_depth_taps, "aten": _aten_weight_grad}
+                        padding: tuple[int, int, int], groups: int, by_halves: bool = False) -> Tensor:
+    """The weight gradient by the method `set_weight_grad_method` chose; "auto" measures once per problem.
+    `by_halves` (under gradient checkpointing): oneDNN's form by halves of large operands (module docs)."""
+    forms = {"depth_taps": weight_grad_by_depth_taps, "aten": partial(_aten_weight_grad, by_halves=by_halves)}
     if pointwise(weight, stride, groups):
         forms["matmul"] = _matmul_weight_grad
     arguments = {"stride": stride, "padding": padding, "groups": groups}
     problem = (tuple(x.shape), x.stride(), tuple(weight.shape), tuple(grad_out.shape), grad_out.stride(), stride,
-               padding, groups, x.dtype, torch.get_num_threads())
+               padding, groups, x.dtype, torch.get_num_threads(), by_halves)
     method = _weight_grad_method
     if method == "auto" and x.device.type == "meta":  # the memory planner: what a CPU run here would pick
         method = _fastest_form.get(problem, "depth_taps")
@@ -337,7 +398,7 @@ class _Conv3dChosenWeightGrad(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, _bias, stride, padding, groups = inputs
-        ctx.save_for_backward(x, weight)
+        _save_input_and_weight(ctx, x, weight, stride, groups)
         ctx.stride, ctx.padding, ctx.groups = stride, padding, groups
 
     @staticmethod
@@ -345,23 +406,59 @@ class _Conv3dChosenWeightGrad(torch.autograd.Function):
         return *_gradients(ctx, grad_out, _aten_input_grad), None, None, None
 
 
+def _transposes_alike(x: Tensor, weight: Tensor, stride: tuple[int, ...], groups: int) -> bool:
+    """Whether the input gradient, as a transposed convolution, runs like `convolution_backward`'s (see below)."""
+    if not x.is_contiguous() or any(step != 1 for step in stride) or not runs_on_onednn(x, weight, stride, groups):
+        return False
+    grad_out = torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), device="meta")  # its input: shape only
+    return runs_on_onednn(grad_out, weight, stride, groups)
+
+
+def _save_input_and_weight(ctx, x: Tensor, weight: Tensor, stride: tuple[int, ...], groups: int) -> None:
+    """Save what a convolution's backward reads: its input and its weight. While rematerializing, the input
+    of an unstrided convolution is saved apart ([`SavedApart`][cpcbm_blocks.rematerialize.SavedApart]):
+    a remade input then lives only while the weight gradient is made, and is gone before the input
+    gradient, a transposed convolution that needs only its shape, exists. Only where that transposed
+    convolution runs as `convolution_backward`'s input gradient would, on oneDNN from a contiguous
+    input without stride: PyTorch picks its backend from the transposed convolution's own input (the
+    output gradient), so a 128 -> 64 convolution at `(1, 128, 4, 64, 64)` would fall to
+    `slow_conv_transpose3d` and take 224 MiB where oneDNN takes 16; strided, oneDNN's transposed
+    convolution took 22 MiB more at `(1, 32, 8, 128, 128)`."""
+    ctx.x_shape = tuple(x.shape)
+    ctx.by_halves = remaking_products()  # checkpointing: the weight gradient's copies by halves
+    ctx.x_apart = SavedApart(x) if saves_apart() and _transposes_alike(x, weight, stride, groups) else None
+    ctx.save_for_backward(*(() if ctx.x_apart is not None else (x,)), weight)
+
+
 def _gradients(ctx, grad_out: Tensor, input_grad) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The input, weight and bias gradients a convolution's backward owes, those its inputs need: the
-    weight gradient by the chosen form, the input gradient by `input_grad(grad_out, x, weight, ctx)`."""
-    x, weight = ctx.saved_tensors
+    weight gradient by the chosen form, the input gradient by `input_grad(grad_out, x, weight, ctx)`
+    (`x` is None where it was saved apart: it is gone by then)."""
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if ctx.x_apart is None:
+        x, weight = ctx.saved_tensors
+    else:
+        (weight,) = ctx.saved_tensors
+        x = ctx.x_apart.unpack() if need_weight else None
     grad_x = grad_weight = grad_bias = None
     if need_bias:
         grad_bias = grad_out.sum(dim=(0, 2, 3, 4))
     if need_weight:  # first: the depth taps' slice copies are gone before grad_x exists
         grad_weight = _chosen_weight_grad(grad_out, x, weight, stride=ctx.stride, padding=ctx.padding,
-                                          groups=ctx.groups)
+                                          groups=ctx.groups, by_halves=ctx.by_halves)
+    if ctx.x_apart is not None:
+        x = None  # a remade input goes before the input gradient is made
     if need_x:
         grad_x = input_grad(grad_out, x, weight, ctx)
     return grad_x, grad_weight, grad_bias
 
 
-def _aten_input_grad(grad_out: Tensor, x: Tensor, weight: Tensor, ctx) -> Tensor:
+def _aten_input_grad(grad_out: Tensor, x: Tensor | None, weight: Tensor, ctx) -> Tensor:
+    if x is None:  # the transposed convolution, sized by the input's shape (oneDNN runs the same kernel)
+        padding_out = tuple(size - ((grad_size - 1) * stride - 2 * pad + kernel)
+                            for size, grad_size, stride, pad, kernel in zip(
+                                ctx.x_shape[2:], grad_out.shape[2:], ctx.stride, ctx.padding, weight.shape[2:]))
+        return F.conv_transpose3d(grad_out, weight, None, ctx.stride, ctx.padding, padding_out, ctx.groups)
     # The input gradient alone: asking aten for the bias gradient too takes a path 4x slower.
     return torch.ops.aten.convolution_backward(grad_out, x, weight, None, ctx.stride, ctx.padding, (1, 1, 1), False,
                                                (0, 0, 0), ctx.groups, [True, False, False])[0]
@@ -481,7 +578,7 @@ class _OneDnnConv3d(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, _bias, padding = inputs
-        ctx.save_for_backward(x, weight)
+        _save_input_and_weight(ctx, x, weight, (1, 1, 1), 1)
         ctx.stride, ctx.padding, ctx.groups = (1, 1, 1), padding, 1
 
     @staticmethod
@@ -489,7 +586,7 @@ class _OneDnnConv3d(torch.autograd.Function):
         return *_gradients(ctx, grad_out, _transposed_input_grad), None
 
 
-def _transposed_input_grad(grad_out: Tensor, x: Tensor, weight: Tensor, ctx) -> Tensor:
+def _transposed_input_grad(grad_out: Tensor, x: Tensor | None, weight: Tensor, ctx) -> Tensor:
     """The transposed convolution, as a convolution: the kernel flipped along every axis, in and out channels swapped."""
     flipped = rearrange(weight.flip(2, 3, 4), "o i d h w -> i o d h w").contiguous()
     return _mkldnn_convolution(grad_out, flipped, None, list(ctx.padding), [1, 1, 1], [1, 1, 1], 1)

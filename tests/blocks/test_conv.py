@@ -373,3 +373,126 @@ def test_the_parities_are_interleaved_by_one_strided_copy_each_way(memory_format
     assert fills.count == 1  # slicing eight parities out would zero-fill z eight times
     for a, r in zip(ours, torch.autograd.grad(reference, (x, weight), grad)):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * max(1.0, r.abs().max().item()))
+
+
+class _CountOperators(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__ + ("(transposed)" if func is torch.ops.aten.convolution.default and args[6] else "")
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _checkpointed_conv(conv, x0, *, apart: bool, monkeypatch):
+    """`conv(2 x0)` with `2 x0` a product recipe, under gradient checkpointing; the input saved apart or not."""
+    from cpcbm_blocks.rematerialize import recomputable_product, rematerialized_saves, saves_apart
+
+    monkeypatch.setattr(conv_module, "saves_apart", saves_apart if apart else (lambda: False))
+    with rematerialized_saves(products=True):
+        return conv(recomputable_product(torch.mul, x0, 2.0))
+
+
+def test_under_checkpointing_a_remade_input_is_gone_before_the_input_gradient_exists(weight_grad_method, monkeypatch):
+    from cpcbm_blocks.memory import _Recorder
+
+    weight_grad_method("depth_taps")
+    torch.manual_seed(0)
+    conv = Conv3d(32, 32, kernel_size=(3, 3, 3))
+    x0 = torch.randn(1, 32, 8, 96, 16, requires_grad=True)  # N*C*D*H above SLOW_CONV_LIMIT: oneDNN either way
+
+    class LiveAtInputGradient(TorchDispatchMode):  # what the recorder counts live as the input gradient starts
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            transposed = func is torch.ops.aten.convolution.default and args[6]
+            if transposed or (func is torch.ops.aten.convolution_backward.default and args[10][0]):
+                live.append((transposed, recorder.live_bytes))
+            return func(*args, **(kwargs or {}))
+
+    grads = {}
+    for apart in (False, True):
+        recorder, live = _Recorder(), []
+        recorder.exclude([*conv.parameters(), x0])
+        with recorder:
+            out = _checkpointed_conv(conv, x0, apart=apart, monkeypatch=monkeypatch)
+            with LiveAtInputGradient():
+                grads[apart] = torch.autograd.grad(out.square().sum(), [x0, conv.weight, conv.bias])
+        assert [transposed for transposed, _ in live] == [apart]  # apart: a transposed convolution, sized by shape
+        grads[apart, "live"] = live[0][1]
+    for got, want in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    plain = torch.autograd.grad(F.conv3d(2 * x0, conv.weight, conv.bias, padding=1).square().sum(), x0)[0]
+    torch.testing.assert_close(grads[True][0], plain, rtol=1e-4, atol=1e-4)
+    assert grads[False, "live"] - grads[True, "live"] == x0.numel() * x0.element_size()  # the remade input
+
+
+@pytest.mark.parametrize(("shape", "out_channels", "stride", "memory_format", "alike"), [
+    ((1, 32, 8, 128, 128), 32, (1, 1, 1), torch.contiguous_format, True),
+    # the transposed convolution's input, the output gradient, is small enough for slow_conv_transpose3d:
+    # measured 224 MiB of columns where convolution_backward's oneDNN input gradient takes 16
+    ((1, 128, 4, 64, 64), 64, (1, 1, 1), torch.contiguous_format, False),
+    ((1, 32, 8, 128, 128), 32, (2, 2, 2), torch.contiguous_format, False),  # strided: 22 MiB more at 128
+    ((1, 32, 8, 128, 128), 32, (1, 1, 1), torch.channels_last_3d, False),
+])
+def test_the_input_is_saved_apart_only_where_the_transposed_convolution_runs_like_the_input_gradient(
+        shape, out_channels, stride, memory_format, alike):
+    with torch.device("meta"):
+        x = torch.empty(shape).contiguous(memory_format=memory_format)
+        weight = torch.empty(out_channels, shape[1], 3, 3, 3)
+    assert conv_module._transposes_alike(x, weight, stride, 1) == alike
+
+
+def test_a_large_weight_gradient_by_halves_of_its_channels_equals_the_whole_one(monkeypatch):
+    torch.manual_seed(0)
+    x, weight = torch.randn(1, 8, 6, 12, 12), torch.randn(8, 8, 3, 3, 3)
+    grad_out = torch.randn(1, 8, 6, 12, 12)
+    arguments = {"stride": (1, 1, 1), "padding": (1, 1, 1), "groups": 1}
+    whole = conv_module._aten_weight_grad(grad_out, x, weight, **arguments)
+    # From x's size up: output halves, then input halves; four calls, each with a quarter of the channels.
+    monkeypatch.setattr(conv_module, "WEIGHT_GRAD_HALVES_MIN_BYTES", x.numel() * x.element_size())
+    with _CountOperators() as counted:
+        halves = conv_module._aten_weight_grad(grad_out, x, weight, **arguments, by_halves=True)
+    assert counted.calls["convolution_backward"] == 4
+    torch.testing.assert_close(halves, whole, rtol=1e-5, atol=1e-5)
+    # Two samples: a run of channels is no longer contiguous, so no halves (they would be copies).
+    with _CountOperators() as counted:
+        conv_module._aten_weight_grad(grad_out.expand(2, -1, -1, -1, -1).contiguous(),
+                                      x.expand(2, -1, -1, -1, -1).contiguous(), weight, **arguments, by_halves=True)
+    assert counted.calls["convolution_backward"] == 1
+
+
+def test_only_gradient_checkpointing_computes_weight_gradients_by_halves(weight_grad_method, monkeypatch):
+    from cpcbm_blocks.rematerialize import rematerialized_saves
+
+    weight_grad_method("depth_taps")
+    seen = []
+    chosen = conv_module._chosen_weight_grad
+    monkeypatch.setattr(conv_module, "_chosen_weight_grad",
+                        lambda *args, **kwargs: seen.append(kwargs["by_halves"]) or chosen(*args, **kwargs))
+    conv = Conv3d(8, 8, kernel_size=(3, 3, 3))
+    x = torch.randn(1, 8, 8, 12, 12, requires_grad=True)
+    conv(x).sum().backward()
+    with rematerialized_saves():
+        conv(x).sum().backward()
+    with rematerialized_saves(products=True):
+        out = conv(x)
+    out.sum().backward()
+    assert seen == [False, False, True]
+
+
+def test_a_large_pointwise_convolution_of_one_sample_is_a_matrix_product(monkeypatch):
+    torch.manual_seed(0)
+    conv = Conv3d(8, 6, kernel_size=(1, 1, 1))
+    x = torch.randn(1, 8, 4, 10, 10, requires_grad=True)
+    monkeypatch.setattr(conv_module, "POINTWISE_MATMUL_MIN_BYTES", x.numel() * x.element_size())
+    with _CountOperators() as counted, FlopCounterMode(display=False) as flops:
+        out = conv(x)
+        out.sum().backward(retain_graph=True)
+    assert counted.calls.get("addmm", 0) == 1 and "convolution" not in counted.calls
+    assert flops.get_total_flops() == 3 * 2 * 8 * 6 * 4 * 10 * 10  # forward, input and weight gradients
+    _assert_equals_conv3d_with_gradients(conv, out, x, tolerance=1e-5)
+    for other in (torch.randn(2, 8, 4, 10, 10), torch.randn(1, 8, 4, 5, 5)):  # two samples; below the size
+        with _CountOperators() as counted:
+            torch.testing.assert_close(conv(other), F.conv3d(other, conv.weight, conv.bias), rtol=1e-5, atol=1e-5)
+        assert "addmm" not in counted.calls
