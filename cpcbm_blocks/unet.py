@@ -286,20 +286,30 @@ def _spans_and_remade_outputs(steps: tuple[Step, ...], checkpointed: frozenset[i
     only the next step's input: the next step remakes it in its own backward (one more forward of
     the step) instead of holding it through the decoder. On the way up, an upsampler's output is
     held through the backward of every later step of its level, and it is cheap to make (one
-    convolution at the coarser level): it is remade too. Other decoder outputs are released by the
-    next step's backward soon after they are made, so remaking them would cost a whole block's
-    forward and rarely lower the peak. An output is remade only where the next step is in the same
-    span (otherwise nothing would save it as a recipe) and the step's own input is not remade, so
-    that one remake never runs a chain of steps. The stem joins level 1's span when its output is
-    remade.
+    convolution at the coarser level): it is remade too. An output is remade only where the next
+    step is in the same span (otherwise nothing would save it as a recipe) and, with one exception,
+    where the step's own input is not remade, so that one remake does not run a chain of steps. The
+    stem joins level 1's span when its output is remade.
+
+    The exception: level 2's decoder. Its outputs are the inputs of its later steps, so they are held
+    from the forward until their own backward, which comes after the whole level-1 decoder's, where
+    the peak is (56 MiB at 256x256 in the conditioned default). They are remade as one chain from the
+    level's upsampler: the backward of the level's last step remakes them all (about a third more
+    of that level's decoder forward: 3-4% of a checkpointed step), and each goes once the step that
+    reads it has run its backward. The last output of the level, the top upsampler's input, stays
+    held: remaking it would bring the whole chain back into level 1's backward. Deeper levels hold
+    less (12 MiB at level 3) for as much arithmetic, so they keep the rule.
     """
     span = {position for position in checkpointed if steps[position].op in _REMATERIALIZED}
     remade: set[int] = set()
     for position, step in enumerate(steps[:-1]):
+        if not ((position in span or step.op is Op.CONV_IN) and position + 1 in span):
+            continue
         encoder_only_input = step.section is Section.DOWN and not step.gives_skip
-        if ((position in span or step.op is Op.CONV_IN) and position + 1 in span
-                and (encoder_only_input or step.op is Op.UP) and position - 1 not in remade):
+        if (encoder_only_input or step.op is Op.UP) and position - 1 not in remade:
             remade.add(position)
+        elif step.section is Section.UP and step.group == 2 and steps[position + 1].group == 2:
+            remade.add(position)  # a chain within level 2's decoder (see the docstring)
     return frozenset(span | remade), frozenset(remade)
 
 

@@ -137,10 +137,13 @@ def test_compile_fullgraph_has_no_graph_breaks_and_matches_eager(tiny_spec):
     torch._dynamo.reset()
 
 
-def _small_conditioned():
+def _small_conditioned(**levels):
+    """Two levels with attention at the second (the default), or e.g. three whose level 2 has neither
+    attention nor cross-attention, so that its whole decoder trains in one rematerialized span."""
     from cpcbm_blocks import UNetSpec
-    spec = UNetSpec.conditioned(text_channels=8, channels=(8, 16), attention_levels=(2,), num_groups=4, head_channels=4,
-                                sample_size=(4, 8, 8), time_embedding_channels=16)
+    levels = {"channels": (8, 16), "attention_levels": (2,), **levels}
+    spec = UNetSpec.conditioned(text_channels=8, num_groups=4, head_channels=4, sample_size=(4, 8, 8),
+                                time_embedding_channels=16, **levels)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 1, 4, 8, 8, generator=generator)
     conditions = {"text": torch.randn(2, 5, 8, generator=generator),
@@ -148,8 +151,13 @@ def _small_conditioned():
     return spec, x, conditions
 
 
-def test_checkpointing_a_conditioned_unet_with_its_encoder_gives_the_same_gradients():
-    spec, x, conditions = _small_conditioned()
+_THREE_LEVELS = {"channels": (8, 16, 32), "attention_levels": (3,), "dynamic_conv_levels": (1, 2),
+                 "cross_attention_levels": (3,)}
+
+
+@pytest.mark.parametrize("levels", [{}, _THREE_LEVELS], ids=["2", "3"])
+def test_checkpointing_a_conditioned_unet_with_its_encoder_gives_the_same_gradients(levels):
+    spec, x, conditions = _small_conditioned(**levels)
     model = _model(spec)
 
     def grads():
@@ -159,7 +167,7 @@ def test_checkpointing_a_conditioned_unet_with_its_encoder_gives_the_same_gradie
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     out, plain = grads()
-    model.set_gradient_checkpointing(levels=(1, 2), mid=True, conditions=True)
+    model.set_gradient_checkpointing(levels=tuple(range(1, len(spec.levels) + 1)), mid=True, conditions=True)
     out_ckpt, checkpointed = grads()
     torch.testing.assert_close(out_ckpt, out)
     assert checkpointed.keys() == plain.keys() and plain
@@ -167,19 +175,28 @@ def test_checkpointing_a_conditioned_unet_with_its_encoder_gives_the_same_gradie
         torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
 
 
+def _followed(step) -> bool:
+    """The steps whose outputs the test below follows: the encoder's, the upsamplers', level 2's decoder's."""
+    return step.section.value == "down" or step.op.value == "up" or (step.section.value == "up" and step.group == 2)
+
+
 def test_checkpointing_holds_skips_but_not_outputs_that_are_only_the_next_steps_input():
     """The stem's, the pre-fusion block's, the downsamplers' and the upsamplers' outputs are only the
     next step's input: under checkpointing that step saves them as recipes, so nothing holds them
-    after the forward. Skips stay held (the decoder reads them)."""
-    spec, x, conditions = _small_conditioned()
-    model = _model(spec).set_gradient_checkpointing(levels=(1, 2), mid=True, conditions=True)
+    after the forward. So are level 2's decoder outputs but its last (the top upsampler's input),
+    remade as one chain by that last step's backward. Skips stay held (the decoder reads them)."""
+    spec, x, conditions = _small_conditioned(**_THREE_LEVELS)
+    model = _model(spec).set_gradient_checkpointing(levels=(1, 2, 3), mid=True, conditions=True)
     remade = {model.steps[p].module_key for p in model._remade_outputs}
-    assert {"conv_in", "down1_res2", "down1_down", "up1_up", "up2_up"} <= remade
+    level_2_decoder = [step.module_key for step in model.steps if step.section.value == "up" and step.group == 2]
+    assert len(level_2_decoder) >= 3
+    assert {"conv_in", "down1_res2", "down1_down", "up1_up", *level_2_decoder[:-1]} <= remade
+    assert level_2_decoder[-1] not in remade
     assert not any(model.steps[p].gives_skip for p in model._remade_outputs)
     alive: dict[str, list[bool]] = {}
     handles = []
     for position, step in enumerate(model.steps):
-        if step.section.value != "down" and step.op.value != "up":
+        if not _followed(step):
             continue
 
         def record(module, args, out, key=f"{position}:{step.module_key}"):
@@ -192,7 +209,7 @@ def test_checkpointing_holds_skips_but_not_outputs_that_are_only_the_next_steps_
         handle.remove()
     gc.collect()
     for position, step in enumerate(model.steps):
-        if step.section.value == "down" or step.op.value == "up":
+        if _followed(step):
             held = alive[f"{position}:{step.module_key}"][0]
             assert held == (position not in model._remade_outputs), (position, step.module_key, held)
     out.square().mean().backward()  # the remade outputs are made again for it (gradients: the test above)
