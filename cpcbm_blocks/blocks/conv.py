@@ -63,7 +63,7 @@ And one for training on CPU:
   (`set_weight_grad_method("auto")`) the first backward of each problem (shapes, strides, dtype,
   thread count) times every form that applies (for a `1x1x1` kernel also the matrix product) once
   and keeps the fastest, as `torch.backends.cudnn.benchmark` does on GPUs. Only the weight gradient changes; the
-  forward and the input gradient are `F.conv3d`'s own. `Conv3d`'s parameters keep `nn.Conv3d`'s
+  forward and the input gradient are `F.conv3d`'s own (or, below, the same transposed convolution). `Conv3d`'s parameters keep `nn.Conv3d`'s
   names and 5-D shapes, so state dicts are interchangeable.
 * **A large pointwise convolution as a matrix product.** A `1x1x1` convolution (a skip projection,
   the FiLM maps of a fusion) of one contiguous sample is `weight @ x` with the channels as rows:
@@ -72,13 +72,20 @@ And one for training on CPU:
   gradient), and it is no faster: forward and backward of `32 -> 32` at `(1, 32, 8, 256, 256)` took
   65 ms by matrix products against 72 ms by oneDNN. From `POINTWISE_MATMUL_MIN_BYTES` up, where
   those copies matter; smaller ones stay on oneDNN (at `(1, 64, 4, 128, 128)` it was 6% faster).
-* **A large weight gradient by halves of its output channels.** oneDNN's 3-D weight gradient works
-  on channel-blocked copies of its input and of the output gradient, both at once: 128 MiB at the
-  full-size level 1, on top of everything live at that moment of backward, which is where a
-  checkpointed step peaks. From an output gradient of `WEIGHT_GRAD_HALVES_MIN_BYTES` up (one sample,
-  so that each half is contiguous), each half of the output channels gets its own call: the same
-  sums, bit for bit, with the output gradient's copy half as large (96 MiB), for about 6% more time
-  on that operator (measured at `(1, 32, 8, 256, 256)`).
+* **Under gradient checkpointing, a large weight gradient by halves.** oneDNN's 3-D weight gradient
+  works on channel-blocked copies of its input and of the output gradient, both at once: 128 MiB
+  at the full-size level 1, on top of everything live at that moment of backward, which is where
+  a checkpointed step peaks. There (inside `rematerialized_saves(products=True)`), an output
+  gradient, then an input, of `WEIGHT_GRAD_HALVES_MIN_BYTES` or more (one sample, so that each half
+  is contiguous) is split in halves of its channels, one call each: 64 MiB of copies at a time.
+  Measured at `(1, 32, 8, 256, 256)`: 15% more time on that operator for the output halves, 30%
+  with both; without checkpointing, where time comes first, the whole gradient runs at once.
+* **Under rematerialization, the input goes before the input gradient.** A convolution's backward
+  reads its input for the weight gradient only; the input gradient (a transposed convolution of the
+  output gradient) needs just its shape. Inside `rematerialized_saves()` the input is kept as a
+  [`SavedApart`][cpcbm_blocks.rematerialize.SavedApart]: remade for the weight gradient and let go
+  before the input gradient is made, where that transposed convolution runs as
+  `convolution_backward`'s own input gradient would (see `_save_input_and_weight`).
 """
 
 import contextlib
