@@ -11,7 +11,8 @@
    (torch and Python alone), and the most malloc had handed out at once (`mallinfo2`, sampled every
    millisecond; what the allocator merely keeps is not in it). The planner's prediction for the same
    step stands beside them, made in the child after its steps, so that it plans the weight-gradient
-   forms the child measured fastest.
+   forms the child measured fastest. The checkpointed variant also runs a third way: glibc's default
+   environment, with the fixed threshold set from Python (`cpcbm_blocks.malloc.return_freed_blocks()`).
 
     python benchmarks/bench_memory.py --time-size 128 --peak-size 256 --repeats 3 --peak-specs default,conditioned
 """
@@ -26,7 +27,7 @@ import torch
 
 from common import MALLOC_VARIABLES, alternate, median, save, setup, table
 
-from cpcbm_blocks import UNet3D, UNetSpec
+from cpcbm_blocks import UNet3D, UNetSpec, malloc
 from cpcbm_blocks.measure import PeakMallocSampler, held_for_backward, peak_rss_bytes
 from cpcbm_blocks.memory import _conditions, memory_plan
 
@@ -47,8 +48,12 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(size: int, switches: str, spec_name: str) -> None:
-    """Two training steps with Adam in this fresh process; print peak RSS, malloc peak and baselines as JSON."""
+def child(size: int, switches: str, spec_name: str, malloc_call: str) -> None:
+    """Two training steps with Adam in this fresh process; print peak RSS, malloc peak and baselines as JSON.
+
+    `malloc_call` names a `cpcbm_blocks.malloc` function to call first ("-": none)."""
+    if malloc_call != "-":
+        getattr(malloc, malloc_call)()
     torch.set_num_threads(2)
     torch.manual_seed(0)
     shape = (1, 1, 8, size, size)
@@ -81,10 +86,10 @@ def main() -> None:
     parser.add_argument("--skip-timing", action="store_true", help="only the fresh-process peak memory part")
     parser.add_argument("--peak-switches", default=",".join(SWITCHES),
                         help="comma-separated names of the variants whose peak to measure (default: all)")
-    parser.add_argument("--child", nargs=3, metavar=("SIZE", "SWITCHES", "SPEC"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("SIZE", "SWITCHES", "SPEC", "MALLOC_CALL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(int(args.child[0]), args.child[1], args.child[2])
+        child(int(args.child[0]), args.child[1], args.child[2], args.child[3])
         return
     env = setup()
     tables, data = {}, {}
@@ -123,9 +128,15 @@ def checkpointing_part(args):
     return text, {"shape": shape, "times": times, "held": held, "planned_saved": planned}
 
 
-MALLOC_SETTINGS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=65536": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+MALLOC_SETTINGS = {  # name -> (environment, cpcbm_blocks.malloc function the child calls first, variants)
+    "glibc default": ({}, "-", None),
+    "MALLOC_MMAP_THRESHOLD_=65536": ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "-", None),
+    "return_freed_blocks() in Python": ({}, "return_freed_blocks", ("checkpointing (every level + mid + conditions)",)),
+}
 """glibc's default raises its mmap threshold as large blocks are freed (up to 32 MiB) and then keeps
-freed activations in its heap; a fixed threshold returns every block of 64 KiB or more on free."""
+freed activations in its heap; a fixed threshold returns every block of 64 KiB or more on free. The
+third sets the same threshold from Python after start-up (`cpcbm_blocks.malloc`), for the variant
+that needs it most."""
 
 
 def peak_part(args, tables, data):
@@ -133,15 +144,17 @@ def peak_part(args, tables, data):
     rows, peaks = [], {}
     peak_shape = (1, 1, 8, args.peak_size, args.peak_size)
     for spec_name in args.peak_specs.split(","):
-        for malloc, settings in MALLOC_SETTINGS.items():
+        for setting, (settings, call, only) in MALLOC_SETTINGS.items():
             for name in args.peak_switches.split(","):
-                result = subprocess.run([sys.executable, __file__, "--child", str(args.peak_size), name, spec_name],
+                if only is not None and name not in only:
+                    continue
+                result = subprocess.run([sys.executable, __file__, "--child", str(args.peak_size), name, spec_name, call],
                                         env={**malloc_free_env, **settings}, capture_output=True, text=True, check=True)
                 measured = json.loads(result.stdout.strip().splitlines()[-1])
                 planned = measured["planned_peak"]
                 net = measured["peak_rss"] - measured["baseline_rss"]
-                peaks[f"{spec_name}, {malloc}, {name}"] = {**measured, "malloc": malloc}
-                rows.append([f"UNetSpec.{spec_name}()", malloc, name, measured["peak_rss"] / 2**30,
+                peaks[f"{spec_name}, {setting}, {name}"] = {**measured, "malloc": setting}
+                rows.append([f"UNetSpec.{spec_name}()", setting, name, measured["peak_rss"] / 2**30,
                              measured["baseline_rss"] / 2**30, net / 2**30, measured["malloc_peak_step"] / 2**30,
                              planned / 2**30, net / planned, measured["malloc_peak_step"] / planned])
                 print(f"peak: {rows[-1]}", flush=True)

@@ -47,7 +47,8 @@ medians. The CPU figures come from a shared 2-core machine, so absolute times ar
 measured in the same run are the figures to read. Each section names the thread count and the glibc
 malloc settings it ran under. On CPU, `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736` keeps
 glibc from returning large activations to the OS and page-faulting them back every step (faster
-and steadier steps, for a higher peak RSS); set both in the environment before starting Python.
+and steadier steps, for a higher peak RSS); set both in the environment before starting Python, or
+call `cpcbm_blocks.malloc.keep_freed_blocks()` in it.
 
 Peak memory is measured differently: each variant in a fresh process under glibc's default malloc
 and under a fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_=65536`), with the process's own

@@ -17,13 +17,14 @@ print(sampler.peak_bytes - sampler.start_bytes)   # the most the step had alloca
 """
 
 import ctypes
-import ctypes.util
 import gc
 import threading
 import time
 from typing import Self
 
 import torch
+
+from cpcbm_blocks.malloc import glibc
 
 __all__ = ["PeakMallocSampler", "held_for_backward", "malloc_bytes_in_use", "peak_rss_bytes"]
 
@@ -34,8 +35,8 @@ class _MallInfo2(ctypes.Structure):
 
 
 def _mallinfo2():
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if not hasattr(libc, "mallinfo2"):
+    libc = glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
         return None
     libc.mallinfo2.restype = _MallInfo2
     return libc.mallinfo2

@@ -1,0 +1,72 @@
+"""`cpcbm_blocks.malloc`: each setting does to a freed block what it says, in a fresh process.
+
+The settings change the whole process's allocator, so every check runs in a child process; each is
+run both ways, so that a setting that did nothing would fail.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cpcbm_blocks import InputError, malloc
+
+pytestmark = pytest.mark.skipif(malloc.glibc() is None, reason="glibc's malloc settings need glibc (Linux)")
+
+_CHILD = """
+import json, sys, torch
+from cpcbm_blocks import malloc
+
+def rss():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+MiB = 2**20
+setting = sys.argv[1]
+# What a step does first: a block above the threshold is mmapped and freed, which under glibc's
+# default raises the mmap threshold to its size, so later blocks up to that size come from the heap.
+first = torch.ones(24 * MiB // 4)
+del first
+if setting == "return":
+    malloc.return_freed_blocks()
+elif setting == "keep":
+    malloc.keep_freed_blocks()
+before = rss()
+block = torch.ones(int(sys.argv[2]) * MiB // 4)  # written, so resident
+del block
+print(json.dumps({"kept_mib": (rss() - before) / MiB}))
+"""
+
+
+def _run(setting: str, block_mib: int) -> dict:
+    done = subprocess.run([sys.executable, "-c", _CHILD, setting, str(block_mib)], capture_output=True, text=True,
+                          timeout=120, check=False, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_return_freed_blocks_gives_a_freed_block_back_that_the_default_keeps():
+    default, returned = _run("default", 16), _run("return", 16)
+    assert default["kept_mib"] >= 15, default  # the 16 MiB block stayed in glibc's heap, resident
+    assert returned["kept_mib"] <= 1, returned
+
+
+def test_keep_freed_blocks_keeps_a_freed_block_that_the_default_gives_back():
+    default, kept = _run("default", 64), _run("keep", 64)
+    assert default["kept_mib"] <= 1, default  # above 32 MiB glibc always maps, and unmaps on free
+    assert kept["kept_mib"] >= 63, kept
+
+
+@pytest.mark.parametrize("threshold", [0, -1, 2**30, True, 1.5, "64k"])
+def test_a_threshold_glibc_would_refuse_is_refused_with_the_argument_named(threshold):
+    with pytest.raises(InputError, match=r"threshold_bytes: expected an int in 1\.\.33554432.*got"):
+        malloc.return_freed_blocks(threshold)
+
+
+def test_without_glibc_the_settings_say_so_instead_of_calling_into_another_allocator(monkeypatch):
+    monkeypatch.setattr(malloc, "glibc", lambda: None)
+    with pytest.raises(RuntimeError, match="these settings are glibc's.*leave it as it is"):
+        malloc.keep_freed_blocks()
+    with pytest.raises(RuntimeError, match="these settings are glibc's"):
+        malloc.return_freed_blocks()
