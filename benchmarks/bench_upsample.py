@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from common import alternate, median, save, setup, table
 
-from cpcbm_blocks.blocks.conv import _parity_kernels, conv3d, interleave_parities_by_slices, upsample_conv3d
+from cpcbm_blocks.blocks.conv import conv3d
+from cpcbm_blocks.blocks.upsample_conv import _parity_kernels, interleave_parities_by_slices, upsample_conv3d
 
 SCALE, SHIFTS = (2, 2, 2), (True, True, True)
 

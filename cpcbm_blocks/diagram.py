@@ -25,8 +25,9 @@ from einops import rearrange
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from cpcbm_blocks.blocks.conv import Conv3d, conv3d, upsample_conv3d
+from cpcbm_blocks.blocks.conv import Conv3d, conv3d
 from cpcbm_blocks.blocks.embedding import sinusoidal_embedding, timesteps_to_batch
+from cpcbm_blocks.blocks.upsample_conv import upsample_conv3d
 from cpcbm_blocks.layout import Op, Section
 from cpcbm_blocks.plan import Plan, Transition
 from cpcbm_blocks.spec import UNetSpec

@@ -3,7 +3,8 @@
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from cpcbm_blocks.blocks.conv import Conv3d, upsample_conv3d
+from cpcbm_blocks.blocks.conv import Conv3d
+from cpcbm_blocks.blocks.upsample_conv import upsample_conv3d
 from cpcbm_blocks.contracts import shape_checked
 
 __all__ = ["Downsample3D", "Upsample3D"]
@@ -41,7 +42,7 @@ class Upsample3D(nn.Module):
 
     The inverse of [`Downsample3D`][cpcbm_blocks.blocks.sampling.Downsample3D] in shape. Nearest +
     convolution avoids the checkerboard artefacts of a transposed convolution (Odena et al. 2016).
-    Both run as one convolution at the low resolution (`upsample_conv3d` in `cpcbm_blocks.blocks.conv`):
+    Both run as one convolution at the low resolution (`upsample_conv3d` in `cpcbm_blocks.blocks.upsample_conv`):
     the same function with 8/27 of the multiply-adds for a `(2, 2, 2)` stride, and the upsampled
     volume is never materialised.
 
