@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from common import alternate, median, save, setup, table
 
-from cpcbm_blocks.blocks.conv import _matmul_weight_grad, weight_grad_by_depth_taps
+from cpcbm_blocks.blocks.conv_weight_grad import _matmul_weight_grad, weight_grad_by_depth_taps
 
 SHAPES = [  # (c_in, c_out, d, h, w, taps): level 1 at 128 and 256 (down 32->32, up 64->32), level 2 at 256
     (32, 32, 8, 128, 128, 3), (64, 32, 8, 128, 128, 3), (32, 32, 8, 256, 256, 3), (64, 32, 8, 256, 256, 3),

@@ -10,7 +10,7 @@ from cpcbm_blocks.blocks.attention import attention_backend as attention_backend
 from cpcbm_blocks.blocks.attention import set_attention_backend as set_attention_backend
 from cpcbm_blocks.blocks.cond_image_encoder import CondImageEncoder3D as CondImageEncoder3D
 from cpcbm_blocks.blocks.conv import Conv3d as Conv3d
-from cpcbm_blocks.blocks.conv import set_weight_grad_method as set_weight_grad_method
+from cpcbm_blocks.blocks.conv_weight_grad import set_weight_grad_method as set_weight_grad_method
 from cpcbm_blocks.blocks.embedding import TimestepEmbedding as TimestepEmbedding
 from cpcbm_blocks.blocks.fusion_cross_attention import CrossAttentionFusion3D as CrossAttentionFusion3D
 from cpcbm_blocks.blocks.fusion_dynamic_conv import DynamicConvFusion3D as DynamicConvFusion3D

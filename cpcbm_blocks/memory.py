@@ -24,7 +24,7 @@ update. A `TorchDispatchMode` sees every operator of that step:
   them from measurements (`tests/test_memory.py` checks the model against malloc on real
   convolutions) and the plan adds each one on top of what is live when its convolution runs.
   `device="cuda"` leaves them out (cuDNN's workspaces are not modelled) and runs each convolution
-  in the form a GPU would (`cpcbm_blocks.blocks.conv.meta_stands_for`): none of the CPU-only forms
+  in the form a GPU would (`cpcbm_blocks.blocks.conv_onednn.meta_stands_for`): none of the CPU-only forms
   (oneDNN called directly or depth moved last for small volumes, the chosen weight gradient, few
   output channels by taps).
 
@@ -58,7 +58,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flo
 
 from cpcbm_blocks.blocks.attention import AttentionBackend
 from cpcbm_blocks.blocks.attention import attention_backend as use_attention_backend
-from cpcbm_blocks.blocks.conv import META_DEVICES, meta_stands_for, pointwise, runs_on_onednn
+from cpcbm_blocks.blocks.conv_onednn import META_DEVICES, meta_stands_for, pointwise, runs_on_onednn
 from cpcbm_blocks.contracts import shape_checks
 from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.layout import Op, Section, Step

@@ -89,6 +89,6 @@ def tiny_spec() -> UNetSpec:
 def one_weight_gradient_form(monkeypatch):
     """oneDNN's 3-D weight gradient everywhere: what a backward holds then does not depend on which form an
     earlier test measured fastest (`set_weight_grad_method("auto")` times them once per problem)."""
-    from cpcbm_blocks.blocks import conv
+    from cpcbm_blocks.blocks import conv_weight_grad
 
-    monkeypatch.setattr(conv, "_weight_grad_method", "aten")
+    monkeypatch.setattr(conv_weight_grad, "_weight_grad_method", "aten")

@@ -73,7 +73,7 @@ def test_the_planned_peak_of_a_cpu_training_step_matches_what_malloc_hands_out_w
     conditions: the most malloc handed out at once, plus what was allocated before (parameters, Adam
     state, inputs), against the plan. The oneDNN copies are what bring the plan this close: without
     them (`device="cuda"`, tensors only) it falls short by more."""
-    from cpcbm_blocks.blocks.conv import set_weight_grad_method
+    from cpcbm_blocks.blocks.conv_weight_grad import set_weight_grad_method
     from cpcbm_blocks.measure import PeakMallocSampler
 
     if malloc_bytes_in_use() is None:

@@ -10,7 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cpcbm_blocks import Conv3d, InputError
 from cpcbm_blocks.blocks import conv as conv_module
-from cpcbm_blocks.blocks.conv import weight_grad_by_depth_taps
+from cpcbm_blocks.blocks import conv_onednn
+from cpcbm_blocks.blocks import conv_weight_grad as weight_grad_module
+from cpcbm_blocks.blocks.conv_weight_grad import weight_grad_by_depth_taps
 
 
 @given(batch=st.integers(1, 2), depth=st.integers(1, 4), size=st.integers(3, 9), stride=st.sampled_from([1, 2]),
@@ -99,13 +101,13 @@ def test_a_volume_pytorch_would_leave_to_slow_conv3d_runs_on_onednn_as_it_is(cha
     """Batch 1, small `N*C*D*H`: forward and input gradient by `aten.mkldnn_convolution` in the input's layout
     (the input gradient with the kernel flipped and its channels swapped), the weight gradient by any method;
     values and gradients equal `F.conv3d`'s, whose `slow_conv3d` is the reference."""
-    conv_module.set_weight_grad_method(method)
+    weight_grad_module.set_weight_grad_method(method)
     try:
         torch.manual_seed(0)
         conv = Conv3d(*channels, kernel_size=kernel, bias=bias)
         layout = torch.channels_last_3d if channels_last else torch.contiguous_format
         x = torch.randn(1, channels[0], depth, height, width).contiguous(memory_format=layout).requires_grad_()
-        assert not conv_module.runs_on_onednn(x, conv.weight, conv.stride, conv.groups)
+        assert not conv_onednn.runs_on_onednn(x, conv.weight, conv.stride, conv.groups)
         with torch.profiler.profile() as profile:
             out = conv(x)
         operators = {event.key for event in profile.key_averages()}
@@ -121,8 +123,8 @@ def test_a_volume_pytorch_would_leave_to_slow_conv3d_runs_on_onednn_as_it_is(cha
         for ours, theirs in zip(torch.autograd.grad(out, wrt, grad), torch.autograd.grad(reference, wrt, grad)):
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * max(1.0, theirs.abs().max().item()))
     finally:
-        conv_module.set_weight_grad_method("auto")
-        conv_module._fastest_form.clear()
+        weight_grad_module.set_weight_grad_method("auto")
+        weight_grad_module._fastest_form.clear()
 
 
 def test_flop_counter_counts_onednn_as_is_like_conv3d():
@@ -175,9 +177,9 @@ def test_two_samples_of_a_small_volume_keep_their_layout_pytorch_runs_them_on_on
     weight_grad_method("aten")  # oneDNN's 3-D weight gradient, the form that would move depth last
     x = torch.randn(2, 32, 4, 32, 32).contiguous(memory_format=memory_format)
     conv = Conv3d(32, 8, kernel_size=(3, 3, 3), stride=(2, 2, 2))
-    assert conv_module.runs_on_onednn(x, conv.weight, conv.stride, conv.groups)
-    assert not conv_module._depth_last_reaches_onednn(x, conv.weight, conv.groups)
-    assert conv_module._depth_last_reaches_onednn(x[:1], conv.weight, conv.groups)  # one sample would
+    assert conv_onednn.runs_on_onednn(x, conv.weight, conv.stride, conv.groups)
+    assert not conv_onednn.depth_last_reaches_onednn(x, conv.weight, conv.groups)
+    assert conv_onednn.depth_last_reaches_onednn(x[:1], conv.weight, conv.groups)  # one sample would
     with torch.profiler.profile(record_shapes=True) as profile:
         conv(x).sum().backward()
     shapes = [event.input_shapes[1] for event in profile.events() if event.name == "aten::convolution_backward"]
@@ -214,9 +216,9 @@ def test_the_weight_gradient_by_depth_taps_equals_the_3d_one(batch, depth, size,
 @pytest.fixture
 def weight_grad_method():
     """Set the process-wide method inside a test; put back the default and forget measured choices after."""
-    yield conv_module.set_weight_grad_method
-    conv_module.set_weight_grad_method("auto")
-    conv_module._fastest_form.clear()
+    yield weight_grad_module.set_weight_grad_method
+    weight_grad_module.set_weight_grad_method("auto")
+    weight_grad_module._fastest_form.clear()
 
 
 def _count_weight_grads(monkeypatch) -> dict[str, int]:
@@ -230,7 +232,7 @@ def _count_weight_grads(monkeypatch) -> dict[str, int]:
 
     for name, attribute in (("depth_taps", "weight_grad_by_depth_taps"), ("aten", "_aten_weight_grad"),
                             ("matmul", "_matmul_weight_grad")):
-        monkeypatch.setattr(conv_module, attribute, counting(name, getattr(conv_module, attribute)))
+        monkeypatch.setattr(weight_grad_module, attribute, counting(name, getattr(weight_grad_module, attribute)))
     return calls
 
 
@@ -260,11 +262,11 @@ def test_auto_times_both_forms_once_per_problem_and_keeps_the_faster(weight_grad
     for _ in range(3):
         conv(x).sum().backward()
     # measured once (a warm-up and a timed run of each form), then the faster form alone
-    (kept,) = conv_module._fastest_form.values()
+    (kept,) = weight_grad_module._fastest_form.values()
     assert kept in ("depth_taps", "aten")
     assert calls == {"depth_taps": 2 + 2 * (kept == "depth_taps"), "aten": 2 + 2 * (kept == "aten"), "matmul": 0}
     conv(torch.randn(1, 4, 5, 8, 8)).sum().backward()  # another problem is measured again
-    assert len(conv_module._fastest_form) == 2
+    assert len(weight_grad_module._fastest_form) == 2
     assert sum(calls.values()) == 4 + 2 + 4
 
 
@@ -279,7 +281,7 @@ def test_on_meta_auto_plans_the_form_this_process_measured_and_the_depth_taps_be
     planned(torch.empty(1, 4, 6, 8, 8, device="meta")).sum().backward()
     assert calls == {"depth_taps": 1, "aten": 0, "matmul": 0}  # not measured yet: the larger transient
     conv(torch.randn(1, 4, 6, 8, 8)).sum().backward()  # measures the problem on CPU
-    (kept,) = conv_module._fastest_form.values()
+    (kept,) = weight_grad_module._fastest_form.values()
     calls.update(dict.fromkeys(calls, 0))
     planned(torch.empty(1, 4, 6, 8, 8, device="meta")).sum().backward()
     assert calls == {"depth_taps": kept == "depth_taps", "aten": kept == "aten", "matmul": 0}
@@ -295,9 +297,9 @@ def test_a_pointwise_kernel_also_times_the_matrix_product_and_trains_to_conv3ds_
         x = torch.randn(2, 5, 3, 6, 7, requires_grad=True)
         conv.zero_grad()
         _assert_equals_conv3d_with_gradients(conv, conv(x), x, tolerance=1e-5)
-    (kept,) = conv_module._fastest_form.values()
+    (kept,) = weight_grad_module._fastest_form.values()
     assert calls == {name: 2 + (name == kept) for name in ("depth_taps", "aten", "matmul")}
-    assert conv_module._matmul_weight_grad(torch.ones(2, 3, 1, 1, 2), torch.ones(2, 5, 1, 1, 2),
+    assert weight_grad_module._matmul_weight_grad(torch.ones(2, 3, 1, 1, 2), torch.ones(2, 5, 1, 1, 2),
                                            conv.weight).eq(4).all()  # 2 samples x 2 voxels
 
 
@@ -379,16 +381,16 @@ def test_a_large_weight_gradient_by_halves_of_its_channels_equals_the_whole_one(
     x, weight = torch.randn(1, 8, 6, 12, 12), torch.randn(8, 8, 3, 3, 3)
     grad_out = torch.randn(1, 8, 6, 12, 12)
     arguments = {"stride": (1, 1, 1), "padding": (1, 1, 1), "groups": 1}
-    whole = conv_module._aten_weight_grad(grad_out, x, weight, **arguments)
+    whole = weight_grad_module._aten_weight_grad(grad_out, x, weight, **arguments)
     # From x's size up: output halves, then input halves; four calls, each with a quarter of the channels.
-    monkeypatch.setattr(conv_module, "WEIGHT_GRAD_HALVES_MIN_BYTES", x.numel() * x.element_size())
+    monkeypatch.setattr(weight_grad_module, "WEIGHT_GRAD_HALVES_MIN_BYTES", x.numel() * x.element_size())
     with _CountOperators() as counted:
-        halves = conv_module._aten_weight_grad(grad_out, x, weight, **arguments, by_halves=True)
+        halves = weight_grad_module._aten_weight_grad(grad_out, x, weight, **arguments, by_halves=True)
     assert counted.calls["convolution_backward"] == 4
     torch.testing.assert_close(halves, whole, rtol=1e-5, atol=1e-5)
     # Two samples: a run of channels is no longer contiguous, so no halves (they would be copies).
     with _CountOperators() as counted:
-        conv_module._aten_weight_grad(grad_out.expand(2, -1, -1, -1, -1).contiguous(),
+        weight_grad_module._aten_weight_grad(grad_out.expand(2, -1, -1, -1, -1).contiguous(),
                                       x.expand(2, -1, -1, -1, -1).contiguous(), weight, **arguments, by_halves=True)
     assert counted.calls["convolution_backward"] == 1
 
@@ -398,8 +400,8 @@ def test_only_gradient_checkpointing_computes_weight_gradients_by_halves(weight_
 
     weight_grad_method("depth_taps")
     seen = []
-    chosen = conv_module._chosen_weight_grad
-    monkeypatch.setattr(conv_module, "_chosen_weight_grad",
+    chosen = conv_module.chosen_weight_grad
+    monkeypatch.setattr(conv_module, "chosen_weight_grad",
                         lambda *args, **kwargs: seen.append(kwargs["by_halves"]) or chosen(*args, **kwargs))
     conv = Conv3d(8, 8, kernel_size=(3, 3, 3))
     x = torch.randn(1, 8, 8, 12, 12, requires_grad=True)

@@ -7,8 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from cpcbm_blocks import Conv3d
-from cpcbm_blocks.blocks.conv import meta_stands_for
 from cpcbm_blocks.blocks.conv_by_taps import by_taps_pays, conv3d_by_taps
+from cpcbm_blocks.blocks.conv_onednn import meta_stands_for
 from cpcbm_blocks.blocks.head import OutputHead
 
 
