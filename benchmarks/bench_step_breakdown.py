@@ -19,13 +19,10 @@ Models alternate A B C A B C after a warm-up; each figure is the median over the
 import argparse
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_train_step import monai_unet, train_step
+from bench_train_step import compared_steps
 from common import median, save, setup, table
-
-from cpcbm_blocks import UNet3D, UNetSpec
 
 CLASSES = ("convolutions", "matrix products", "attention", "norms", "activations",
            "elementwise, copies, reductions", "autograd nodes and Functions", "outside any operator")
@@ -70,13 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     env = setup()
     shape = (1, 1, 8, args.size, args.size)
-    torch.manual_seed(0)
-    x, target, t = torch.randn(shape), torch.randn(shape), torch.tensor([500])
-    ours = UNet3D(UNetSpec.default())
-    steps = {"cpcbm_blocks": train_step(ours, x, t, target),
-             "cpcbm_blocks, selective=False": train_step(ours, x, t, target, selective=False)}
-    if not args.no_monai:
-        steps["MONAI"] = train_step(monai_unet(), x, t, target)
+    steps = compared_steps(args.size, monai=not args.no_monai)
     for step in steps.values():  # warm-up: Conv3d times its weight-gradient forms on the first backward
         step()
         step()

@@ -40,6 +40,23 @@ def train_step(model, x, t, target, **switches):
     return run
 
 
+def compared_steps(size: int, *, monai: bool, compiled: bool = False) -> dict:
+    """The train steps compared at `(1, 1, 8, size, size)`, on the same seeded data: our default UNet, the
+    same with `selective=False`, MONAI's nearest configuration (`monai`) and ours under `torch.compile`
+    (`compiled`)."""
+    shape = (1, 1, 8, size, size)
+    torch.manual_seed(0)
+    x, target, t = torch.randn(shape), torch.randn(shape), torch.tensor([500])
+    ours = UNet3D(UNetSpec.default())
+    steps = {"cpcbm_blocks": train_step(ours, x, t, target),
+             "cpcbm_blocks, selective=False": train_step(ours, x, t, target, selective=False)}
+    if monai:
+        steps["MONAI"] = train_step(monai_unet(), x, t, target)
+    if compiled:
+        steps["cpcbm_blocks compiled"] = train_step(torch.compile(ours), x, t, target)
+    return steps
+
+
 def count_flops(step) -> int:
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOP_FORMULAS) as counter:
         step()
@@ -56,16 +73,7 @@ def main() -> None:
     env = setup()
     rows, data = [], []
     for size in (int(v) for v in args.sizes.split(",")):
-        shape = (1, 1, 8, size, size)
-        torch.manual_seed(0)
-        x, target, t = torch.randn(shape), torch.randn(shape), torch.tensor([500])
-        ours = UNet3D(UNetSpec.default())
-        variants = {"cpcbm_blocks": train_step(ours, x, t, target),
-                    "cpcbm_blocks, selective=False": train_step(ours, x, t, target, selective=False)}
-        if not args.no_monai:
-            variants["MONAI"] = train_step(monai_unet(), x, t, target)
-        if args.compile:
-            variants["cpcbm_blocks compiled"] = train_step(torch.compile(ours), x, t, target)
+        variants = compared_steps(size, monai=not args.no_monai, compiled=args.compile)
         times = alternate(variants, repeats=args.repeats, warmup=1)
         # Counted after the runs: Conv3d's first backward of a problem also times both weight-gradient forms.
         flops = {name: count_flops(step) for name, step in variants.items() if "compiled" not in name}
