@@ -1,8 +1,9 @@
 """Which kernels PyTorch's CPU backend runs a convolution with, and what the `meta` device stands for.
 
-PyTorch hands a float32 convolution to oneDNN only when `N*C*D*H` (`N*C*H` in 2-D) exceeds
-`SLOW_CONV_LIMIT`, or the batch, the groups or the kernel is large (`use_mkldnn` in ATen's
-`Convolution.cpp`); below that it runs its own `slow_conv3d`, several times slower. `runs_on_onednn`
+PyTorch hands a float32 convolution to oneDNN only when `N*C*size(2)*size(3)` (`N*C*D*H` in 3-D,
+`N*C*H*W` in 2-D) exceeds `SLOW_CONV_LIMIT`, or the batch, the groups or the kernel is large
+(`use_mkldnn` in ATen's `Convolution.cpp`); below that it runs its own `slow_conv` kernels,
+several times slower. `runs_on_onednn`
 mirrors that choice: [`Conv3d`][cpcbm_blocks.Conv3d] routes around it (oneDNN's operator called
 directly, or depth moved last), and the memory planner models each backend's temporaries by it.
 
