@@ -28,7 +28,7 @@ import torch
 from common import MALLOC_VARIABLES, alternate, median, save, setup, table
 
 from cpcbm_blocks import UNet3D, UNetSpec, malloc
-from cpcbm_blocks.measure import PeakMallocSampler, held_for_backward, peak_rss_bytes
+from cpcbm_blocks.measure import PeakMallocSampler, held_for_backward, peak_rss_bytes, rss_bytes
 from cpcbm_blocks.memory import _conditions, memory_plan
 
 SPECS = {"default": UNetSpec.default, "conditioned": UNetSpec.conditioned}
@@ -41,11 +41,6 @@ SWITCHES = {  # name -> (UNet3D.set_gradient_checkpointing arguments, memory_pla
         {"levels": (1, 2, 3, 4), "mid": True, "conditions": True},
         {"checkpoint_levels": (1, 2, 3, 4), "checkpoint_mid": True, "checkpoint_conditions": True}),
 }
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def child(size: int, switches: str, spec_name: str, malloc_call: str) -> None:

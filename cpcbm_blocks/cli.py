@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from cpcbm_blocks.errors import CpcbmError
+from cpcbm_blocks.malloc import glibc
+from cpcbm_blocks.measure import rss_bytes
 from cpcbm_blocks.memory import DEVICES, DTYPES, memory_plan
 from cpcbm_blocks.notation import parse_trace, render_trace
 from cpcbm_blocks.plan import plan
@@ -180,9 +182,10 @@ def plan_command(args: argparse.Namespace) -> int:
                          checkpoint_conditions=args.checkpoint_conditions, selective=not args.no_selective,
                          attention_backend=args.attention, text_tokens=args.text_tokens)
     largest = None if args.fit_gib is None else result.largest_batch(int(args.fit_gib * 2**30))
+    process = rss_bytes() if result.device == "cpu" else None  # Python and torch, which a CPU step's RSS adds
     if args.format == "json":
         print(json.dumps({"spec": spec.to_dict(), "spec_source": spec_name, **result.to_dict(),
-                          "fit_gib": args.fit_gib, "largest_batch": largest,
+                          "fit_gib": args.fit_gib, "largest_batch": largest, "process_rss_bytes": process,
                           "torch_meta_import_seconds": round(warm_up_seconds, 4)}, indent=2))
         return 0
     checkpointing = ", ".join([*(f"level {v}" for v in result.checkpoint_levels), *(["mid"] if result.checkpoint_mid else []),
@@ -191,6 +194,11 @@ def plan_command(args: argparse.Namespace) -> int:
           f"attention {result.attention_backend.value}, "
           f"checkpointing {checkpointing or 'off'}, selective recomputation {'on' if result.selective else 'off'}; a training step (forward, MSE loss, backward, Adam) on meta")
     print(result.render())
+    if process is not None:
+        kept = (" and what glibc's malloc keeps of freed blocks (cpcbm_blocks.malloc.return_freed_blocks(), or "
+                "MALLOC_MMAP_THRESHOLD_=65536, keeps that near zero)" if glibc() is not None else "")
+        print(f"on cpu            a process's peak RSS adds Python and torch (this one holds {process / 2**30:.2f} GiB "
+              f"now){kept}")
     if largest is not None:
         print(f"largest batch that fits in {args.fit_gib:g} GiB: {largest}")
     warm = f"; torch's one-time meta-kernel import took {warm_up_seconds:.2f} s before it" if warm_up_seconds > 0.05 else ""

@@ -18,6 +18,7 @@ print(sampler.peak_bytes - sampler.start_bytes)   # the most the step had alloca
 
 import ctypes
 import gc
+import os
 import threading
 import time
 from typing import Self
@@ -26,7 +27,7 @@ import torch
 
 from cpcbm_blocks.malloc import glibc
 
-__all__ = ["PeakMallocSampler", "held_for_backward", "malloc_bytes_in_use", "peak_rss_bytes"]
+__all__ = ["PeakMallocSampler", "held_for_backward", "malloc_bytes_in_use", "peak_rss_bytes", "rss_bytes"]
 
 
 class _MallInfo2(ctypes.Structure):
@@ -54,6 +55,15 @@ def malloc_bytes_in_use() -> int | None:
         return None
     info = _MALLINFO2()
     return info.uordblks + info.hblkhd
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set size now (`/proc/self/statm`); None off Linux."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
 
 
 def peak_rss_bytes() -> int | None:

@@ -45,3 +45,18 @@ def test_plan_for_cuda_leaves_out_onednns_copies_and_says_so(capsys):
     assert plans["cuda"]["saved_bytes"] == plans["cpu"]["saved_bytes"]
     assert main(["plan", "--input-shape", "1,1,8,64,64", "--device", "cuda"]) == 0
     assert "on cuda (tensors only: no cuDNN workspaces or CUDA context; no allocator cache)" in capsys.readouterr().out
+
+
+def test_a_cpu_plan_says_what_a_process_adds_to_it_and_a_cuda_plan_does_not(capsys):
+    from cpcbm_blocks.malloc import glibc
+    from cpcbm_blocks.measure import rss_bytes
+
+    assert main(["plan", "--input-shape", "1,1,8,32,32"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("on cpu"))
+    held_gib = float(line.split("this one holds ")[1].split(" GiB")[0])
+    assert 0.05 < held_gib <= rss_bytes() / 2**30 + 0.01  # measured in this process, just now
+    assert ("return_freed_blocks()" in line) == (glibc() is not None)
+    assert main(["plan", "--input-shape", "1,1,8,32,32", "--device", "cuda"]) == 0
+    assert "on cpu " not in capsys.readouterr().out
+    assert main(["plan", "--input-shape", "1,1,8,32,32", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["process_rss_bytes"] > 0
