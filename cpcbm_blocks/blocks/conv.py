@@ -14,10 +14,10 @@ included):
 * **Small batch-1 volumes, on CPU.** PyTorch's CPU backend choice looks at `N*C*D*H` only
   (`use_mkldnn` in ATen's `Convolution.cpp`, mirrored by `runs_on_onednn`): a batch-1 volume such as
   `(1, 32, 8, 64, 64)` or `(1, 64, 4, 64, 64)` runs `slow_conv3d` although oneDNN's kernel is several
-  times faster. A stride-1 convolution with an odd kernel calls oneDNN's operator
-  (`aten.mkldnn_convolution`) directly, in the input's own layout; its input gradient is the same
-  operator with the kernel flipped and its channels swapped (a stride-1 transposed convolution with
-  "same" padding), and its weight gradient is the measured choice below. It writes no permuted
+  times faster. A stride-1 convolution calls oneDNN's operator (`aten.mkldnn_convolution`)
+  directly, in the input's own layout; its input gradient is the same operator with the kernel
+  flipped, its channels swapped and padding `k - 1 - p` (a stride-1 transposed convolution is one),
+  and its weight gradient is the measured choice below. It writes no permuted
   copies, and on a 2-core AVX-512 machine its forward ran faster than with depth moved last
   (`benchmarks/bench_small_volumes.py`: 64 -> 64 channels at `(4, 64, 64)`, 14.5 against 17.7 ms;
   the 1-channel stem at `(8, 256, 256)`, 9.8 against 17.4 ms). A strided convolution (a downsampler) instead
@@ -268,8 +268,8 @@ def _fold_depth_into_channels(weight: Tensor, *, depth: int, stride: int, paddin
 
 
 class _OneDnnConv3d(torch.autograd.Function):
-    """A stride-1 "same" convolution through `aten.mkldnn_convolution`, whatever PyTorch's backend heuristic
-    would pick (see the module docs). Saves what `F.conv3d` saves: the input and the weight."""
+    """A stride-1 convolution (padding `k // 2`) through `aten.mkldnn_convolution`, whatever PyTorch's backend
+    heuristic would pick (see the module docs). Saves what `F.conv3d` saves: the input and the weight."""
 
     @staticmethod
     def forward(x, weight, bias, padding):
@@ -287,9 +287,11 @@ class _OneDnnConv3d(torch.autograd.Function):
 
 
 def _transposed_input_grad(grad_out: Tensor, x: Tensor | None, weight: Tensor, ctx) -> Tensor:
-    """The transposed convolution, as a convolution: the kernel flipped along every axis, in and out channels swapped."""
+    """The transposed convolution, as a convolution: the kernel flipped along every axis, in and out channels
+    swapped, padded by `k - 1 - p` (`p` itself for an odd kernel's "same" padding, 0 for 2 taps padded by 1)."""
     flipped = rearrange(weight.flip(2, 3, 4), "o i d h w -> i o d h w").contiguous()
-    return mkldnn_convolution(grad_out, flipped, None, list(ctx.padding), [1, 1, 1], [1, 1, 1], 1)
+    padding = [k - 1 - p for k, p in zip(weight.shape[2:], ctx.padding)]
+    return mkldnn_convolution(grad_out, flipped, None, padding, [1, 1, 1], [1, 1, 1], 1)
 
 
 

@@ -79,11 +79,12 @@ def sizes_reach_onednn(x: Tensor, weight: Tensor, groups: int) -> bool:
 
 def onednn_runs_it_as_is(x: Tensor, weight: Tensor, stride: tuple[int, ...], groups: int) -> bool:
     """Where `_OneDnnConv3d` applies and pays: a float32 convolution PyTorch would leave to its own kernels,
-    ungrouped, stride 1, with an odd kernel ("same" padding keeps the size, so the input gradient is a
-    convolution too). Pointwise kernels included: on one thread or two, oneDNN's ran 1.3-3x faster
-    than PyTorch's own at `(1, 32, 4, 64, 64)` to 64 channels and the like."""
+    ungrouped, stride 1 (so the input gradient is a convolution too). Pointwise kernels included: on one
+    thread or two, oneDNN's ran 1.3-3x faster than PyTorch's own at `(1, 32, 4, 64, 64)` to 64 channels
+    and the like. Even kernels included: the sub-pixel upsample's 2-tap parity kernels, which would
+    otherwise move depth last and copy an output of 8 parities' channels both ways."""
     return (x.dtype == torch.float32 and groups == 1 and all(s == 1 for s in stride)
-            and all(k % 2 for k in weight.shape[2:]) and not runs_on_onednn(x, weight, stride, groups))
+            and not runs_on_onednn(x, weight, stride, groups))
 
 
 mkldnn_convolution = torch.ops.aten.mkldnn_convolution

@@ -94,7 +94,8 @@ def test_a_shallow_wide_volume_runs_on_onednn_and_equals_conv3d(depth, depth_str
 
 
 @given(channels=st.sampled_from([(1, 16), (3, 2), (8, 8)]), depth=st.integers(6, 8), height=st.integers(3, 9),
-       width=st.integers(3, 9), kernel=st.sampled_from([(3, 3, 3), (5, 3, 3), (3, 1, 5), (1, 1, 1)]), bias=st.booleans(),
+       width=st.integers(3, 9), kernel=st.sampled_from([(3, 3, 3), (5, 3, 3), (3, 1, 5), (1, 1, 1), (2, 2, 2), (2, 1, 4)]),
+       bias=st.booleans(),
        channels_last=st.booleans(), method=st.sampled_from(["auto", "depth_taps", "aten"]))
 def test_a_volume_pytorch_would_leave_to_slow_conv3d_runs_on_onednn_as_it_is(channels, depth, height, width, kernel,
                                                                              bias, channels_last, method):
