@@ -17,10 +17,7 @@ pytestmark = pytest.mark.skipif(malloc.glibc() is None, reason="glibc's malloc s
 _CHILD = """
 import json, sys, torch
 from cpcbm_blocks import malloc
-
-def rss():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096
+from cpcbm_blocks.measure import rss_bytes as rss
 
 MiB = 2**20
 setting = sys.argv[1]

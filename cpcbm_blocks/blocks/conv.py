@@ -222,7 +222,7 @@ def _gradients(ctx, grad_out: Tensor, input_grad) -> tuple[Tensor | None, Tensor
         grad_bias = grad_out.sum(dim=(0, 2, 3, 4))
     if need_weight:  # first: the depth taps' slice copies are gone before grad_x exists
         grad_weight = chosen_weight_grad(grad_out, x, weight, stride=ctx.stride, padding=ctx.padding,
-                                          groups=ctx.groups, by_halves=ctx.by_halves)
+                                         groups=ctx.groups, by_halves=ctx.by_halves)
     if ctx.x_apart is not None:
         x = None  # a remade input goes before the input gradient is made
     if need_x:
