@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU checks of the speed-and-memory issue, in ONE call to a lent GPU machine.
+#
+# Such a machine is lent for minutes and starts bare, with its own Python and torch (an image with
+# CUDA, PyTorch, einops, jaxtyping, hypothesis and pytest, but not beartype). So the work is split:
+#
+#   here, once:   bash benchmarks/gpu_session.sh --prepare
+#                 (downloads the wheels that image lacks into .whl/, which git ignores)
+#   there:        bash benchmarks/gpu_session.sh            (carry .whl; about 5 minutes on an H100/H200)
+#   here, to try: bash benchmarks/gpu_session.sh --smoke    (the same steps on this CPU, at 64x64)
+#
+# What runs: the tests marked `gpu` (the planner's peak against torch.cuda.max_memory_allocated
+# within 10%, fp16 attention with upcast), then benchmarks/bench_gpu_step.py at the full
+# (1, 1, 8, 256, 256): bf16 autocast, bf16 and fp32 steps with Adam, their max_memory_allocated
+# and the planner's prediction. Logs and results/gpu_step.json are copied to $OUT (the folder the
+# device tool brings back), or to a temporary folder elsewhere. Each step has its own time limit,
+# so a hang in one still leaves the others' output.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+# Wheels for packages the GPU image lacks (pure Python, so one wheel serves any Python 3).
+WHEELS=("beartype==0.23.1")
+
+case "${1:-run}" in
+    --prepare)
+        mkdir -p .whl
+        python3 -m pip download -q --no-deps --only-binary=:all: -d .whl "${WHEELS[@]}"
+        ls .whl
+        exit 0 ;;
+    --smoke) smoke=1 ;;
+    run) smoke=0 ;;
+    *) echo "gpu_session.sh: expected --prepare, --smoke or no argument, got '$1'." >&2; exit 2 ;;
+esac
+
+OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
+if [ "$smoke" = 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+status=0
+
+python3 - <<'EOF' 2>&1 | tee "$OUT/env.txt" || status=1
+import torch, cpcbm_blocks
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+print("cpcbm_blocks imported from", cpcbm_blocks.__file__)
+EOF
+
+# Only the modules that hold `gpu` tests: collecting the docs tests would import the docs toolchain.
+timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_memory.py tests/test_numerics.py -rs \
+    2>&1 | tee "$OUT/pytest_gpu.log" || status=1
+
+if [ "$smoke" = 1 ]; then
+    timeout 300 python3 benchmarks/bench_gpu_step.py --device cpu --size 64 --repeats 1 2>&1 | tee "$OUT/bench_gpu_step.log" || status=1
+else
+    timeout 420 python3 benchmarks/bench_gpu_step.py --repeats 10 2>&1 | tee "$OUT/bench_gpu_step.log" || status=1
+    cp benchmarks/results/gpu_step.json "$OUT/" 2>/dev/null || status=1
+fi
+echo "gpu_session.sh: results in $OUT (exit $status)"
+exit $status
