@@ -32,6 +32,7 @@ SECTIONS = [
      "bench_conv_by_taps.py --sizes 64 --in-channels 128 --out-channels 4,8"),
     ("small_volumes", "Small batch-1 volumes: slow_conv3d vs depth moved last vs oneDNN as is",
      "bench_small_volumes.py"),
+    ("layout", "Channels-last (NDHWC) vs NCDHW on CPU: operators and train steps", "bench_layout.py"),
     ("gpu_step", "A full-size training step on a GPU", "bench_gpu_step.py"),  # only where a GPU has run it
 ]
 
