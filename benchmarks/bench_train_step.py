@@ -53,7 +53,9 @@ def compared_steps(size: int, *, monai: bool, compiled: bool = False) -> dict:
     if monai:
         steps["MONAI"] = train_step(monai_unet(), x, t, target)
     if compiled:
-        steps["cpcbm_blocks compiled"] = train_step(torch.compile(ours), x, t, target)
+        # dynamic=False: torch 2.13's inductor fails to lower these convolutions with symbolic sizes
+        # (pytorch#188422), which its automatic dynamic shapes would use from the second size on.
+        steps["cpcbm_blocks compiled"] = train_step(torch.compile(ours, dynamic=False), x, t, target)
     return steps
 
 

@@ -17,7 +17,7 @@ PAGE = ROOT / "docs" / "performance.md"
 SECTIONS = [
     ("train_step", "Train step: cpcbm_blocks vs MONAI", "bench_train_step.py"),
     ("train_step_compile", "Train step: eager vs torch.compile (inductor)",
-     "bench_train_step.py --sizes 64 --compile --no-monai"),
+     "bench_train_step.py --sizes 64,128 --compile --no-monai"),
     ("step_breakdown_128", "Where a train step's time goes (128x128)", "bench_step_breakdown.py --size 128"),
     ("step_breakdown_256", "Where a train step's time goes (256x256)", "bench_step_breakdown.py --size 256"),
     ("roofline_128", "Achieved FLOP/s vs this machine's roofline (128x128)", "bench_roofline.py --size 128"),
