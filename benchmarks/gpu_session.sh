@@ -9,8 +9,9 @@
 #   there:        bash benchmarks/gpu_session.sh            (carry .whl; about 5 minutes on an H100/H200)
 #   here, to try: bash benchmarks/gpu_session.sh --smoke    (the same steps on this CPU, at 64x64)
 #
-# What runs: the tests marked `gpu` (the planner's peak against torch.cuda.max_memory_allocated
-# within 10%, fp16 attention with upcast), then benchmarks/bench_gpu_step.py at the full
+# What runs: the tests marked `gpu` (CUDA against CPU outputs and gradients, checkpointing and bf16
+# on CUDA, the planner's peak against torch.cuda.max_memory_allocated within 10%, fp16 attention
+# with upcast), then benchmarks/bench_gpu_step.py at the full
 # (1, 1, 8, 256, 256): bf16 autocast, bf16 and fp32 steps with Adam, their max_memory_allocated
 # and the planner's prediction. Logs and results/gpu_step.json are copied to $OUT (the folder the
 # device tool brings back), or to a temporary folder elsewhere. Each step has its own time limit,
@@ -50,7 +51,7 @@ print("cpcbm_blocks imported from", cpcbm_blocks.__file__)
 EOF
 
 # Only the modules that hold `gpu` tests: collecting the docs tests would import the docs toolchain.
-timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_memory.py tests/test_numerics.py -rs \
+timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py tests/test_memory.py tests/test_numerics.py -rs \
     2>&1 | tee "$OUT/pytest_gpu.log" || status=1
 
 if [ "$smoke" = 1 ]; then
