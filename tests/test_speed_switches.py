@@ -1,5 +1,7 @@
 """The memory and speed switches change time and memory, never the function."""
 
+import copy
+import dataclasses
 import gc
 import weakref
 
@@ -68,11 +70,21 @@ def test_checkpointing_rejects_levels_that_do_not_exist(tiny_spec):
         UNet3D(tiny_spec).set_gradient_checkpointing(mid="yes")
 
 
-def test_channels_last_3d_inputs_give_the_same_outputs_and_gradients(tiny_spec):
-    model = _model(tiny_spec)
-    x, t = torch.randn(2, 1, 4, 8, 8), torch.tensor([3.0, 700.0])
+def test_a_channels_last_model_and_input_give_the_same_outputs_and_gradients(tiny_spec):
+    # A one-channel input made channels-last has NCDHW's strides, so two input channels here, and the
+    # model itself channels-last (`model.to(memory_format=...)`, as PyTorch's tuning guides suggest).
+    model = _model(dataclasses.replace(tiny_spec, in_channels=2))
+    x, t = torch.randn(2, 2, 4, 8, 8), torch.tensor([3.0, 700.0])
     out, grads = _grads(model, x, t)
-    out_cl, grads_cl = _grads(model, x.contiguous(memory_format=torch.channels_last_3d), t)
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)
+    x_cl = x.contiguous(memory_format=torch.channels_last_3d)
+    assert not x_cl.is_contiguous()
+    seen = []
+    channels_last.blocks.get_submodule("down1_res1.conv1").register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)
+                                         and not args[0].is_contiguous()))
+    out_cl, grads_cl = _grads(channels_last, x_cl, t)
+    assert seen == [True]  # the activations stay channels-last inside
     torch.testing.assert_close(out_cl, out, rtol=1e-4, atol=1e-5)
     for name in grads:
         torch.testing.assert_close(grads_cl[name], grads[name], rtol=1e-4, atol=1e-5, msg=name)
