@@ -12,10 +12,12 @@ the default (selective recomputation), `selective=False`, and every level and th
 """
 
 import argparse
+import copy
 
 import torch
 import torch.nn.functional as F
 
+from bench_train_step import train_step
 from common import alternate, median, save, setup, table
 
 from cpcbm_blocks import UNet3D, UNetSpec
@@ -23,7 +25,7 @@ from cpcbm_blocks import UNet3D, UNetSpec
 CHANNELS_LAST = torch.channels_last_3d
 LAYOUTS = {"NCDHW": torch.contiguous_format, "NDHWC": CHANNELS_LAST}
 VARIANTS = {"default": {}, "selective=False": {"selective": False},
-            "checkpointed": {"levels": (1, 2, 3, 4), "mid": True}}
+            "checkpointed": {"levels": tuple(range(1, len(UNetSpec.default().levels) + 1)), "mid": True}}
 """The train steps compared, as `UNet3D.set_gradient_checkpointing` switches."""
 
 
@@ -61,16 +63,11 @@ def train_steps(size: int) -> tuple[dict, dict]:
     reference = UNet3D(UNetSpec.default())
     steps, models = {}, {}
     for layout, memory_format in LAYOUTS.items():
-        model = UNet3D(UNetSpec.default())
-        model.load_state_dict(reference.state_dict())
-        model = models[layout] = model.to(memory_format=memory_format)
-        inputs = x.contiguous(memory_format=memory_format), target.contiguous(memory_format=memory_format)
+        model = copy.deepcopy(reference).to(memory_format=memory_format)
+        models[layout] = model
+        x_in, target_in = x.contiguous(memory_format=memory_format), target.contiguous(memory_format=memory_format)
         for variant, switches in VARIANTS.items():
-            def step(model=model, inputs=inputs, switches=switches):
-                model.set_gradient_checkpointing(**switches)
-                model.zero_grad(set_to_none=True)
-                F.mse_loss(model(inputs[0], t), inputs[1]).backward()
-            steps[(layout, variant)] = step
+            steps[(layout, variant)] = train_step(model, x_in, t, target_in, **switches)
     return steps, models
 
 
