@@ -6,6 +6,9 @@ blocks per level, attention at the last level only, 8 channels per head, 32 grou
 and uses 3x3x3 kernels everywhere, so it does more FLOPs; both counts are printed (FlopCounterMode
 over a real step). Ours runs with its default selective recomputation and, as a second variant, without
 it (`selective=False`: more memory, no recomputation). Optionally also under `torch.compile` (inductor).
+Besides the ratio of medians (`time / ours`), each row gives its time over MONAI's round by round
+(median and range): machine noise moves single steps by several percent, and a ratio target is met
+only where the rounds agree.
 
     python benchmarks/bench_train_step.py --sizes 64,128 --repeats 3 [--compile]
 
@@ -59,6 +62,18 @@ def compared_steps(size: int, *, monai: bool, compiled: bool = False) -> dict:
     return steps
 
 
+def rounds_over(values: list[float], reference: list[float] | None) -> list[float]:
+    """Each round's time over the reference's in the same round (A B A B: round i of both ran back to
+    back), or nothing without a reference. Their spread says how far one run's ratio of medians can
+    be trusted: a target such as "at most 0.5x MONAI" is met only where the rounds agree."""
+    return [] if reference is None else [ours / theirs for ours, theirs in zip(values, reference, strict=True)]
+
+
+def spread(ratios: list[float]) -> str:
+    """`median (min-max)` of per-round ratios, or "-" where there are none."""
+    return f"{median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})" if ratios else "-"
+
+
 def count_flops(step) -> int:
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOP_FORMULAS) as counter:
         step()
@@ -82,12 +97,15 @@ def main() -> None:
         base = median(times["cpcbm_blocks"])
         for name, values in times.items():
             nominal = flops.get(name, flops["cpcbm_blocks"])
+            by_round = rounds_over(values, times.get("MONAI") if name != "MONAI" else None)
             rows.append([f"1,1,8,{size},{size}", name, median(values), min(values), max(values),
-                         median(values) / base, nominal / 1e9, nominal / median(values) / 1e9])
+                         median(values) / base, spread(by_round), nominal / 1e9, nominal / median(values) / 1e9])
             data.append({"size": size, "variant": name, "seconds": values, "median_s": median(values),
-                         "ratio_to_ours": median(values) / base, "gflop": nominal / 1e9})
+                         "ratio_to_ours": median(values) / base, "ratio_to_monai_by_round": by_round,
+                         "gflop": nominal / 1e9})
         print(f"\n{size}x{size}: " + ", ".join(f"{k} {median(v):.3f} s" for k, v in times.items()), flush=True)
-    headers = ["input", "model", "median s", "min s", "max s", "time / ours", "GFLOP (fwd+bwd)", "GFLOP/s"]
+    headers = ["input", "model", "median s", "min s", "max s", "time / ours", "time / MONAI by round",
+               "GFLOP (fwd+bwd)", "GFLOP/s"]
     text = table(headers, rows)
     print(f"\nTrain step, fp32, batch 1, {args.repeats} alternating rounds after 1 warm-up each:\n{text}")
     name = "train_step_compile" if args.compile else "train_step"  # the MONAI table and the compile one apart
