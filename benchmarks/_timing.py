@@ -17,22 +17,31 @@ def header(title: str) -> str:
             f"{os.cpu_count()} CPU(s), glibc malloc settings: {malloc or 'default'}\n")
 
 
-def alternate(candidates: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def alternate(candidates: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1,
+              warmup_seconds: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Time each candidate `repeats` times, interleaved A B A B ..., after `warmup` untimed rounds.
 
     Interleaving spreads slow drifts of the machine (other load, thermal) evenly over the candidates,
-    so their ratio holds up even where absolute times are noisy.
+    so their ratio holds up even where absolute times are noisy. The warm-up rounds are left out of
+    the result; pass `warmup_seconds` (a dict) to have their times too: a first call pays one-time
+    costs (compilation, kernel selection) that users meet once per process.
     """
     for _ in range(warmup):
-        for run in candidates.values():
-            run()
-    seconds: dict[str, list[float]] = {name: [] for name in candidates}
+        for name, run in candidates.items():
+            seconds = _seconds(run)
+            if warmup_seconds is not None:
+                warmup_seconds.setdefault(name, []).append(seconds)
+    timed: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, run in candidates.items():
-            started = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - started)
-    return seconds
+            timed[name].append(_seconds(run))
+    return timed
+
+
+def _seconds(run: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
 
 
 def median(values: list[float]) -> float:

@@ -8,7 +8,8 @@ over a real step). Ours runs with its default selective recomputation and, as a 
 it (`selective=False`: more memory, no recomputation). Optionally also under `torch.compile` (inductor).
 Besides the ratio of medians (`time / ours`), each row gives its time over MONAI's round by round
 (median and range): machine noise moves single steps by several percent, and a ratio target is met
-only where the rounds agree.
+only where the rounds agree. The first step (the untimed warm-up, timed apart) pays what a process
+pays once: compilation under `torch.compile`, and `Conv3d` timing both weight-gradient forms.
 
     python benchmarks/bench_train_step.py --sizes 64,128 --repeats 3 [--compile]
 
@@ -91,7 +92,8 @@ def main() -> None:
     rows, data = [], []
     for size in (int(v) for v in args.sizes.split(",")):
         variants = compared_steps(size, monai=not args.no_monai, compiled=args.compile)
-        times = alternate(variants, repeats=args.repeats, warmup=1)
+        first: dict[str, list[float]] = {}  # the warm-up round: compilation, Conv3d's first-backward timing
+        times = alternate(variants, repeats=args.repeats, warmup=1, warmup_seconds=first)
         # Counted after the runs: Conv3d's first backward of a problem also times both weight-gradient forms.
         flops = {name: count_flops(step) for name, step in variants.items() if "compiled" not in name}
         base = median(times["cpcbm_blocks"])
@@ -99,13 +101,15 @@ def main() -> None:
             nominal = flops.get(name, flops["cpcbm_blocks"])
             by_round = rounds_over(values, times.get("MONAI") if name != "MONAI" else None)
             rows.append([f"1,1,8,{size},{size}", name, median(values), min(values), max(values),
-                         median(values) / base, spread(by_round), nominal / 1e9, nominal / median(values) / 1e9])
-            data.append({"size": size, "variant": name, "seconds": values, "median_s": median(values),
+                         median(values) / base, spread(by_round), first[name][0], nominal / 1e9,
+                         nominal / median(values) / 1e9])
+            data.append({"size": size, "variant": name, "seconds": values, "first_step_s": first[name][0],
+                         "median_s": median(values),
                          "ratio_to_ours": median(values) / base, "ratio_to_monai_by_round": by_round,
                          "gflop": nominal / 1e9})
         print(f"\n{size}x{size}: " + ", ".join(f"{k} {median(v):.3f} s" for k, v in times.items()), flush=True)
     headers = ["input", "model", "median s", "min s", "max s", "time / ours", "time / MONAI by round",
-               "GFLOP (fwd+bwd)", "GFLOP/s"]
+               "first step s", "GFLOP (fwd+bwd)", "GFLOP/s"]
     text = table(headers, rows)
     print(f"\nTrain step, fp32, batch 1, {args.repeats} alternating rounds after 1 warm-up each:\n{text}")
     name = "train_step_compile" if args.compile else "train_step"  # the MONAI table and the compile one apart
