@@ -12,13 +12,12 @@ default is poor at both:
 * [`keep_freed_blocks()`][cpcbm_blocks.malloc.keep_freed_blocks]: every block from the heap, and
   the heap kept (`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736`). Freed blocks stay
   resident and are reused, so a step page-faults far less: the setting the benchmarks run their
-  timings under (whole steps were 1.3-2.6x faster with it on this project's 2-core machines), for
-  a higher peak RSS.
+  timings under (whole steps were markedly faster and steadier with it on this project's 2-core
+  machines), for a higher peak RSS.
 * [`return_freed_blocks()`][cpcbm_blocks.malloc.return_freed_blocks]: a fixed mmap threshold
   (`MALLOC_MMAP_THRESHOLD_=65536`): every block of 64 KiB or more is its own mapping, returned
   when freed, so the peak RSS follows the tensors (what `cpcbm-blocks plan` predicts) plus the
-  process; steps are slower (a checkpointed full-size conditioned step took about 1.3x the
-  default's time in one run).
+  process; steps are slower than under the default, which keeps some blocks resident.
 
 The environment variables do the same at start-up; these functions do it at any point of a running
 process, e.g. in a notebook whose kernel has started, and take effect for the allocations that

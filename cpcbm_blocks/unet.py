@@ -109,7 +109,8 @@ class UNet3D(nn.Module):
         ([`recompute_memory_bound`][cpcbm_blocks.recompute.recompute_memory_bound]): convolutions,
         matrix products and attention keep their outputs, memory-bound operators are recomputed.
         It is on by default (`selective=True`) because it cuts the activations held for backward to
-        about a third for 3-9% more step time (`benchmarks/`, at 256 and 128); `selective=False`
+        about a third for a little more step time (the performance page's memory and train-step
+        tables measure both); `selective=False`
         holds every saved tensor, as plain PyTorch does. It applies to eager training, not under
         `torch.compile`, whose partitioner makes that choice itself.
         """

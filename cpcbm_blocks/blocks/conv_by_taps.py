@@ -9,11 +9,9 @@ padding. Backward is the same in reverse: the gradient of `z[o, t]` is the outpu
 back (zero where the tap met padding), and the gradients of `x` and `W` are two more matrix products.
 
 Why: oneDNN pads output channels to its channel block (8 or 16), so a convolution to one channel, the
-output head of every UNet here, costs as much as one to 16: at full size about 10 GFLOP/s, against
-200 or more for the 32-channel convolutions beside it. On a 2-core AVX-512 machine, from
-`(1, 32, 8, 256, 256)` to 1 channel, forward and backward took 240 ms through oneDNN and 55 ms by
-taps (59 and 16 ms at 128x128); to 2 channels 233 and 95 ms; to 3 channels 234 and 181 ms
-(`benchmarks/bench_conv_by_taps.py`). The price is `z`: `C_out * taps` channels at the input's
+output head of every UNet here, costs as much as one to 16, and runs at a small fraction of the
+FLOP/s of the 32-channel convolutions beside it. `benchmarks/bench_conv_by_taps.py` measures both
+forms, to 1, 2 and 3 channels (its table is on the performance page). The price is `z`: `C_out * taps` channels at the input's
 resolution (27 for the head), which is why `Conv3d` takes this form only while `z` has at most
 twice the input's channels (`by_taps_pays`), and only on CPU: cuDNN has no such penalty.
 """
@@ -32,10 +30,11 @@ __all__ = ["MAX_TAP_CHANNELS_PER_INPUT_CHANNEL", "by_taps_pays", "conv3d_by_taps
 
 MAX_TAP_CHANNELS_PER_INPUT_CHANNEL = 2
 """`by_taps_pays` takes the taps form while `C_out * taps <= this * C_in`, so the products `z` hold at
-most this many times the input. With a 3x3x3 kernel, forward and backward: from 32 channels at
-256x256, 1 and 2 output channels ran 4.4x and 2.4x faster by taps, 3 (81 tap channels, z 2.5x the
-input) only 1.3x; from 128 channels at 64x64, 4 output channels 1.9x, and 8, at the threshold,
-1.1x (`benchmarks/bench_conv_by_taps.py`)."""
+most this many times the input. Where the gain ends was measured by `benchmarks/bench_conv_by_taps.py`
+(its tables are on the performance page), with a 3x3x3 kernel, forward and backward: from 32
+channels at 256x256 the taps form wins clearly for 1 and 2 output channels and narrowly for 3 (81
+tap channels, `z` more than twice the input); from 128 channels at 64x64 it wins for 4 output
+channels and barely for 8, at the threshold."""
 
 
 def by_taps_pays(x: Tensor, weight: Tensor, *, stride: tuple[int, ...], groups: int) -> bool:
