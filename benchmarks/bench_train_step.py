@@ -9,7 +9,8 @@ it (`selective=False`: more memory, no recomputation). Optionally also under `to
 Besides the ratio of medians (`time / ours`), each row gives its time over MONAI's round by round
 (median and range): machine noise moves single steps by several percent, and a ratio target is met
 only where the rounds agree. The first step (the untimed warm-up, timed apart) pays what a process
-pays once: compilation under `torch.compile`, and `Conv3d` timing both weight-gradient forms.
+pays once: compilation under `torch.compile` (from an empty inductor cache), and `Conv3d` timing both
+weight-gradient forms.
 
     python benchmarks/bench_train_step.py --sizes 64,128 --repeats 3 [--compile]
 
@@ -17,6 +18,8 @@ pays once: compilation under `torch.compile`, and `Conv3d` timing both weight-gr
 """
 
 import argparse
+import os
+import tempfile
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -88,6 +91,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time our UNet under torch.compile (inductor)")
     parser.add_argument("--no-monai", action="store_true")
     args = parser.parse_args()
+    if args.compile:
+        # A cold cache, as in a user's first run: inductor would otherwise reuse the graphs and kernels an
+        # earlier run left in its cache, and the first step would not show the compilation.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="cpcbm-inductor-")
     env = setup()
     rows, data = [], []
     for size in (int(v) for v in args.sizes.split(",")):
