@@ -94,7 +94,8 @@ def main() -> None:
     if args.compile:
         # A cold cache, as in a user's first run: inductor would otherwise reuse the graphs and kernels an
         # earlier run left in its cache, and the first step would not show the compilation.
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="cpcbm-inductor-")
+        cache = tempfile.TemporaryDirectory(prefix="cpcbm-inductor-")  # removed when main() returns
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
     env = setup()
     rows, data = [], []
     for size in (int(v) for v in args.sizes.split(",")):
