@@ -15,8 +15,9 @@ Nothing the markers produce is written by hand, so the site cannot drift from th
   marker (they must define `block` and `inputs`, a tuple of example inputs, and may define
   `keywords`), then draws `block`'s traced data flow and prints its `forward` signature.
 * `<!-- cpcbm:default-spec-json -->`: `UNetSpec.default().to_json()`.
-* `<!-- cpcbm:attention-cost -->`, `<!-- cpcbm:planar-kernel-savings -->`: the performance page's
-  tables, computed from the plan and from a `meta`-device forward.
+* `<!-- cpcbm:attention-cost -->`, `<!-- cpcbm:planar-kernel-savings -->`,
+  `<!-- cpcbm:depth-padding -->`: the performance page's tables, computed from the plan and from a
+  `meta`-device forward.
 
 An unknown marker is an error, so a typo cannot leave a silent hole in a page.
 
@@ -170,22 +171,34 @@ def _bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _conv_cost(spec: UNetSpec) -> tuple[int, int]:
-    """(multiply-accumulates of every convolution in one forward, convolution parameters) on `meta`."""
+def _convolutions(spec: UNetSpec) -> list[tuple[torch.nn.Conv3d, int, torch.Size]]:
+    """Every `Conv3d` call of one forward of `spec` at the nominal input, on `meta`: (module, input depth,
+    output shape)."""
     with torch.device("meta"):
         model = UNet3D(spec)
-    macs = []
+    calls = []
 
-    def count(module, inputs, output):
-        macs.append(output.numel() * module.in_channels * math.prod(module.kernel_size) // module.groups)
+    def record(module, inputs, output):
+        calls.append((module, inputs[0].shape[2], output.shape))
 
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
     with torch.no_grad():
         model(torch.empty(NOMINAL_INPUT, device="meta"), 500)
     for hook in hooks:
         hook.remove()
+    return calls
+
+
+def _macs(module: torch.nn.Conv3d, output: torch.Size) -> int:
+    return output.numel() * module.in_channels * math.prod(module.kernel_size) // module.groups
+
+
+def _conv_cost(spec: UNetSpec) -> tuple[int, int]:
+    """(multiply-accumulates of every convolution in one forward, convolution parameters) on `meta`."""
+    with torch.device("meta"):
+        model = UNet3D(spec)
     params = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Conv3d) for p in m.parameters())
-    return sum(macs), params
+    return sum(_macs(module, output) for module, _, output in _convolutions(spec)), params
 
 
 def _planar_kernel_savings() -> str:
@@ -198,6 +211,42 @@ def _planar_kernel_savings() -> str:
             f"| convolution parameters | {planar[1]:,} | {cubic[1]:,} | {planar[1] / cubic[1]:.2f} |"]
     return ("Counted at build time by running both UNets on the `meta` device with a hook on every "
             "convolution (multiply-accumulates = output elements × input channels × kernel volume):\n\n"
+            + "\n".join(rows) + "\n")
+
+
+def depth_pairs(module: torch.nn.Conv3d, depth: int, depth_out: int) -> tuple[int, int, int]:
+    """For a convolution of a `depth`-slice input: its (output slice, depth tap) pairs, those whose tap
+    falls on the zero padding, and how many pairs' worth of multiply-accumulates `Conv3d` runs (a
+    folded convolution runs every (output slice, input slice) block instead, none of them padding)."""
+    taps, stride, pad = module.kernel_size[0], module.stride[0], module.padding[0]
+    padded = sum(1 for o in range(depth_out) for t in range(taps) if not 0 <= o * stride + t - pad < depth)
+    computed = depth_out * depth if module.folds(depth) else depth_out * taps
+    return depth_out * taps, padded, computed
+
+
+def _depth_padding() -> str:
+    """Per input depth and kernel of the default's convolutions: the multiply-accumulates a 3-D kernel
+    spends on the zero padding in depth, and how many of them the library's exact forms still compute."""
+    groups: dict[tuple, list[int]] = {}
+    for module, depth, output in _convolutions(UNetSpec.default()):
+        pairs, padded, computed = depth_pairs(module, depth, output[2])
+        per_pair = _macs(module, output) // pairs
+        counts = groups.setdefault((depth, module.kernel_size, module.stride), [0, 0, 0, 0])
+        counts[0] += 1
+        counts[1] += per_pair * pairs
+        counts[2] += per_pair * padded
+        counts[3] += per_pair * (computed - (pairs - padded))  # computed beyond the useful pairs
+    total = sum(c[1] for c in groups.values())
+    rows = ["| input depth | kernel | stride | convolutions | MACs per forward | on depth padding | still computed |",
+            "|---:|---|---|---:|---:|---:|---:|"]
+    for (depth, kernel, stride), (count, macs, padding, computed) in sorted(groups.items(), key=lambda kv: -kv[0][0]):
+        rows.append(f"| {depth} | {'x'.join(map(str, kernel))} | {'x'.join(map(str, stride))} | {count} "
+                    f"| {macs / 1e9:,.2f} G | {padding / 1e9:,.2f} G | {computed / 1e9:,.2f} G |")
+    left = sum(c[3] for c in groups.values())
+    rows.append(f"| all | | | {sum(c[0] for c in groups.values())} | {total / 1e9:,.2f} G "
+                f"| {sum(c[2] for c in groups.values()) / 1e9:,.2f} G | {left / 1e9:,.2f} G ({left / total:.1%}) |")
+    return ("Counted at build time for `UNetSpec.default()` at the nominal input, from every `Conv3d` call of a "
+            "`meta`-device forward (the input gradient and the weight gradient repeat the same pairs):\n\n"
             + "\n".join(rows) + "\n")
 
 
@@ -226,6 +275,8 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
             return _attention_cost()
         if name == "planar-kernel-savings":
             return _planar_kernel_savings()
+        if name == "depth-padding":
+            return _depth_padding()
         if name == "default-spec-json":
             return f"```json\n{UNetSpec.default().to_json()}\n```\n"
         raise ValueError(f"{where}: unknown marker <!-- cpcbm:{name} -->")
