@@ -353,6 +353,13 @@ class UNetSpec:
         - `planar_kernels_where_depth_is_one`: use `(1, 3, 3)` kernels where depth is 1.
         - `overrides`: any other [`UNetSpec`][cpcbm_blocks.spec.UNetSpec] field (e.g. `out_channels=2`).
         """
+        fields_by_name = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields_by_name)
+        if unknown:
+            raise _fail("UNetSpec.default(...)", "its own arguments (sample_size, channels, attention_levels, "
+                        "num_res_blocks, planar_kernels_where_depth_is_one) or UNetSpec fields "
+                        f"({', '.join(sorted(fields_by_name))})", unknown,
+                        "Check the spelling; the channels of every level are set with channels=(...).")
         size = list(_as_triple("UNetSpec.default(sample_size=...)", sample_size))
         if attention_levels is None:
             attention_levels = (len(channels),)

@@ -20,6 +20,17 @@ def test_default_reproduces_the_seed_topology():
     assert (spec.in_channels, spec.out_channels, spec.head_channels) == (1, 1, 8)
 
 
+def test_default_refuses_an_unknown_override_and_names_the_valid_ones():
+    with pytest.raises(SpecError) as caught:
+        UNetSpec.default(base_channels=32)
+    message = str(caught.value)
+    assert "UNetSpec.default(...)" in message and "['base_channels']" in message
+    assert "out_channels" in message and "channels=(...)" in message
+    with pytest.raises(SpecError, match="base_channels"):  # and through conditioned(), which passes them on
+        UNetSpec.conditioned(base_channels=32)
+    assert UNetSpec.default(out_channels=2).out_channels == 2  # a real field still goes through
+
+
 def test_default_uses_planar_kernels_exactly_where_depth_is_one():
     spec = UNetSpec.default()
     assert [lv.kernel_size for lv in spec.levels] == [(3, 3, 3)] * 3 + [(1, 3, 3)]
