@@ -4,7 +4,8 @@
    the default UNet as plain PyTorch holds it (`selective=False`), with selective recomputation (the
    default) and with full checkpointing (every level, the middle); and the activations held for
    backward, measured as what glibc malloc holds after a forward with grad minus after one without.
-2. Peak memory of a full training step with Adam, each variant in a FRESH process, after two steps,
+2. Peak memory of a full training step with Adam, each variant in a FRESH process over three steps
+   (`--peak-steps`; read after each, since under glibc's default it creeps up from step to step),
    under glibc's default malloc and under a fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_=65536`, which
    hands every freed tensor back to the system): the peak RSS (`VmHWM`; not `ru_maxrss`, which a child inherits
    from its parent: see `peak_rss_bytes`), the RSS before the model was built
@@ -43,10 +44,13 @@ SWITCHES = {  # name -> (UNet3D.set_gradient_checkpointing arguments, memory_pla
 }
 
 
-def child(size: int, switches: str, spec_name: str, malloc_call: str) -> None:
-    """Two training steps with Adam in this fresh process; print peak RSS, malloc peak and baselines as JSON.
+def child(size: int, switches: str, spec_name: str, malloc_call: str, steps: int) -> None:
+    """`steps` training steps with Adam in this fresh process; print peak RSS (after each step), malloc peak
+    and baselines as JSON.
 
-    `malloc_call` names a `cpcbm_blocks.malloc` function to call first ("-": none)."""
+    `malloc_call` names a `cpcbm_blocks.malloc` function to call first ("-": none). The peak RSS is read
+    after every step because under glibc's default malloc it creeps up from step to step: the heap
+    fragments, and what it keeps of freed blocks grows."""
     if malloc_call != "-":
         getattr(malloc, malloc_call)()
     torch.set_num_threads(2)
@@ -58,17 +62,20 @@ def child(size: int, switches: str, spec_name: str, malloc_call: str) -> None:
     model = UNet3D(spec).set_gradient_checkpointing(**SWITCHES[switches][0])
     optimizer = torch.optim.Adam(model.parameters())
     x, target, t = torch.randn(shape), torch.randn(shape), torch.tensor([500])
+    peak_by_step = []
     with PeakMallocSampler() as sampler:
-        for _ in range(2):
+        for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             torch.nn.functional.mse_loss(model(x, t, **conditions), target).backward()
             optimizer.step()
-    peak = peak_rss_bytes()
+            peak_by_step.append(peak_rss_bytes())
+    peak = peak_by_step[-1]
     # Before the first step malloc held the parameters and the inputs, which the plan counts too.
     tensors_before = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         v.numel() * v.element_size() for v in (x, target, *conditions.values()))
     planned = memory_plan(spec, shape, text_tokens=TEXT_TOKENS, **SWITCHES[switches][1]).peak_bytes
-    print(json.dumps({"baseline_rss": baseline, "peak_rss": peak, "planned_peak": planned,
+    print(json.dumps({"baseline_rss": baseline, "peak_rss": peak, "peak_rss_by_step": peak_by_step,
+                      "planned_peak": planned,
                       "malloc_peak_step": sampler.peak_bytes - sampler.start_bytes + tensors_before}))
 
 
@@ -81,10 +88,12 @@ def main() -> None:
     parser.add_argument("--skip-timing", action="store_true", help="only the fresh-process peak memory part")
     parser.add_argument("--peak-switches", default=",".join(SWITCHES),
                         help="comma-separated names of the variants whose peak to measure (default: all)")
-    parser.add_argument("--child", nargs=4, metavar=("SIZE", "SWITCHES", "SPEC", "MALLOC_CALL"), help=argparse.SUPPRESS)
+    parser.add_argument("--peak-steps", type=int, default=3, help="training steps per fresh process")
+    parser.add_argument("--child", nargs=5, metavar=("SIZE", "SWITCHES", "SPEC", "MALLOC_CALL", "STEPS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(int(args.child[0]), args.child[1], args.child[2], args.child[3])
+        child(int(args.child[0]), args.child[1], args.child[2], args.child[3], int(args.child[4]))
         return
     env = setup()
     tables, data = {}, {}
@@ -143,21 +152,24 @@ def peak_part(args, tables, data):
             for name in args.peak_switches.split(","):
                 if only is not None and name not in only:
                     continue
-                result = subprocess.run([sys.executable, __file__, "--child", str(args.peak_size), name, spec_name, call],
+                result = subprocess.run([sys.executable, __file__, "--child", str(args.peak_size), name, spec_name, call,
+                                         str(args.peak_steps)],
                                         env={**malloc_free_env, **settings}, capture_output=True, text=True, check=True)
                 measured = json.loads(result.stdout.strip().splitlines()[-1])
                 planned = measured["planned_peak"]
                 net = measured["peak_rss"] - measured["baseline_rss"]
                 peaks[f"{spec_name}, {setting}, {name}"] = {**measured, "malloc": setting}
-                rows.append([f"UNetSpec.{spec_name}()", setting, name, measured["peak_rss"] / 2**30,
+                by_step = " / ".join(f"{rss / 2**30:.2f}" for rss in measured["peak_rss_by_step"])
+                rows.append([f"UNetSpec.{spec_name}()", setting, name, measured["peak_rss"] / 2**30, by_step,
                              measured["baseline_rss"] / 2**30, net / 2**30, measured["malloc_peak_step"] / 2**30,
                              planned / 2**30, net / planned, measured["malloc_peak_step"] / planned])
                 print(f"peak: {rows[-1]}", flush=True)
-    text = table(["spec", "malloc", "variant", "peak RSS GiB", "RSS before the model GiB", "peak RSS - before GiB",
+    text = table(["spec", "malloc", "variant", "peak RSS GiB", "peak RSS after each step GiB",
+                  "RSS before the model GiB", "peak RSS - before GiB",
                   "malloc peak GiB", "planned peak GiB", "(RSS - before) / planned", "malloc peak / planned"], rows)
-    print(f"\nPeak memory of a training step with Adam at {peak_shape}, fresh process each:\n{text}")
+    print(f"\nPeak memory of {args.peak_steps} training steps with Adam at {peak_shape}, fresh process each:\n{text}")
     tables["peak_memory"] = text
-    data["peak_memory"] = {"shape": peak_shape, "peaks": peaks}
+    data["peak_memory"] = {"shape": peak_shape, "steps": args.peak_steps, "peaks": peaks}
 
 
 if __name__ == "__main__":
