@@ -8,7 +8,8 @@ default is poor at both:
   freed, and every later one page-faults in again (zeroed). Each such free *raises* the threshold
   to the freed size, up to 32 MiB, so from then on blocks up to 32 MiB come from the heap and stay
   resident after they are freed. The heap's high-water mark and the mmapped activations peak at
-  different moments of a step, so the peak RSS adds both.
+  different moments of a step, so the peak RSS adds both; and as the heap fragments it can keep
+  growing over the first steps of a training run.
 * [`keep_freed_blocks()`][cpcbm_blocks.malloc.keep_freed_blocks]: every block from the heap, and
   the heap kept (`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736`). Freed blocks stay
   resident and are reused, so a step page-faults far less: the setting the benchmarks run their
