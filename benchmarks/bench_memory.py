@@ -5,7 +5,7 @@
    default) and with full checkpointing (every level, the middle); and the activations held for
    backward, measured as what glibc malloc holds after a forward with grad minus after one without.
 2. Peak memory of a full training step with Adam, each variant in a FRESH process over three steps
-   (`--peak-steps`; read after each, since under glibc's default it creeps up from step to step),
+   (`--peak-steps`; read after each, since under glibc's default it can keep growing),
    under glibc's default malloc and under a fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_=65536`, which
    hands every freed tensor back to the system): the peak RSS (`VmHWM`; not `ru_maxrss`, which a child inherits
    from its parent: see `peak_rss_bytes`), the RSS before the model was built
@@ -49,8 +49,8 @@ def child(size: int, switches: str, spec_name: str, malloc_call: str, steps: int
     and baselines as JSON.
 
     `malloc_call` names a `cpcbm_blocks.malloc` function to call first ("-": none). The peak RSS is read
-    after every step because under glibc's default malloc it creeps up from step to step: the heap
-    fragments, and what it keeps of freed blocks grows."""
+    after every step: the second holds Adam's state, and under glibc's default malloc the heap
+    fragments, so the peak can keep growing after that."""
     if malloc_call != "-":
         getattr(malloc, malloc_call)()
     torch.set_num_threads(2)

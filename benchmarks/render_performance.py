@@ -48,9 +48,10 @@ medians. The CPU figures come from a shared 2-core machine, so absolute times ar
 measured in the same run are the figures to read. Single steps still move by several percent, so
 the train-step table also divides each round's time by MONAI's in the same round: where the range
 of those straddles a target, one run's median does not settle it. Each section names the thread
-count and the glibc malloc settings it ran under. On CPU, `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736` keeps
-glibc from returning large activations to the OS and page-faulting them back every step (faster
-and steadier steps, for a higher peak RSS); set both in the environment before starting Python, or
+count and the glibc malloc settings it ran under. On CPU,
+`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736` keeps glibc from returning large activations
+to the OS and page-faulting them back every step (faster and steadier steps, for a higher peak
+RSS); set both in the environment before starting Python, or
 call `cpcbm_blocks.malloc.keep_freed_blocks()` in it.
 
 Peak memory is measured differently: each variant in a fresh process under glibc's default malloc

@@ -10,6 +10,7 @@ count, attention flag, downsampling stride and kernel size always travel togethe
 """
 
 import dataclasses
+import inspect
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -353,12 +354,12 @@ class UNetSpec:
         - `planar_kernels_where_depth_is_one`: use `(1, 3, 3)` kernels where depth is 1.
         - `overrides`: any other [`UNetSpec`][cpcbm_blocks.spec.UNetSpec] field (e.g. `out_channels=2`).
         """
-        fields_by_name = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - fields_by_name)
+        field_names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - field_names)
         if unknown:
-            raise _fail("UNetSpec.default(...)", "its own arguments (sample_size, channels, attention_levels, "
-                        "num_res_blocks, planar_kernels_where_depth_is_one) or UNetSpec fields "
-                        f"({', '.join(sorted(fields_by_name))})", unknown,
+            own = [name for name in inspect.signature(cls.default).parameters if name != "overrides"]
+            raise _fail("UNetSpec.default(...)", f"its own arguments ({', '.join(own)}) or UNetSpec fields "
+                        f"({', '.join(sorted(field_names))})", unknown,
                         "Check the spelling; the channels of every level are set with channels=(...).")
         size = list(_as_triple("UNetSpec.default(sample_size=...)", sample_size))
         if attention_levels is None:

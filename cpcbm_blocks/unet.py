@@ -110,9 +110,8 @@ class UNet3D(nn.Module):
         matrix products and attention keep their outputs, memory-bound operators are recomputed.
         It is on by default (`selective=True`) because it cuts the activations held for backward to
         about a third for a little more step time (the performance page's memory and train-step
-        tables measure both); `selective=False`
-        holds every saved tensor, as plain PyTorch does. It applies to eager training, not under
-        `torch.compile`, whose partitioner makes that choice itself.
+        tables measure both); `selective=False` holds every saved tensor, as plain PyTorch does. It
+        applies to eager training, not under `torch.compile`, whose partitioner makes that choice itself.
         """
         levels = tuple(levels)
         number_of_levels = len(self.spec.levels)

@@ -11,9 +11,10 @@ back (zero where the tap met padding), and the gradients of `x` and `W` are two 
 Why: oneDNN pads output channels to its channel block (8 or 16), so a convolution to one channel, the
 output head of every UNet here, costs as much as one to 16, and runs at a small fraction of the
 FLOP/s of the 32-channel convolutions beside it. `benchmarks/bench_conv_by_taps.py` measures both
-forms, to 1, 2 and 3 channels (its table is on the performance page). The price is `z`: `C_out * taps` channels at the input's
-resolution (27 for the head), which is why `Conv3d` takes this form only while `z` has at most
-twice the input's channels (`by_taps_pays`), and only on CPU: cuDNN has no such penalty.
+forms, to 1, 2 and 3 channels (its table is on the performance page). The price is `z`:
+`C_out * taps` channels at the input's resolution (27 for the head), which is why `Conv3d` takes
+this form only while `z` has at most twice the input's channels (`by_taps_pays`), and only on CPU:
+cuDNN has no such penalty.
 """
 
 import itertools

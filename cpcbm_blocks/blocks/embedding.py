@@ -64,7 +64,8 @@ class TimestepEmbedding(nn.Module):
     **Arguments:**
 
     - `channels`: width of the sinusoidal features (the UNet uses its base channels).
-    - `out_channels`: width of the embedding given to every residual block (the UNet uses four times its base channels).
+    - `out_channels`: width of the embedding given to every residual block (the UNet uses four times
+      its base channels).
     """
 
     def __init__(self, *, channels: int, out_channels: int) -> None:

@@ -35,6 +35,7 @@ import math
 import os
 import re
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -171,11 +172,9 @@ def _bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _convolutions(spec: UNetSpec) -> list[tuple[torch.nn.Conv3d, int, torch.Size]]:
-    """Every `Conv3d` call of one forward of `spec` at the nominal input, on `meta`: (module, input depth,
-    output shape)."""
-    with torch.device("meta"):
-        model = UNet3D(spec)
+def _convolutions(model: UNet3D) -> list[tuple[torch.nn.Conv3d, int, torch.Size]]:
+    """Every `Conv3d` call of one forward of a `meta`-device `model` at the nominal input: (module, input
+    depth, output shape)."""
     calls = []
 
     def record(module, inputs, output):
@@ -189,16 +188,20 @@ def _convolutions(spec: UNetSpec) -> list[tuple[torch.nn.Conv3d, int, torch.Size
     return calls
 
 
+def _meta_model(spec: UNetSpec) -> UNet3D:
+    with torch.device("meta"):
+        return UNet3D(spec)
+
+
 def _macs(module: torch.nn.Conv3d, output: torch.Size) -> int:
     return output.numel() * module.in_channels * math.prod(module.kernel_size) // module.groups
 
 
 def _conv_cost(spec: UNetSpec) -> tuple[int, int]:
     """(multiply-accumulates of every convolution in one forward, convolution parameters) on `meta`."""
-    with torch.device("meta"):
-        model = UNet3D(spec)
+    model = _meta_model(spec)
     params = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Conv3d) for p in m.parameters())
-    return sum(_macs(module, output) for module, _, output in _convolutions(spec)), params
+    return sum(_macs(module, output) for module, _, output in _convolutions(model)), params
 
 
 def _planar_kernel_savings() -> str:
@@ -216,8 +219,9 @@ def _planar_kernel_savings() -> str:
 
 def depth_pairs(module: torch.nn.Conv3d, depth: int, depth_out: int) -> tuple[int, int, int]:
     """For a convolution of a `depth`-slice input: its (output slice, depth tap) pairs, those whose tap
-    falls on the zero padding, and how many pairs' worth of multiply-accumulates `Conv3d` runs (a
-    folded convolution runs every (output slice, input slice) block instead, none of them padding)."""
+    falls on the zero padding, and how many pairs' worth of multiply-accumulates `Conv3d` runs. A folded
+    convolution runs every (output slice, input slice) block instead: at 2 slices each is a real tap,
+    at 3 the corner blocks are zeros, as many as the 3-D kernel's padded pairs."""
     taps, stride, pad = module.kernel_size[0], module.stride[0], module.padding[0]
     padded = sum(1 for o in range(depth_out) for t in range(taps) if not 0 <= o * stride + t - pad < depth)
     computed = depth_out * depth if module.folds(depth) else depth_out * taps
@@ -227,24 +231,24 @@ def depth_pairs(module: torch.nn.Conv3d, depth: int, depth_out: int) -> tuple[in
 def _depth_padding() -> str:
     """Per input depth and kernel of the default's convolutions: the multiply-accumulates a 3-D kernel
     spends on the zero padding in depth, and how many of them the library's exact forms still compute."""
-    groups: dict[tuple, list[int]] = {}
-    for module, depth, output in _convolutions(UNetSpec.default()):
+    groups: dict[tuple, Counter] = defaultdict(Counter)
+    for module, depth, output in _convolutions(_meta_model(UNetSpec.default())):
         pairs, padded, computed = depth_pairs(module, depth, output[2])
         per_pair = _macs(module, output) // pairs
-        counts = groups.setdefault((depth, module.kernel_size, module.stride), [0, 0, 0, 0])
-        counts[0] += 1
-        counts[1] += per_pair * pairs
-        counts[2] += per_pair * padded
-        counts[3] += per_pair * (computed - (pairs - padded))  # computed beyond the useful pairs
-    total = sum(c[1] for c in groups.values())
+        group = groups[(depth, module.kernel_size, module.stride)]
+        group["convolutions"] += 1
+        group["macs"] += per_pair * pairs
+        group["padding"] += per_pair * padded
+        group["still computed"] += per_pair * (computed - (pairs - padded))  # beyond the useful pairs
+    total = sum(groups.values(), Counter())
     rows = ["| input depth | kernel | stride | convolutions | MACs per forward | on depth padding | still computed |",
             "|---:|---|---|---:|---:|---:|---:|"]
-    for (depth, kernel, stride), (count, macs, padding, computed) in sorted(groups.items(), key=lambda kv: -kv[0][0]):
-        rows.append(f"| {depth} | {'x'.join(map(str, kernel))} | {'x'.join(map(str, stride))} | {count} "
-                    f"| {macs / 1e9:,.2f} G | {padding / 1e9:,.2f} G | {computed / 1e9:,.2f} G |")
-    left = sum(c[3] for c in groups.values())
-    rows.append(f"| all | | | {sum(c[0] for c in groups.values())} | {total / 1e9:,.2f} G "
-                f"| {sum(c[2] for c in groups.values()) / 1e9:,.2f} G | {left / 1e9:,.2f} G ({left / total:.1%}) |")
+    for (depth, kernel, stride), group in sorted(groups.items(), key=lambda item: -item[0][0]):
+        rows.append(f"| {depth} | {'x'.join(map(str, kernel))} | {'x'.join(map(str, stride))} "
+                    f"| {group['convolutions']} | {group['macs'] / 1e9:,.2f} G | {group['padding'] / 1e9:,.2f} G "
+                    f"| {group['still computed'] / 1e9:,.2f} G |")
+    rows.append(f"| all | | | {total['convolutions']} | {total['macs'] / 1e9:,.2f} G | {total['padding'] / 1e9:,.2f} G "
+                f"| {total['still computed'] / 1e9:,.2f} G ({total['still computed'] / total['macs']:.1%}) |")
     return ("Counted at build time for `UNetSpec.default()` at the nominal input, from every `Conv3d` call of a "
             "`meta`-device forward (the input gradient and the weight gradient repeat the same pairs):\n\n"
             + "\n".join(rows) + "\n")
