@@ -12,6 +12,11 @@ only where the rounds agree. The first step (the untimed warm-up, timed apart) p
 pays once: compilation under `torch.compile` (from an empty inductor cache), and `Conv3d` timing both
 weight-gradient forms.
 
+This CPU's fp32 FMA peak (`fma_peak.py`) alternates with the steps, so each row also gives its
+FLOP/s as a share of the peak measured in the same run, and a second table turns the 0.5x-MONAI
+target into the share of the peak our step would need to run at to meet it (left out, with the
+reason printed, where no C compiler is found).
+
     python benchmarks/bench_train_step.py --sizes 64,128 --repeats 3 [--compile]
 
 `pip install monai` (after torch) to include MONAI. Variants alternate A B A B after a warm-up.
@@ -25,6 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import alternate, median, save, setup, table
+from fma_peak import FmaPeak
 
 from cpcbm_blocks import UNet3D, UNetSpec
 from cpcbm_blocks.memory import CPU_ATTENTION_FLOP_FORMULAS
@@ -97,31 +103,56 @@ def main() -> None:
         cache = tempfile.TemporaryDirectory(prefix="cpcbm-inductor-")  # removed when main() returns
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
     env = setup()
-    rows, data = [], []
+    peak = FmaPeak.build(threads=torch.get_num_threads(), seconds=0.4)
+    rows, data, needs, peaks = [], [], [], {}
     for size in (int(v) for v in args.sizes.split(",")):
         variants = compared_steps(size, monai=not args.no_monai, compiled=args.compile)
         first: dict[str, list[float]] = {}  # the warm-up round: compilation, Conv3d's first-backward timing
-        times = alternate(variants, repeats=args.repeats, warmup=1, warmup_seconds=first)
+        times = alternate(variants | ({} if peak is None else {"FMA peak": peak}), repeats=args.repeats,
+                          warmup=1, warmup_seconds=first)
+        peak_rate = None if peak is None else peak.flops / median(times.pop("FMA peak"))
+        peaks[size] = peak_rate
         # Counted after the runs: Conv3d's first backward of a problem also times both weight-gradient forms.
         flops = {name: count_flops(step) for name, step in variants.items() if "compiled" not in name}
         base = median(times["cpcbm_blocks"])
         for name, values in times.items():
             nominal = flops.get(name, flops["cpcbm_blocks"])
             by_round = rounds_over(values, times.get("MONAI") if name != "MONAI" else None)
+            rate = nominal / median(values)
             rows.append([f"1,1,8,{size},{size}", name, median(values), min(values), max(values),
-                         median(values) / base, spread(by_round), first[name][0], nominal / 1e9,
-                         nominal / median(values) / 1e9])
+                         median(values) / base, spread(by_round), first[name][0], nominal / 1e9, rate / 1e9]
+                        + ([] if peak_rate is None else [rate / peak_rate]))
             data.append({"size": size, "variant": name, "seconds": values, "first_step_s": first[name][0],
                          "median_s": median(values),
                          "ratio_to_ours": median(values) / base, "ratio_to_monai_by_round": by_round,
-                         "gflop": nominal / 1e9})
+                         "gflop": nominal / 1e9, "share_of_fma_peak": None if peak_rate is None else rate / peak_rate})
+        if peak_rate is not None and "MONAI" in times:
+            needs.append(half_of_monai(size, flops["cpcbm_blocks"], times, peak_rate))
         print(f"\n{size}x{size}: " + ", ".join(f"{k} {median(v):.3f} s" for k, v in times.items()), flush=True)
     headers = ["input", "model", "median s", "min s", "max s", "time / ours", "time / MONAI by round",
-               "first step s", "GFLOP (fwd+bwd)", "GFLOP/s"]
+               "first step s", "GFLOP (fwd+bwd)", "GFLOP/s"] + ([] if peak is None else ["GFLOP/s / FMA peak"])
     text = table(headers, rows)
     print(f"\nTrain step, fp32, batch 1, {args.repeats} alternating rounds after 1 warm-up each:\n{text}")
     name = "train_step_compile" if args.compile else "train_step"  # the MONAI table and the compile one apart
-    save(name, env, {name: text}, {"rows": data, "repeats": args.repeats})
+    tables = {name: text}
+    if needs:
+        tables[f"{name}_needs"] = table(
+            ["input", "MONAI median s", "0.5x MONAI s", "our step's GFLOP", "GFLOP/s it needs", "FMA peak GFLOP/s",
+             "needed / FMA peak", "ours achieved / FMA peak"], needs)
+        print(f"\nWhat 0.5x MONAI asks of our step, against this CPU's fp32 FMA peak:\n{tables[name + '_needs']}")
+    save(name, env, tables, {"rows": data, "repeats": args.repeats,
+                             "fma_peak_gflops": {size: None if r is None else r / 1e9 for size, r in peaks.items()},
+                             "fma_peak": None if peak is None else {"label": peak.label, "iterations": peak.iterations}})
+
+
+def half_of_monai(size: int, our_flops: int, times: dict[str, list[float]], peak_rate: float) -> list:
+    """The 0.5x-MONAI target as a rate: our step's FLOPs in half of MONAI's median time, and that rate as
+    a share of the FMA peak beside the share our step achieved. A share above what a lone convolution
+    reaches (the roofline benchmark) is out of reach without fewer FLOPs."""
+    half = median(times["MONAI"]) / 2
+    achieved = our_flops / median(times["cpcbm_blocks"])
+    return [f"1,1,8,{size},{size}", 2 * half, half, our_flops / 1e9, our_flops / half / 1e9, peak_rate / 1e9,
+            our_flops / half / peak_rate, achieved / peak_rate]
 
 
 if __name__ == "__main__":
