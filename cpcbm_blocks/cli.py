@@ -12,6 +12,7 @@ in total, parameters, FLOPs, activations saved for backward and the predicted pe
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from cpcbm_blocks.errors import CpcbmError
+from cpcbm_blocks.errors import CpcbmError, InputError
 from cpcbm_blocks.malloc import glibc
 from cpcbm_blocks.measure import rss_bytes
 from cpcbm_blocks.memory import DEVICES, DTYPES, memory_plan
@@ -52,7 +53,25 @@ def _load_spec(source: str | None) -> tuple[UNetSpec, str]:
     if source is None or source in PRESETS:
         name = source or "default"
         return PRESETS[name](), f"UNetSpec.{name}()"
+    if not Path(source).is_file():
+        problem = "a directory" if Path(source).is_dir() else "neither a preset nor an existing file"
+        raise InputError(f"--spec: expected {' or '.join(PRESETS)} or a JSON file written by UNetSpec.to_json(), "
+                         f"got {source!r}, {problem}. Check the spelling, or pass the file's path.")
     return UNetSpec.from_json(Path(source).read_text()), source
+
+
+def _trace_device(text: str) -> torch.device:
+    """`--device` of `trace`: a device torch knows and this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected 'meta', 'cpu' or 'cuda[:N]', got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"expected a device this machine has, got {text!r}, but torch sees no CUDA "
+                                         "device here. Use 'meta' (shapes only) or 'cpu'.")
+    if device.type not in ("meta", "cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected 'meta', 'cpu' or 'cuda[:N]', got {text!r}")
+    return device
 
 
 def _synthetic_conditions(spec: UNetSpec, input_shape: tuple[int, ...], device: torch.device) -> dict:
@@ -95,7 +114,7 @@ def trace_command(args: argparse.Namespace) -> int:
     spec, spec_name = _load_spec(args.spec)
     input_shape = tuple(args.input_shape)
     expected = plan(spec, input_shape)
-    device = torch.device(args.device)
+    device = args.device
     if any(t.step.op.is_fusion for t in expected.transitions):
         print(f"note: {spec_name} is conditioned; the trace uses synthetic conditions ({TEXT_TOKENS} text tokens, "
               "conditional images shaped like the input). Fusion steps are shape-preserving additions to the seed "
@@ -171,8 +190,34 @@ def _levels(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated level numbers such as 1,2 (or 'none'), got {text!r}") from None
 
 
+def _positive_gib(text: str) -> float:
+    """`--fit-gib`: a positive, finite number of GiB."""
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = math.nan
+    if not math.isfinite(gib) or gib <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of GiB such as 24, got {text!r}")
+    return gib
+
+
+def _positive_int(text: str) -> int:
+    """`--text-tokens`: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer such as {TEXT_TOKENS}, got {text!r}")
+    return value
+
+
 def plan_command(args: argparse.Namespace) -> int:
     spec, spec_name = _load_spec(args.spec)
+    if args.checkpoint_conditions and spec.conditioning is None:
+        raise InputError(f"--checkpoint-conditions: expected a spec with conditioning (such as --spec conditioned), "
+                         f"got {spec_name}, which has none: there is no condition encoder to checkpoint. "
+                         "Drop --checkpoint-conditions, or plan a conditioned spec.")
     input_shape = tuple(args.input_shape)
     if args.batch is not None:
         input_shape = (args.batch, *input_shape[1:])
@@ -181,7 +226,7 @@ def plan_command(args: argparse.Namespace) -> int:
                          checkpoint_levels=args.checkpoint_levels, checkpoint_mid=args.checkpoint_mid,
                          checkpoint_conditions=args.checkpoint_conditions, selective=not args.no_selective,
                          attention_backend=args.attention, text_tokens=args.text_tokens)
-    largest = None if args.fit_gib is None else result.largest_batch(int(args.fit_gib * 2**30))
+    largest = None if args.fit_gib is None else result.largest_batch(args.fit_gib * 2**30)
     process = rss_bytes() if result.device == "cpu" else None  # Python and torch, which a CPU step's RSS adds
     if args.format == "json":
         print(json.dumps({"spec": spec.to_dict(), "spec_source": spec_name, **result.to_dict(),
@@ -200,7 +245,8 @@ def plan_command(args: argparse.Namespace) -> int:
         print(f"on cpu            a process's peak RSS adds Python and torch (this one holds {process / 2**30:.2f} GiB "
               f"now){kept}")
     if largest is not None:
-        print(f"largest batch that fits in {args.fit_gib:g} GiB: {largest}")
+        print(f"largest batch that fits in {args.fit_gib:g} GiB: {largest} (by the {result.device} plan's predicted "
+              f"peak; not counted: {result.not_counted})")
     warm = f"; torch's one-time meta-kernel import took {warm_up_seconds:.2f} s before it" if warm_up_seconds > 0.05 else ""
     print(f"planned in {result.planning_seconds:.2f} s{warm}.")
     return 0
@@ -216,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a preset (UNetSpec.default(), the seed's UNet; or UNetSpec.conditioned(), with text and "
                             "image fusion) or a spec written by UNetSpec.to_json() (default: default)")
     trace.add_argument("--format", choices=("text", "json"), default="text")
-    trace.add_argument("--device", default="meta", help="'meta' (shapes only, instant; default) or a real device such as 'cpu'")
+    trace.add_argument("--device", type=_trace_device, default="meta", help="'meta' (shapes only, instant; default) or a real device such as 'cpu'")
     trace.add_argument("--expect", metavar="FILE",
                        help="also require the trace to equal a documented h: trace (text or Markdown file)")
     trace.set_defaults(run=trace_command)
@@ -227,10 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan_parser.add_argument("--batch", type=int, help="override the batch size of --input-shape")
     plan_parser.add_argument("--spec", metavar="default|conditioned|FILE.json",
                              help="a preset or a spec written by UNetSpec.to_json() (default: default)")
-    plan_parser.add_argument("--text-tokens", type=int, default=TEXT_TOKENS,
+    plan_parser.add_argument("--text-tokens", type=_positive_int, default=TEXT_TOKENS,
                              help=f"tokens per text condition, for a spec conditioned on text (default: {TEXT_TOKENS})")
     plan_parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                             help="dtype of parameters and activations (default: fp32)")
+                             help="dtype of a model cast with model.to(dtype): parameters, gradients, Adam state "
+                                  "and activations all in it (default: fp32). Under torch.autocast, parameters, "
+                                  "gradients and Adam state stay fp32, so take those figures from the fp32 plan; "
+                                  "autocast itself is not planned")
     plan_parser.add_argument("--device", choices=DEVICES, default="cpu",
                              help="cpu counts oneDNN's blocked copies of convolution operands; cuda plans "
                                   "the tensors alone, with the convolution forms a GPU runs (default: cpu)")
@@ -244,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "recomputation of memory-bound operators, as UNet3D trains)")
     plan_parser.add_argument("--attention", choices=("sdpa", "naive"), default="sdpa",
                              help="attention backend: fused SDPA (default) or naive (materialises the scores)")
-    plan_parser.add_argument("--fit-gib", type=float, metavar="N", help="also report the largest batch that fits in N GiB")
+    plan_parser.add_argument("--fit-gib", type=_positive_gib, metavar="N",
+                             help="also report the largest batch whose predicted peak on --device fits in N GiB "
+                                  "(what a process adds beyond the plan is not counted: leave room for it)")
     plan_parser.add_argument("--format", choices=("text", "json"), default="text")
     plan_parser.set_defaults(run=plan_command)
     return parser

@@ -28,10 +28,22 @@ update. A `TorchDispatchMode` sees every operator of that step:
   (oneDNN called directly or depth moved last for small volumes, the chosen weight gradient, few
   output channels by taps).
 
+* **Weight gradients** (`device="cpu"`). `Conv3d`'s default weight-gradient method, `"auto"`
+  (`cpcbm_blocks.blocks.conv_weight_grad`), picks oneDNN's 3-D form or the depth-tap form by timing
+  both on the first real backward of each problem. On `meta` nothing is timed: the plan uses the form
+  this process has measured for the same problem and, for a problem not yet timed here, the depth-tap
+  form, whose slice copies are the larger temporaries. A plan made in a fresh process is therefore an
+  upper bound, and the same call can give a lower peak after a CPU training step in this process;
+  `MemoryPlan.weight_grad_assumption` (a line of `render()`) says which applied.
+
 What the plan does not see: allocator overheads (caching, fragmentation, page rounding), the CUDA
-context and cuDNN workspaces, the Python process itself, and autocast's weight-cast cache
-(`dtype` casts the whole model, as pure low-precision training does). The tests compare it with a
-real CPU run; `benchmarks/` compare the peak with a measured one.
+context and cuDNN workspaces, the Python process itself, and autocast. `dtype` is the dtype of a
+model cast with `model.to(dtype)`, as pure low-precision training runs: parameters, gradients, Adam
+state and activations all in it. Under `torch.autocast` the parameters, gradients and Adam state
+stay float32 (take those figures from the `"fp32"` plan), the activations are mostly in the autocast
+dtype, and autocast keeps a cache of low-precision weight copies; `meta` tensors cannot run under
+autocast, so the plan does not model it. The tests compare the plan with a real CPU run;
+`benchmarks/` compare the peak with a measured one.
 
 ```python
 from cpcbm_blocks import UNetSpec
@@ -45,6 +57,7 @@ p.largest_batch(24 * 2**30)   # the largest batch whose predicted peak fits in 2
 
 import bisect
 import math
+import numbers
 import time
 import weakref
 from collections.abc import Iterable
@@ -56,6 +69,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
 
+from cpcbm_blocks.blocks import conv_weight_grad
 from cpcbm_blocks.blocks.attention import AttentionBackend
 from cpcbm_blocks.blocks.attention import attention_backend as use_attention_backend
 from cpcbm_blocks.blocks.conv_onednn import META_DEVICES, meta_stands_for, pointwise, runs_on_onednn
@@ -112,7 +126,10 @@ class StepCost:
     saved_bytes: int
     """Bytes of the tensors this step created that the autograd graph still holds after the forward."""
     attention_score_bytes: int
-    """Bytes of `heads x n x m` score tensors this step creates (0 for a fused attention backend)."""
+    """Bytes of one `batch x heads x n x m` score matrix of this step's attention, the largest score-shaped
+    tensor its forward creates: what the naive backend materialises at once per attention call (its
+    forward makes several in turn: the product, the scaled product, the softmax). 0 for a fused backend,
+    which never materialises it, and for a step without attention. Not a part of `saved_bytes`."""
 
     @property
     def step(self) -> Step:
@@ -157,6 +174,10 @@ class MemoryPlan:
     embedding_saved_bytes: int
     """Saved by what runs before the first step: the timestep embedding and the condition encoder."""
     embedding_forward_flops: int
+    embedding_backward_flops: int
+    """The embedding's backward FLOPs (its recomputation included when the conditions are checkpointed).
+    With the steps' own, `parameter_count`, `saved_bytes`, `forward_flops` and `backward_flops` are the
+    sums of the rows of `render()`'s table."""
     forward_flops: int
     backward_flops: int
     peak_bytes: int
@@ -171,7 +192,34 @@ class MemoryPlan:
     """The aten operator running at the peak, e.g. `convolution_backward.default`."""
     peak_scratch_bytes: int
     """oneDNN's blocked copies inside that operator, on top of the live tensors (CPU plans only)."""
+    weight_grad_method: str
+    """`set_weight_grad_method`'s choice when the plan was made: `"auto"` (the default), `"aten"` or
+    `"depth_taps"` (CPU plans; a CUDA plan runs the GPU's weight gradient whatever it is)."""
+    weight_grad_problems_timed: int
+    """How many weight-gradient problems this process had timed under `"auto"` when the plan was made;
+    those are planned in the form measured fastest, any other in the depth-tap form (module docs)."""
     planning_seconds: float
+
+    @property
+    def weight_grad_assumption(self) -> str:
+        """Which weight-gradient form the plan assumed for `Conv3d`s not yet timed in this process, in words."""
+        if self.device != "cpu":
+            return "as a GPU computes them (aten's convolution_backward); the CPU forms and their timing do not apply"
+        if self.weight_grad_method != "auto":
+            return f"the {self.weight_grad_method!r} form throughout, pinned by set_weight_grad_method"
+        assumed = ("the depth-tap form, the one with the larger temporaries, so the peak is an upper bound "
+                   "(a CPU training step in this process times the forms; set_weight_grad_method pins one)")
+        if self.weight_grad_problems_timed == 0:
+            return f"none timed in this process yet: every convolution assumed in {assumed}"
+        return (f"the form timed fastest where this process has timed the problem ({self.weight_grad_problems_timed} "
+                f"timed so far, of any shape); any convolution not yet timed assumed in {assumed}")
+
+    @property
+    def not_counted(self) -> str:
+        """What a real process needs beyond `peak_bytes` on the plan's device, in words."""
+        if self.device == "cpu":
+            return "the Python/torch process itself and the memory the C allocator (malloc) keeps of freed blocks"
+        return "the CUDA context, cuDNN workspaces and the memory the caching allocator reserves beyond its tensors"
 
     @property
     def peak_at(self) -> str:
@@ -192,7 +240,14 @@ class MemoryPlan:
 
     @property
     def attention_score_bytes(self) -> int:
-        return sum(s.attention_score_bytes for s in self.steps)
+        """The largest single attention score matrix of any step (`StepCost.attention_score_bytes`): what the
+        naive backend holds at once for one attention call, on top of `saved_bytes`. 0 for a fused backend."""
+        return max((s.attention_score_bytes for s in self.steps), default=0)
+
+    @property
+    def embedding_name(self) -> str:
+        """What runs before the first step, as the table's row names it."""
+        return "timestep embedding" if self.spec.conditioning is None else "embedding + condition encoder"
 
     def by_level(self) -> dict[str, dict[str, int]]:
         """Saved bytes, FLOPs and parameters summed per level (down and up together), `mid` and `stem/head`."""
@@ -209,8 +264,15 @@ class MemoryPlan:
         levels = self.by_level()
         return max(levels, key=lambda name: levels[name]["saved_bytes"])
 
-    def largest_batch(self, budget_bytes: int) -> int:
+    def largest_batch(self, budget_bytes: float) -> int:
         """The largest batch whose predicted peak is at most `budget_bytes` (0 if not even batch 1 fits).
+
+        The peaks compared are this plan's, for its `device`: on `"cpu"` tensors and oneDNN's blocked
+        copies, on `"cuda"` tensors alone. Neither counts what a real process adds (`not_counted`): on
+        CPU the Python/torch process itself and the memory the C allocator keeps of freed blocks, on
+        CUDA the CUDA context, cuDNN workspaces and the caching allocator's reserve. Leave room for them
+        in `budget_bytes`, a positive, finite number of bytes (a float such as `24 * 2.0**30` is fine;
+        it is rounded down).
 
         Found with real plans, not extrapolated: activations grow about linearly with the batch, so
         a line through the plans of batches 1 and 2 gives a guess, a line through batch 1 and that
@@ -218,6 +280,11 @@ class MemoryPlan:
         not). A wrong guess is corrected by doubling steps and bisection. Usually three to four
         plans, one to two seconds each at full size.
         """
+        if (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Real)
+                or not math.isfinite(budget_bytes) or budget_bytes <= 0):
+            raise InputError(f"budget_bytes: expected a positive, finite number of bytes, got {budget_bytes!r}. "
+                             "Pass e.g. largest_batch(24 * 2**30) for 24 GiB.")
+        budget_bytes = int(budget_bytes)
         peaks: dict[int, int] = {self.input_shape[0]: self.peak_bytes}
 
         def fits(batch: int) -> bool:
@@ -267,8 +334,14 @@ class MemoryPlan:
             "parameter_count": self.parameter_count, "parameter_bytes": self.parameter_bytes,
             "gradient_bytes": self.gradient_bytes, "optimizer_bytes": self.optimizer_bytes,
             "input_bytes": self.input_bytes, "saved_bytes": self.saved_bytes,
+            "embedding_parameters": self.embedding_parameters, "embedding_saved_bytes": self.embedding_saved_bytes,
+            "embedding_forward_flops": self.embedding_forward_flops,
+            "embedding_backward_flops": self.embedding_backward_flops,
             "attention_score_bytes": self.attention_score_bytes, "forward_flops": self.forward_flops,
             "backward_flops": self.backward_flops, "peak_bytes": self.peak_bytes, "peak_at": self.peak_at,
+            "not_counted": self.not_counted, "weight_grad_method": self.weight_grad_method,
+            "weight_grad_problems_timed": self.weight_grad_problems_timed,
+            "weight_grad_assumption": self.weight_grad_assumption,
             "dominant_level": self.dominant_level(), "levels": self.by_level(),
             "planning_seconds": round(self.planning_seconds, 3),
             "steps": [{"where": s.step.describe(), "transition": s.transition.render(), "module": s.step.module_key,
@@ -278,23 +351,43 @@ class MemoryPlan:
         }
 
     def render(self) -> str:
-        """A table per transition, per-level sums and the totals, as `cpcbm-blocks plan` prints them."""
-        lines = [(f"{'#':>3}  {'where':34} {'transition':52} {'ckpt':4} {'params':>9} {'fwd GFLOP':>10} "
-                  f"{'bwd GFLOP':>10} {'saved MiB':>10} {'scores MiB':>10}")]
+        """A table per transition (row 0: what runs before the first step), per-level sums and the totals,
+        as `cpcbm-blocks plan` prints them. The totals are the sums of the table's rows."""
+
+        def row(index: int, where: str, transition: str, checkpointed: bool, parameters: int, forward_flops: int,
+                backward_flops: int, saved_bytes: int, score_bytes: int) -> str:
+            return (f"{index:>3}  {where:34} {transition:52} {'yes' if checkpointed else '':4} {parameters:>11,} "
+                    f"{forward_flops / 1e9:>10.2f} {backward_flops / 1e9:>10.2f} {_mib(saved_bytes):>10.1f} "
+                    f"{_mib(score_bytes):>16.1f}")
+
+        lines = [(f"{'#':>3}  {'where':34} {'transition':52} {'ckpt':4} {'params':>11} {'fwd GFLOP':>10} "
+                  f"{'bwd GFLOP':>10} {'saved MiB':>10} {'1 score mat MiB':>16}")]
+        lines.append(row(0, self.embedding_name, "(before step 1)",
+                         self.checkpoint_conditions and self.spec.conditioning is not None, self.embedding_parameters,
+                         self.embedding_forward_flops, self.embedding_backward_flops, self.embedding_saved_bytes, 0))
         for i, s in enumerate(self.steps, start=1):
-            lines.append(f"{i:>3}  {s.step.describe():34} {s.transition.render():52} {'yes' if s.checkpointed else '':4} "
-                         f"{s.parameters:>9,} {s.forward_flops / 1e9:>10.2f} {s.backward_flops / 1e9:>10.2f} "
-                         f"{_mib(s.saved_bytes):>10.1f} {_mib(s.attention_score_bytes):>10.1f}")
+            lines.append(row(i, s.step.describe(), s.transition.render(), s.checkpointed, s.parameters,
+                             s.forward_flops, s.backward_flops, s.saved_bytes, s.attention_score_bytes))
         lines.append("")
         lines.append(f"{'level':10} {'saved MiB':>10} {'GFLOP (fwd+bwd)':>16} {'params':>11}")
-        for name, row in self.by_level().items():
-            lines.append(f"{name:10} {_mib(row['saved_bytes']):>10.1f} {row['flops'] / 1e9:>16.2f} {row['parameters']:>11,}")
+        for name, level in self.by_level().items():
+            lines.append(f"{name:10} {_mib(level['saved_bytes']):>10.1f} {level['flops'] / 1e9:>16.2f} "
+                         f"{level['parameters']:>11,}")
+        lines.append(f"{'embedding':10} {_mib(self.embedding_saved_bytes):>10.1f} "
+                     f"{(self.embedding_forward_flops + self.embedding_backward_flops) / 1e9:>16.2f} "
+                     f"{self.embedding_parameters:>11,}")
         lines.append("")
         lines.append(f"parameters        {self.parameter_count:,} ({_mib(self.parameter_bytes):.1f} MiB; "
                      f"gradients {_mib(self.gradient_bytes):.1f} MiB; Adam state {_mib(self.optimizer_bytes):.1f} MiB)")
         lines.append(f"FLOPs             forward {self.forward_flops / 1e9:.2f} G, backward {self.backward_flops / 1e9:.2f} G")
-        lines.append(f"saved for backward {_mib(self.saved_bytes):.1f} MiB (attention scores {_mib(self.attention_score_bytes):.1f} MiB); "
-                     f"dominant level: {self.dominant_level()}")
+        lines.append(f"saved for backward {_mib(self.saved_bytes):.1f} MiB; dominant level: {self.dominant_level()}")
+        if self.attention_score_bytes:
+            lines.append(f"attention score matrix, largest: {_mib(self.attention_score_bytes):.1f} MiB (batch x heads x n x m; "
+                         "the naive backend materialises it at each attention call, fused SDPA never does; "
+                         "not part of the saved figure)")
+        else:
+            lines.append(f"attention score matrix: none materialised ({self.attention_backend.value} backend)")
+        lines.append(f"weight gradients  {self.weight_grad_assumption}")
         counted = ("tensors and oneDNN's blocked copies" if self.device == "cpu"
                    else "tensors only: no cuDNN workspaces or CUDA context")
         lines.append(f"predicted peak    {self.peak_bytes / 2**30:.3f} GiB for a training step with Adam "
@@ -515,7 +608,8 @@ class _Recorder(TorchDispatchMode):
         scores = self.score_shapes.get(self.owner)
         if (scores is not None and self.phase == "forward" and tensor.ndim >= 3
                 and tuple(tensor.shape[-2:]) == scores[:2] and tensor.numel() == scores[2]):
-            self.score_bytes[self.owner] = self.score_bytes.get(self.owner, 0) + nbytes
+            # One matrix per call: the product, the scaled product and the softmax are made in turn.
+            self.score_bytes[self.owner] = max(self.score_bytes.get(self.owner, 0), nbytes)
 
     def _release(self, key: int) -> None:
         nbytes, _, _ = self.live.pop(key)
@@ -569,11 +663,24 @@ def _conditions(spec: UNetSpec, input_shape: tuple[int, ...], dtype: torch.dtype
 
 
 def _check_levels(spec: UNetSpec, levels: Iterable[int]) -> tuple[int, ...]:
+    if isinstance(levels, str) or not isinstance(levels, Iterable):
+        raise InputError(f"checkpoint_levels: expected a tuple of level numbers in 1..{len(spec.levels)} "
+                         f"(1 = shallowest), got {levels!r}. Pass a tuple such as checkpoint_levels=(1, 2), "
+                         "or (1,) for one level.")
     levels = tuple(sorted(set(levels)))
     if any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= len(spec.levels) for v in levels):
         raise InputError(f"checkpoint_levels: expected level numbers in 1..{len(spec.levels)} (1 = shallowest), "
                          f"got {levels!r}. Pass e.g. checkpoint_levels=(1, 2).")
     return levels
+
+
+def _check_backend(backend: AttentionBackend | str) -> AttentionBackend:
+    try:
+        return AttentionBackend(backend)
+    except ValueError:
+        choices = ", ".join(repr(b.value) for b in AttentionBackend)
+        raise InputError(f"attention_backend: expected one of {choices}, got {backend!r}. "
+                         "Pass attention_backend='sdpa' (fused) or 'naive' (materialises the scores).") from None
 
 
 def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "fp32", device: str = "cpu",
@@ -585,16 +692,28 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
 
     - `spec`: the network.
     - `input_shape`: the training batch's shape; the batch size is its first entry.
-    - `dtype`: `"fp32"`, `"bf16"` or `"fp16"`: the dtype of the parameters and the activations.
+    - `dtype`: `"fp32"`, `"bf16"` or `"fp16"`: the dtype of a model cast with `model.to(dtype)`, so
+      parameters, gradients, Adam state and activations are all in it. Under `torch.autocast` (mixed
+      precision, as the README trains) parameters, gradients and Adam state stay float32: take those
+      figures from the `"fp32"` plan; activations are then mostly in the autocast dtype (see the
+      module docs: autocast is not modelled).
     - `device`: `"cpu"` (the default) adds oneDNN's blocked copies of each convolution's operands to
       the peak (see the module docs); `"cuda"` plans the tensors alone, with each convolution in the
       form a GPU runs (none of the CPU-only forms).
     - `checkpoint_levels`, `checkpoint_mid`, `checkpoint_conditions`: gradient checkpointing, as
-      `UNet3D.set_gradient_checkpointing` sets it.
+      `UNet3D.set_gradient_checkpointing` sets it: a tuple of level numbers such as `(1, 2)`, and two
+      switches (`checkpoint_conditions` does nothing for a spec without conditioning, as in `UNet3D`).
     - `selective`: selective recomputation of memory-bound operators in every other step (on by
       default, as in `UNet3D`; see `cpcbm_blocks.recompute`).
     - `attention_backend`: `"sdpa"` (fused, the default) or `"naive"` (materialises the scores).
-    - `text_tokens`: tokens per text condition, for a spec conditioned on text (CLIP: 77).
+    - `text_tokens`: tokens per text condition, for a spec conditioned on text (CLIP: 77); positive.
+
+    **Weight gradients (CPU plans).** `Conv3d`'s default weight-gradient method, `"auto"`, picks its
+    form by timing on the first real backward of each problem. Nothing is timed on `meta`: a problem
+    this process has timed is planned in the form measured fastest, any other in the depth-tap form,
+    the one with the larger temporaries. In a fresh process, where nothing has been timed, the peak
+    is therefore an upper bound, and the same call can give a lower one after a CPU training step;
+    `MemoryPlan.weight_grad_assumption` says which applied, and `set_weight_grad_method` pins a form.
     """
     from cpcbm_blocks.unet import UNet3D  # unet imports blocks; keep this module importable on its own
 
@@ -603,7 +722,10 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     if device not in DEVICES:
         raise InputError(f"device: expected one of {list(DEVICES)}, got {device!r}. "
                          "Use device='cuda' to plan a GPU step.")
-    backend = AttentionBackend(attention_backend)
+    backend = _check_backend(attention_backend)
+    if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 1:
+        raise InputError(f"text_tokens: expected a positive number of tokens per text condition, got {text_tokens!r}. "
+                         "Pass e.g. text_tokens=77 (CLIP's context length).")
     expected = plan(spec, tuple(input_shape))
     levels = _check_levels(spec, checkpoint_levels)
     started = time.perf_counter()
@@ -687,7 +809,10 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
         parameter_bytes=parameter_bytes, gradient_bytes=gradient_bytes, optimizer_bytes=optimizer_bytes,
         input_bytes=input_bytes, embedding_saved_bytes=saved_by_owner.get(_BEFORE, 0),
         embedding_forward_flops=recorder.flops.get(("forward", _BEFORE), 0),
+        embedding_backward_flops=recorder.flops.get(("backward", _BEFORE), 0),
         forward_flops=forward_flops, backward_flops=backward_flops, peak_bytes=peak, peak_phase=peak_phase,
         peak_step=peak_owner if 0 <= peak_owner < len(costs) and peak_phase != "optimizer" else None,
         peak_operator=peak_operator, peak_scratch_bytes=peak_scratch,
+        weight_grad_method=conv_weight_grad.weight_grad_method(),
+        weight_grad_problems_timed=conv_weight_grad.timed_problem_count(),
         planning_seconds=time.perf_counter() - started)

@@ -3,6 +3,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from cpcbm_blocks import UNetSpec
 from cpcbm_blocks.cli import main
 
@@ -45,6 +48,26 @@ def test_trace_reads_a_spec_file_and_runs_a_real_cpu_forward(tmp_path, capsys):
 def test_bad_input_shape_exits_two_with_a_clear_message(capsys):
     assert main(["trace", "--input-shape", "1,1,10,256,256"]) == 2
     assert "expected depth to be a multiple of 8" in capsys.readouterr().err
+
+
+def test_a_device_torch_does_not_know_or_this_machine_lacks_is_an_argument_error(capsys):
+    for device, expected in (("gpu", "expected 'meta', 'cpu' or 'cuda[:N]', got 'gpu'"),
+                             ("tpu", "expected 'meta', 'cpu' or 'cuda[:N]', got 'tpu'")):
+        with pytest.raises(SystemExit) as raised:
+            main(["trace", "--device", device])
+        assert raised.value.code == 2 and f"argument --device: {expected}" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["trace", "--device", "cuda"])
+        assert "torch sees no CUDA device here. Use 'meta' (shapes only) or 'cpu'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["trace", "plan"])
+def test_a_misspelled_preset_or_a_directory_names_the_presets(command, tmp_path, capsys):
+    for spec, problem in (("defualt", "neither a preset nor an existing file"), (str(tmp_path), "a directory")):
+        assert main([command, "--spec", spec]) == 2
+        assert (f"--spec: expected default or conditioned or a JSON file written by UNetSpec.to_json(), got "
+                f"{spec!r}, {problem}") in capsys.readouterr().err
 
 
 def test_the_module_and_console_entry_points_run():

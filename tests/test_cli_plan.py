@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from cpcbm_blocks.cli import main
 
 
@@ -60,3 +62,79 @@ def test_a_cpu_plan_says_what_a_process_adds_to_it_and_a_cuda_plan_does_not(caps
     assert "on cpu " not in capsys.readouterr().out
     assert main(["plan", "--input-shape", "1,1,8,32,32", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["process_rss_bytes"] > 0
+
+
+def test_plan_json_has_the_embedding_and_its_totals_are_the_sums_of_the_rows(capsys):
+    assert main(["plan", "--format", "json", "--spec", "conditioned", "--input-shape", "1,1,8,32,32",
+                 "--text-tokens", "7"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for total, embedding, row in (("parameter_count", "embedding_parameters", "parameters"),
+                                  ("saved_bytes", "embedding_saved_bytes", "saved_bytes"),
+                                  ("forward_flops", "embedding_forward_flops", "forward_flops")):
+        assert report[embedding] > 0
+        assert report[total] == report[embedding] + sum(step[row] for step in report["steps"]), total
+    assert main(["plan", "--spec", "conditioned", "--input-shape", "1,1,8,32,32", "--text-tokens", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "  0  embedding + condition encoder" in out and "\nembedding " in out
+
+
+def test_plan_text_labels_the_score_matrix_apart_from_the_saved_bytes(capsys):
+    assert main(["plan", "--input-shape", "1,1,8,64,64", "--attention", "naive"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    saved = next(line for line in lines if line.startswith("saved for backward"))
+    assert "attention" not in saved
+    score = next(line for line in lines if line.startswith("attention score matrix, largest:"))
+    assert "naive backend materialises it" in score and "fused SDPA never does" in score
+    assert "1 score mat MiB" in lines[1]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1", "lots"])
+def test_plan_refuses_a_memory_budget_that_is_not_a_positive_finite_number(capsys, value):
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", f"--fit-gib={value}"])
+    assert exited.value.code == 2
+    assert f"argument --fit-gib: expected a positive, finite number of GiB such as 24, got '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-5", "0"])
+def test_plan_refuses_a_non_positive_number_of_text_tokens(capsys, value):
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", "--spec", "conditioned", f"--text-tokens={value}"])
+    assert exited.value.code == 2
+    assert f"argument --text-tokens: expected a positive integer such as 77, got '{value}'" in capsys.readouterr().err
+
+
+def test_plan_refuses_checkpointing_the_conditions_of_a_spec_without_conditioning(capsys):
+    assert main(["plan", "--input-shape", "1,1,8,32,32", "--checkpoint-conditions"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before planning, not planned as "checkpointing conditions"
+    assert ("--checkpoint-conditions: expected a spec with conditioning (such as --spec conditioned), "
+            "got UNetSpec.default(), which has none") in captured.err
+
+
+@pytest.mark.parametrize("device, not_counted", [
+    ("cpu", "the Python/torch process itself and the memory the C allocator"),
+    ("cuda", "the CUDA context, cuDNN workspaces and the memory the caching allocator reserves")])
+def test_the_largest_batch_line_names_the_device_and_what_is_not_counted(capsys, device, not_counted):
+    assert main(["plan", "--input-shape", "1,1,8,32,32", "--device", device, "--fit-gib", "0.75"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("largest batch"))
+    assert line.startswith("largest batch that fits in 0.75 GiB: ")
+    assert f"(by the {device} plan's predicted peak; not counted: {not_counted}" in line
+
+
+def test_a_plan_in_a_process_that_timed_no_weight_gradient_says_it_assumed_the_larger_form(capsys, monkeypatch):
+    from cpcbm_blocks.blocks import conv_weight_grad
+
+    monkeypatch.setattr(conv_weight_grad, "_weight_grad_method", "auto")
+    monkeypatch.setattr(conv_weight_grad, "_fastest_form", {})  # as in a fresh `cpcbm-blocks plan`
+    assert main(["plan", "--input-shape", "1,1,8,32,32"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("weight gradients"))
+    assert "none timed in this process yet" in line and "depth-tap form" in line and "upper bound" in line
+
+
+def test_plan_help_says_the_dtype_is_a_cast_model_and_autocast_keeps_fp32_state(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "dtype of a model cast with model.to(dtype)" in text
+    assert "Under torch.autocast, parameters, gradients and Adam state stay fp32" in text

@@ -176,7 +176,7 @@ def test_the_naive_backend_materialises_the_scores_and_the_fused_one_does_not(de
         if s.step.op.value == "attn":
             channels, d, h, w = s.transition.in_shape
             heads, n = channels // spec.head_channels, d * h * w
-            assert s.attention_score_bytes >= 4 * heads * n * n  # at least one fp32 (heads, n, n) tensor
+            assert s.attention_score_bytes == 4 * heads * n * n  # one fp32 (heads, n, n) matrix per call
         else:
             assert s.attention_score_bytes == 0
     assert naive.forward_flops == fused.forward_flops
@@ -185,6 +185,43 @@ def test_the_naive_backend_materialises_the_scores_and_the_fused_one_does_not(de
     plain_fused = memory_plan(spec, shape, selective=False)
     assert plain_naive.saved_bytes > plain_fused.saved_bytes
     assert naive.saved_bytes < plain_naive.saved_bytes
+
+
+def test_the_score_figure_is_one_matrix_per_attention_call_and_is_not_read_as_part_of_the_saved_bytes():
+    """The naive forward makes three score-shaped tensors in turn (q k^T, its scaling, the softmax); the
+    figure is one of them, batch x heads x n x m x dtype size, and the largest over the steps in total."""
+    spec, shape = UNetSpec.default(), (2, 1, 8, 64, 64)
+    naive = memory_plan(spec, shape, attention_backend="naive", dtype="bf16")
+    matrices = []
+    for s in naive.steps:
+        if s.step.op.value == "attn":
+            channels, d, h, w = s.transition.in_shape
+            matrices.append(2 * (channels // spec.head_channels) * (d * h * w) ** 2 * 2)  # batch 2, bf16
+            assert s.attention_score_bytes == matrices[-1]
+    assert naive.attention_score_bytes == max(matrices) == naive.to_dict()["attention_score_bytes"]
+    text = naive.render()
+    saved_line = next(line for line in text.splitlines() if line.startswith("saved for backward"))
+    assert "attention" not in saved_line and "scores" not in saved_line
+    assert f"attention score matrix, largest: {max(matrices) / 2**20:.1f} MiB (batch x heads x n x m" in text
+    assert "attention score matrix: none materialised (sdpa backend)" in memory_plan(spec, shape).render()
+
+
+@pytest.mark.parametrize("spec_name, switches", [
+    ("default", {}), ("conditioned", {}),
+    ("conditioned", {"checkpoint_levels": (1, 2, 3, 4), "checkpoint_mid": True, "checkpoint_conditions": True})],
+    ids=["default", "conditioned", "conditioned-checkpointed"])
+def test_the_totals_are_the_sums_of_the_rows_with_the_embedding_row(spec_name, switches):
+    plan = memory_plan(getattr(UNetSpec, spec_name)(), SMALL, text_tokens=7, **switches)
+    report = plan.to_dict()
+    for total, embedding, row in (("parameter_count", "embedding_parameters", "parameters"),
+                                  ("saved_bytes", "embedding_saved_bytes", "saved_bytes"),
+                                  ("forward_flops", "embedding_forward_flops", "forward_flops"),
+                                  ("backward_flops", "embedding_backward_flops", "backward_flops")):
+        assert report[embedding] > 0, embedding
+        assert report[total] == report[embedding] + sum(step[row] for step in report["steps"]), total
+    first_row = plan.render().splitlines()[1]
+    assert first_row.split()[0] == "0" and plan.embedding_name in first_row
+    assert f"{plan.embedding_parameters:,}" in first_row and f"{plan.embedding_saved_bytes / 2**20:.1f}" in first_row
 
 
 def test_bf16_halves_the_activations(default_plan):
@@ -199,6 +236,24 @@ def test_the_largest_batch_fits_and_one_more_does_not(tiny_spec):
     assert plan.largest_batch(budget) == 3
     assert plan.with_batch(4).peak_bytes > budget
     assert plan.largest_batch(plan.parameter_bytes) == 0
+    answer = plan.largest_batch(2.0**30)  # a budget in floating point, as `24 * 2.0**30`, still gives an int
+    assert type(answer) is int and plan.with_batch(answer).peak_bytes <= 2**30 < plan.with_batch(answer + 1).peak_bytes
+
+
+@pytest.mark.parametrize("budget", [0, -2.0**30, float("nan"), float("inf"), True, "24 GiB"])
+def test_the_largest_batch_refuses_a_budget_that_is_not_a_positive_finite_number(tiny_spec, budget):
+    plan = memory_plan(tiny_spec, (1, 1, 4, 8, 8))
+    with pytest.raises(InputError, match=r"budget_bytes: expected a positive, finite number of bytes, got .*largest_batch\(24"):
+        plan.largest_batch(budget)
+
+
+def test_the_largest_batch_docs_name_the_device_and_what_is_not_counted(tiny_spec):
+    doc = MemoryPlan.largest_batch.__doc__
+    assert "`device`" in doc and "Python/torch process" in doc and "C allocator" in doc
+    assert "CUDA context" in doc and "caching allocator" in doc
+    cpu, cuda = (memory_plan(tiny_spec, (1, 1, 4, 8, 8), device=device) for device in ("cpu", "cuda"))
+    assert "Python/torch process" in cpu.not_counted and "C allocator" in cpu.not_counted
+    assert "CUDA context" in cuda.not_counted and "caching allocator" in cuda.not_counted
 
 
 @pytest.mark.parametrize("growth", ["linear", "convex", "concave"])
@@ -262,6 +317,56 @@ def test_bad_arguments_are_rejected_with_what_to_do():
         memory_plan(UNetSpec.default(), (1, 1, 8, 64, 64), checkpoint_levels=(5,))
     with pytest.raises(InputError, match="x: expected width to be a multiple of 16"):
         memory_plan(UNetSpec.default(), (1, 1, 8, 64, 60))
+    with pytest.raises(InputError, match=r"checkpoint_levels: expected a tuple .* got 1\. Pass a tuple such as "
+                                         r"checkpoint_levels=\(1, 2\)"):
+        memory_plan(UNetSpec.default(), (1, 1, 8, 64, 64), checkpoint_levels=1)
+    with pytest.raises(InputError, match="attention_backend: expected one of 'sdpa', 'naive', got 'flash'"):
+        memory_plan(UNetSpec.default(), (1, 1, 8, 64, 64), attention_backend="flash")
+    with pytest.raises(InputError, match="text_tokens: expected a positive number of tokens .* got -5"):
+        memory_plan(UNetSpec.conditioned(), (1, 1, 8, 64, 64), text_tokens=-5)
+
+
+def test_a_plan_made_where_no_weight_gradient_was_timed_says_it_assumed_the_larger_form(tiny_spec, monkeypatch):
+    """On meta, `"auto"` cannot time the weight-gradient forms: a problem not timed in this process is
+    planned in the depth-tap form. The plan says so, and says it once this process has timed some."""
+    from cpcbm_blocks.blocks import conv_weight_grad
+
+    monkeypatch.setattr(conv_weight_grad, "_weight_grad_method", "auto")
+    monkeypatch.setattr(conv_weight_grad, "_fastest_form", {})  # as in a fresh process
+    shape = (1, 1, 4, 8, 8)
+    fresh = memory_plan(tiny_spec, shape)
+    assert fresh.weight_grad_method == "auto" and fresh.weight_grad_problems_timed == 0
+    line = next(line for line in fresh.render().splitlines() if line.startswith("weight gradients"))
+    assert "none timed in this process yet" in line and "depth-tap form" in line and "upper bound" in line
+    torch.manual_seed(0)
+    UNet3D(tiny_spec)(torch.randn(shape), torch.tensor([3.0])).sum().backward()  # "auto" times each problem
+    timed = memory_plan(tiny_spec, shape)
+    assert timed.weight_grad_problems_timed == len(conv_weight_grad._fastest_form) > 0
+    assert (f"the form timed fastest where this process has timed the problem ({timed.weight_grad_problems_timed} "
+            "timed so far") in timed.render()
+    monkeypatch.setattr(conv_weight_grad, "_weight_grad_method", "aten")
+    assert "the 'aten' form throughout, pinned by set_weight_grad_method" in memory_plan(tiny_spec, shape).render()
+    assert "do not apply" in memory_plan(tiny_spec, shape, device="cuda").weight_grad_assumption
+
+
+def test_the_untimed_assumption_is_the_upper_bound_of_the_two_forms(monkeypatch):
+    """Where a weight gradient sets the peak (checkpointed, 128x128), the depth taps assumed for untimed
+    problems plan a higher peak than oneDNN's 3-D form."""
+    from cpcbm_blocks.blocks import conv_weight_grad
+
+    monkeypatch.setattr(conv_weight_grad, "_fastest_form", {})
+    peaks = {}
+    for method in ("auto", "aten"):
+        monkeypatch.setattr(conv_weight_grad, "_weight_grad_method", method)
+        plan = memory_plan(UNetSpec.default(), (1, 1, 8, 128, 128), checkpoint_levels=(1, 2, 3, 4), checkpoint_mid=True)
+        peaks[method] = plan.peak_bytes
+    assert peaks["auto"] > peaks["aten"]  # the taps' slice copies: strictly more here
+
+
+def test_the_dtype_is_documented_as_a_cast_model_and_autocast_as_fp32_state():
+    doc = memory_plan.__doc__
+    assert "model.to(dtype)" in doc and "torch.autocast" in doc and "stay float32" in doc
+    assert "depth-tap form" in doc and "upper bound" in doc
 
 
 @pytest.mark.gpu

@@ -53,6 +53,11 @@ def weight_grad_method() -> str:
     return _weight_grad_method
 
 
+def timed_problem_count() -> int:
+    """How many weight-gradient problems `"auto"` has timed in this process (each keeps its fastest form)."""
+    return len(_fastest_form)
+
+
 def set_weight_grad_method(method: str) -> None:
     """Choose how 3-D weight gradients are computed on CPU: one of `WEIGHT_GRAD_METHODS`.
 
