@@ -22,13 +22,14 @@ when a checkpoint is written or read.
 """
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from cpcbm_blocks.errors import CheckpointError, SpecError
+from cpcbm_blocks.errors import CheckpointError, InputError, SpecError
 from cpcbm_blocks.spec import UNetSpec
 
 __all__ = ["SPEC_FILE", "WEIGHTS_FILE", "from_pretrained", "load_weights", "save_pretrained", "spec_differences"]
@@ -63,7 +64,7 @@ def save_pretrained(model, directory: str | Path) -> Path:
     - `directory`: where to write the two files.
     """
     spec = _require_unet(model).spec
-    directory = Path(directory)
+    directory = _directory(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"directory: expected a directory to write {SPEC_FILE} and {WEIGHTS_FILE} into, "
                               f"got the existing file {str(directory)!r}. Choose another path.")
@@ -90,11 +91,14 @@ def from_pretrained(directory: str | Path, *, device: str | torch.device = "cpu"
     **Arguments:**
 
     - `directory`: a directory written by [`save_pretrained`][cpcbm_blocks.checkpoint.save_pretrained].
-    - `device`: where the weights are loaded (`"cpu"` by default, or e.g. `"cuda"`).
+    - `device`: where the weights are loaded (`"cpu"` by default, or e.g. `"cuda"`, `"cuda:1"`,
+      `torch.device(...)`); checked first ([`InputError`][cpcbm_blocks.errors.InputError] for a
+      device that does not exist or is not available here).
     """
     from cpcbm_blocks.unet import UNet3D  # unet.py imports this module for its methods
 
-    directory = Path(directory)
+    device = _load_device(device)
+    directory = _directory(directory)
     spec = _read_spec(directory)
     state = _read_weights(directory, device=device)
     with torch.device("meta"):
@@ -122,7 +126,7 @@ def load_weights(model, directory: str | Path) -> None:
     - `directory`: a directory written by [`save_pretrained`][cpcbm_blocks.checkpoint.save_pretrained].
     """
     _require_unet(model)
-    directory = Path(directory)
+    directory = _directory(directory)
     saved_spec = _read_spec(directory)
     state = _read_weights(directory, device="cpu")
     _raise_if_incompatible(model, state, saved_spec=saved_spec, directory=directory)
@@ -173,8 +177,60 @@ def _raise_if_incompatible(model, state: dict[str, Tensor], *, saved_spec: UNetS
     raise CheckpointError("\n".join(parts))
 
 
+def _directory(directory) -> Path:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise CheckpointError(f"directory: expected a path (str or pathlib.Path) of a checkpoint directory, got "
+                              f"{type(directory).__name__}. Pass the directory given to save_pretrained().")
+    return Path(directory)
+
+
+def _load_device(device) -> torch.device:
+    """`device` parsed and available here, before any file is read (a bad device is not a bad file)."""
+    example = "Pass e.g. device='cpu', device='cuda' or device=torch.device('cuda', 0)."
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise InputError(f"device: expected a device name (str), index (int) or torch.device, got "
+                         f"{type(device).__name__} {device!r}. {example}")
+    if isinstance(device, int) and device < 0:
+        raise InputError(f"device: expected a non-negative device index, got {device}. {example}")
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6 reads an index as one of the accelerator
+    if isinstance(device, int) and accelerator is not None and not accelerator.is_available():
+        raise InputError(f"device: expected an available device, got index {device}, but no accelerator (CUDA, MPS, "
+                         "...) is available here (torch.accelerator.is_available() is False). Load with device='cpu'.")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"device: expected a device such as 'cpu', 'cuda', 'cuda:1' or 'mps', got {device!r}, which "
+                         f"torch does not know. {example}") from None
+    shown = repr(device) if str(parsed) == str(device) else f"{device!r} ({parsed})"
+    if parsed.type == "meta":
+        raise InputError(f"device: expected a device that holds the loaded values, got {shown}. Load on 'cpu' or "
+                         "'cuda'; for a model without weights, build it under `with torch.device('meta'): UNet3D(spec)`.")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device: expected an available device, got {shown}, but CUDA is not available here "
+                             "(torch.cuda.is_available() is False). Load with device='cpu', or run on a machine with a "
+                             "GPU and a CUDA build of PyTorch.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InputError(f"device: expected one of the {torch.cuda.device_count()} CUDA device(s) here "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}), got {shown}. Pass an index in that range.")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device: expected an available device, got {shown}, but MPS is not available here "
+                         "(torch.backends.mps.is_available() is False). Load with device='cpu'.")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        try:
+            torch.empty(0, device=parsed)
+        except (RuntimeError, AssertionError, ValueError, NotImplementedError) as error:
+            raise InputError(f"device: expected an available device, got {shown}, which cannot hold tensors here "
+                             f"({error}). Load with device='cpu'.") from None
+    return parsed
+
+
 def _read_spec(directory: Path) -> UNetSpec:
     path = directory / SPEC_FILE
+    if directory.is_file():
+        raise CheckpointError(f"directory: expected a checkpoint directory holding {SPEC_FILE} and {WEIGHTS_FILE}, got "
+                              f"the file {str(directory)!r}. Pass the directory that contains it: "
+                              f"{str(directory.parent)!r}.")
     if not path.is_file():
         found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else "no such directory"
         raise CheckpointError(f"directory: expected {SPEC_FILE} and {WEIGHTS_FILE} in {str(directory)!r}, got {found}. "

@@ -18,6 +18,7 @@ is False (it is zeroed and flagged). Every parameter takes part in every forward
 `DistributedDataParallel(find_unused_parameters=False)` works whatever is dropped.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ from cpcbm_blocks.blocks.fusion_gated import GatedFusion3D
 from cpcbm_blocks.contracts import check_device_and_dtype
 from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.layout import Op, layout
-from cpcbm_blocks.plan import check_input_shape
+from cpcbm_blocks.plan import Transition, check_input_shape
 from cpcbm_blocks.spec import FusionKind, UNetSpec
 
 __all__ = ["ConditionEncoder", "EncodedConditions", "condition_sites"]
@@ -142,6 +143,64 @@ class ConditionEncoder(nn.Module):
                 raise InputError(f"{name}: expected a tensor on the model's device {like.device}, got one on "
                                  f"{value.device}. Move it with {name}.to({str(like.device)!r}).")
 
+    def check_encoded(self, conditions: EncodedConditions, transitions: Sequence[Transition]) -> None:
+        """Refuse `conditions` that another model encoded (other fusion sites, channels, dtype or device).
+
+        `transitions` is the plan of the forward they are passed to; each fusion step in it says
+        which site it reads and at which shape. Raises [`InputError`][cpcbm_blocks.errors.InputError]
+        before any compute (the batch size and image size are checked by the caller, against `x`).
+        """
+        again = "Encode them with this model: model.encode_conditions(...) (or guidance_conditions(model, ...))."
+        expected_maps = sorted(key for key, (kind, _) in self.sites.items() if kind is not FusionKind.CROSS_ATTENTION)
+        expected_context = sorted(key for key, (kind, _) in self.sites.items() if kind is FusionKind.CROSS_ATTENTION)
+        got_maps, got_context = sorted(conditions.maps), sorted(conditions.context)
+        if got_maps != expected_maps or got_context != expected_context or sorted(conditions.context_mask) != got_context:
+            raise InputError(f"conditions: expected features for this model's fusion sites (maps {expected_maps}, "
+                             f"context {expected_context}), got maps {got_maps}, context {got_context}, context_mask "
+                             f"{sorted(conditions.context_mask)}: they were encoded by a model of another spec. {again}")
+        batch, cond = conditions.batch_size, self.spec.conditioning
+        expected: dict[str, tuple[object, tuple[int, ...], bool]] = {}  # name -> (value, shape, floating)
+        for transition in transitions:
+            step = transition.step
+            if not step.op.is_fusion:
+                continue
+            key, (channels, d, h, w) = step.condition_key, transition.in_shape
+            if key in expected_context:
+                context, mask = conditions.context[key], conditions.context_mask[key]
+                tokens = context.shape[1] if isinstance(context, Tensor) and context.ndim == 3 else "m"
+                expected[f"context[{key!r}]"] = (context, (batch, tokens, cond.text_channels), True)
+                expected[f"context_mask[{key!r}]"] = (mask, (batch, tokens), False)
+            else:
+                spatial = (1, 1, 1) if key in self.text_maps else (d, h, w)
+                expected[f"maps[{key!r}]"] = (conditions.maps[key], (batch, channels, *spatial), True)
+        if self.timestep_modulation is not None:
+            expected["timestep_scale_shift"] = (conditions.timestep_scale_shift,
+                                                (batch, self.timestep_modulation.out_features), True)
+        elif conditions.timestep_scale_shift is not None:
+            raise InputError("conditions.timestep_scale_shift: expected None because this model's spec does not modulate "
+                             "the timestep embedding with text (conditioning.text_to_timestep=False), got a tensor of "
+                             f"{_describe(conditions.timestep_scale_shift)}: they were encoded by a model of another "
+                             f"spec. {again}")
+        like = next(self.parameters())
+        for name, (value, shape, floating) in expected.items():
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                raise InputError(f"conditions.{name}: expected a tensor of shape {shape} for this model, got "
+                                 f"{_describe(value)}: they were encoded by a model of another spec. {again}")
+            if value.is_floating_point() != floating or (not floating and value.dtype != torch.bool):
+                raise InputError(f"conditions.{name}: expected a {'floating-point' if floating else 'bool'} tensor, got "
+                                 f"{value.dtype}. {again}")
+            if floating:
+                try:
+                    check_device_and_dtype(f"conditions.{name}", value, like=like)
+                except InputError as error:
+                    raise InputError(f"conditions.{name}: expected conditions encoded on the model's device {like.device} "
+                                     f"in its dtype {like.dtype}, got {value.dtype} on {value.device}. Encode them again "
+                                     "with this model after moving or casting it (model.encode_conditions(...)), or run "
+                                     "under torch.autocast.") from error
+            elif value.device != like.device:
+                raise InputError(f"conditions.{name}: expected a tensor on the model's device {like.device}, got one on "
+                                 f"{value.device}. Encode the conditions again after moving the model.")
+
     def encode_checkpointed(self, **conditions: Tensor | None) -> EncodedConditions:
         """`encode(**conditions)` under gradient checkpointing: it holds only the raw conditions for backward.
 
@@ -210,6 +269,10 @@ class ConditionEncoder(nn.Module):
         image_size = None if cond_images is None else tuple(cond_images.shape[2:])
         return EncodedConditions(batch_size=batch, image_size=image_size, maps=maps, context=context,
                                  context_mask=context_mask, timestep_scale_shift=modulation)
+
+
+def _describe(value) -> str:
+    return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
 
 
 def _given(**arguments: Tensor | None) -> list[str]:

@@ -219,6 +219,7 @@ class UNet3D(nn.Module):
         elif conditions is not None and not compiling:
             _check_conditions_match(x, batch_size=conditions.batch_size, image_size=conditions.image_size,
                                     name="conditions")
+            self.conditioner.check_encoded(conditions, planned)  # sites, shapes, dtype and device of this model
         emb = self.time_embedding(t, batch_size=x.shape[0])
         if conditions is not None:
             if conditions.timestep_scale_shift is not None:
@@ -340,7 +341,7 @@ def _reject_misplaced_conditions(spec: UNetSpec, conditions: EncodedConditions |
             validate_conditions(spec, **raw)  # raises "this UNet's spec has no conditioning"
         if conditions is not None:
             raise InputError("conditions: expected None because this UNet's spec has no conditioning "
-                             "(UNetSpec.conditioning is None), got EncodedConditions. Drop conditions= or build the UNet from UNetSpec.conditioned(...).")
+                             f"(UNetSpec.conditioning is None), got {type(conditions).__name__}. Drop conditions= or build the UNet from UNetSpec.conditioned(...).")
     elif conditions is not None:
         if not isinstance(conditions, EncodedConditions):
             raise InputError(f"conditions: expected EncodedConditions from model.encode_conditions(...), got "
