@@ -15,13 +15,21 @@ beartype on every eager call. The measurements behind this design are in the pro
   dynamo; pytorch#122093).
 * Each decorated function gets its own code object, so torch.compile's per-code recompile limit is
   not shared by every block (jaxtyping#384).
-* The error's first line carries the reason, which jaxtyping only puts deep in the exception chain.
+* The error's first line names the argument (or the return value), the expected annotation with
+  the sizes it refers to filled in, the actual shape and the reason, which jaxtyping spreads over
+  its report and the exception chain.
+* Floating-point arguments are also checked for the device and dtype of the block's weights (or,
+  for a function, of its first floating-point argument) before any compute: a float64 volume into
+  a float32 block would otherwise fail deep inside the first convolution or matrix product.
 """
 
 import functools
+import inspect
 import os
+import re
 import sys
 import threading
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -29,7 +37,8 @@ from typing import TypeVar
 import torch
 from beartype import beartype
 from beartype.roar import BeartypeCallHintViolation
-from jaxtyping import TypeCheckError, jaxtyped
+from jaxtyping import Float, TypeCheckError, jaxtyped
+from torch import nn
 
 from cpcbm_blocks.errors import InputError, ShapeContractError
 
@@ -56,7 +65,13 @@ def set_shape_checks(enabled: bool) -> None:
 
     Has no effect when the package was imported with `CPCBM_SHAPE_CHECKS=0`: then no check exists.
     """
-    _switch.enabled = bool(enabled)
+    _switch.enabled = _as_bool("set_shape_checks", enabled)
+
+
+def _as_bool(where: str, enabled: object) -> bool:
+    if not isinstance(enabled, bool):  # bool("false") is True: a string would silently leave checks on
+        raise InputError(f"{where}: enabled: expected True or False, got {enabled!r}. Pass a bool.")
+    return enabled
 
 
 @contextmanager
@@ -69,7 +84,7 @@ def shape_checks(enabled: bool) -> Iterator[None]:
     ```
     """
     before = _switch.enabled
-    _switch.enabled = bool(enabled)
+    _switch.enabled = _as_bool("shape_checks", enabled)
     try:
         yield
     finally:
@@ -83,6 +98,75 @@ def _tracing() -> bool:
 def checks_active() -> bool:
     """True when checks should run now: compiled in, switched on, and not compiling/exporting/tracing."""
     return CHECKS_AT_IMPORT and _switch.enabled and not _tracing()
+
+
+_PARAMETER = re.compile(r"whilst typechecking parameter '(\w+)'")
+_ACTUAL = re.compile(r"^Actual value: (.*)$", re.M)
+_EXPECTED = re.compile(r"^Expected type: (.*?)\.?$", re.M)
+_AXES = re.compile(r"axis annotation are as follows\.\n((?:\w+=.*\n?)+)")
+_SELF_FIELD = re.compile(r"\{self\.(\w+)(?:\[(\d+)\])?\}")
+
+
+def _first_line(where: str, error: TypeCheckError, owner: object | None) -> str:
+    """`<where>: <argument>: expected <annotation, sizes filled in>, got <shape> (<reason>)` from jaxtyping's report."""
+    report = str(error)
+    parameter = _PARAMETER.search(report)
+    subject = parameter.group(1) if parameter else "the return value"
+    expected, actual = _EXPECTED.search(report), _ACTUAL.search(report)
+    if expected is None or actual is None:
+        return f"{where}: {_reason(error)}"
+    annotation = _SELF_FIELD.sub(lambda m: _field_value(owner, m), expected.group(1))
+    annotation = annotation.replace("<class '", "").replace("'>", "").replace("jaxtyping.", "")
+    axes = _AXES.search(report)
+    bound = f" (sizes bound so far: {', '.join(axes.group(1).split())})" if axes else ""
+    reason = _SELF_FIELD.sub(lambda m: m.group(1) + (f"[{m.group(2)}]" if m.group(2) else ""), _reason(error))
+    informative = "tensor(" not in reason and "<protocol" not in reason and "<class" not in reason
+    actual_text = actual.group(1).removesuffix("(torch)")
+    because = f" ({reason})" if informative else ""
+    return f"{where}: {subject}: expected {annotation}{bound}, got {actual_text}{because}"
+
+
+def _field_value(owner: object | None, match: re.Match) -> str:
+    value = getattr(owner, match.group(1), None)
+    if value is not None and match.group(2) is not None:
+        value = value[int(match.group(2))]
+    return match.group(0) if value is None else str(value)
+
+
+def _is_float_array(annotation: object) -> bool:
+    """True for `Float[Tensor, ...]`, alone or in a union such as `Float[Tensor, ...] | None`."""
+    members = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, type(int | None)) else (
+        annotation,)
+    return any(getattr(member, "dtype", None) is Float for member in members)
+
+
+def _float_parameters(fn: Callable) -> tuple[inspect.Signature, tuple[str, ...]]:
+    signature = inspect.signature(fn)
+    return signature, tuple(name for name, parameter in signature.parameters.items()
+                            if _is_float_array(parameter.annotation))
+
+
+def _check_float_arguments(where: str, signature: inspect.Signature, names: tuple[str, ...], args: tuple,
+                           kwargs: dict) -> None:
+    """Every floating-point tensor argument on the device and in the dtype of the block's weights (or the first one)."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return  # the call itself raises the usual TypeError
+    tensors = [(name, bound.arguments[name]) for name in names
+               if isinstance(bound.arguments.get(name), torch.Tensor) and bound.arguments[name].is_floating_point()]
+    owner = args[0] if args and isinstance(args[0], nn.Module) else None
+    weight = None if owner is None else next(owner.parameters(), None)
+    if weight is not None:
+        for name, value in tensors:
+            check_device_and_dtype(name, value, like=weight, where=where)
+    elif tensors:
+        first_name, first = tensors[0]
+        for name, value in tensors[1:]:
+            if value.device != first.device or value.dtype != first.dtype:
+                raise InputError(f"{where}: {name}: expected a tensor like {first_name} ({first.dtype} on "
+                                 f"{first.device}), got {value.dtype} on {value.device}. Convert it with "
+                                 f"{name}.to({first_name}).")
 
 
 def _reason(exc: BaseException) -> str:
@@ -110,17 +194,21 @@ def shape_checked(fn: F) -> F:
     if not CHECKS_AT_IMPORT:
         return fn
     checked = jaxtyped(typechecker=beartype)(fn)
+    signature, float_names = _float_parameters(fn)
 
     def wrapper(*args, **kwargs):
         if not _switch.enabled or _tracing():
             return fn(*args, **kwargs)
+        if float_names:
+            _check_float_arguments(fn.__qualname__, signature, float_names, args, kwargs)
         try:
             return checked(*args, **kwargs)
         except ShapeContractError:
             raise
         except TypeCheckError as error:
-            raise ShapeContractError(f"{fn.__qualname__}: {_reason(error)}. Pass tensors whose shapes match the "
-                                     f"annotation reported below.\n{error}") from error
+            owner = args[0] if args else None
+            raise ShapeContractError(f"{_first_line(fn.__qualname__, error, owner)}. Pass tensors whose shapes "
+                                     f"match the annotation; jaxtyping's report follows.\n{error}") from error
 
     name = "shape_checked_" + fn.__qualname__.replace(".", "_").replace("<", "_").replace(">", "_")
     renamed = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}
@@ -128,21 +216,23 @@ def shape_checked(fn: F) -> F:
     return functools.wraps(fn)(wrapper)  # type: ignore[return-value]
 
 
-def check_device_and_dtype(name: str, value: torch.Tensor, *, like: torch.Tensor) -> None:
+def check_device_and_dtype(name: str, value: torch.Tensor, *, like: torch.Tensor, where: str = "") -> None:
     """Refuse a floating-point input that is not on the device of the weights `like`, or not of their dtype.
 
     Under `torch.autocast` for that device, float32 and the autocast dtype are accepted too (autocast
     casts them per operation). Without this check, torch fails deep inside the first layer ("mat1 and
     mat2 must have the same dtype", "Input type (double) and bias type (float) should be the same").
+    `where` (a block's method, say) prefixes the message.
     """
+    prefix = f"{where}: " if where else ""
     if value.device != like.device:
-        raise InputError(f"{name}: expected a tensor on the model's device {like.device}, got one on {value.device}. "
+        raise InputError(f"{prefix}{name}: expected a tensor on the model's device {like.device}, got one on {value.device}. "
                          f"Move it with {name}.to({str(like.device)!r}), or the model with model.to({name}.device).")
     allowed = {like.dtype}
     device_type = value.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         allowed |= {torch.float32, torch.get_autocast_dtype(device_type)}
     if value.dtype not in allowed:
-        raise InputError(f"{name}: expected dtype {' or '.join(sorted(str(d) for d in allowed))} (the model's weights"
+        raise InputError(f"{prefix}{name}: expected dtype {' or '.join(sorted(str(d) for d in allowed))} (the model's weights"
                          f"{' or the autocast dtype' if len(allowed) > 1 else ''}), got {value.dtype}. Convert it with "
                          f"{name}.to({like.dtype}), cast the model with model.to({value.dtype}), or run under torch.autocast.")

@@ -4,6 +4,7 @@ The plan is what the UNet asserts at run time, what `cpcbm-blocks trace` prints,
 `h:` notation is parsed into, and what the docs render. It never touches torch.
 """
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -75,7 +76,7 @@ def check_input_shape(spec: UNetSpec, shape: Sequence[int], *, name: str = "x",
     unless `channels` is given), that no axis is empty, and that depth, height and width are
     multiples of the product of the strides.
     """
-    shape = tuple(int(v) for v in shape)
+    shape = _as_shape(name, shape)
     expected_channels = spec.in_channels if channels is None else channels
     if len(shape) != 5:
         hint = {4: " Add a batch axis, e.g. x.unsqueeze(0).", 3: " Add batch and channel axes, e.g. x[None, None]."}.get(
@@ -100,12 +101,36 @@ def check_input_shape(spec: UNetSpec, shape: Sequence[int], *, name: str = "x",
     return shape  # type: ignore[return-value]
 
 
-@lru_cache(maxsize=64)
-def plan(spec: UNetSpec, input_shape: tuple[int, ...]) -> Plan:
+def _as_shape(name: str, shape: object) -> tuple[int, ...]:
+    """A shape as a tuple of ints: a tuple, list, `torch.Size` or array of whole numbers; not a tensor, float or bool."""
+    if getattr(shape, "ndim", 1) > 1:  # a tensor or an array: the volume itself, not its shape
+        raise InputError(f"{name}: expected a shape such as (1, 1, 8, 256, 256), got a {type(shape).__name__} of "
+                         f"shape {tuple(shape.shape)}. Pass its shape: x.shape.")  # type: ignore[attr-defined]
+    try:
+        values = list(shape)  # type: ignore[call-overload]
+    except TypeError:
+        raise InputError(f"{name}: expected a shape such as (1, 1, 8, 256, 256), got {type(shape).__name__}. "
+                         "Pass a tuple of ints.") from None
+    if any(isinstance(v, bool) or not hasattr(v, "__index__") for v in values):
+        raise InputError(f"{name}: expected whole numbers, got {tuple(values)}. Pass a tuple of ints such as "
+                         "(1, 1, 8, 256, 256).")
+    return tuple(operator.index(v) for v in values)
+
+
+def plan(spec: UNetSpec, input_shape: Sequence[int]) -> Plan:
     """The expected transitions of `spec`'s UNet on an input of `input_shape` (B, C, D, H, W).
 
-    Raises [`InputError`][cpcbm_blocks.errors.InputError] when the shape cannot work.
+    `input_shape` is any sequence of ints (a tuple, a list, `x.shape`). Raises
+    [`InputError`][cpcbm_blocks.errors.InputError] when the shape cannot work.
     """
+    if not isinstance(spec, UNetSpec):
+        hint = " Pass model.spec." if hasattr(spec, "spec") else " Build one with UNetSpec.default()."
+        raise InputError(f"spec: expected a UNetSpec, got {type(spec).__name__}.{hint}")
+    return _plan(spec, _as_shape("input_shape", input_shape))
+
+
+@lru_cache(maxsize=64)
+def _plan(spec: UNetSpec, input_shape: tuple[int, ...]) -> Plan:
     full = check_input_shape(spec, input_shape)
     current: Shape = full[1:]  # type: ignore[assignment]
     skips: list[Shape] = []

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from cpcbm_blocks.arguments import Triple, as_enum, as_ints, as_level_numbers, as_triple, check_bool, check_int, fail
 from cpcbm_blocks.errors import SpecError
 
 __all__ = ["FORMAT_VERSION", "ConditioningSpec", "FusionKind", "LevelSpec", "MidSpec", "TimestepInjection", "Triple",
@@ -24,9 +25,6 @@ __all__ = ["FORMAT_VERSION", "ConditioningSpec", "FusionKind", "LevelSpec", "Mid
 
 FORMAT_VERSION = 1
 """Version of the JSON layout written by [`UNetSpec.to_json`][cpcbm_blocks.spec.UNetSpec.to_json]."""
-
-Triple = tuple[int, int, int]
-"""A per-axis (depth, height, width) triple, such as a stride or a kernel size."""
 
 
 class TimestepInjection(str, Enum):
@@ -56,36 +54,6 @@ class FusionKind(str, Enum):
     """Voxels attend to text tokens and pooled conditional-image tokens (for deep levels)."""
 
 
-def _fail(where: str, expected: str, actual: Any, fix: str) -> SpecError:
-    return SpecError(f"{where}: expected {expected}, got {actual!r}. {fix}")
-
-
-def _check_int(where: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(where, f"an int >= {minimum}", value, "Pass a whole number.")
-    if value < minimum:
-        raise _fail(where, f"an int >= {minimum}", value, f"Use a value of at least {minimum}.")
-
-
-def _as_triple(where: str, value: Any, *, odd: bool = False) -> Triple:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
-        raise _fail(where, "a (depth, height, width) triple of 3 ints", value, "Give one value per axis.")
-    for axis, item in zip(("depth", "height", "width"), value):
-        _check_int(f"{where} ({axis})", item, minimum=1)
-        if odd and item % 2 == 0:
-            raise _fail(f"{where} ({axis})", "an odd kernel size (1, 3, 5, ...)", item,
-                        "Even kernels cannot keep the size with symmetric padding; use an odd one.")
-    return (int(value[0]), int(value[1]), int(value[2]))
-
-
-def _as_fusion(where: str, value: Any) -> "FusionKind":
-    try:
-        return FusionKind(value)
-    except ValueError:
-        choices = ", ".join(repr(m.value) for m in FusionKind)
-        raise _fail(where, f"one of {choices}", value, "Pick one of the listed fusion kinds.") from None
-
-
 def check_channel_multiple(where: str, channels: int, *, of: int, of_name: str) -> None:
     """Raise [`SpecError`][cpcbm_blocks.errors.SpecError] unless `channels` is a multiple of `of`.
 
@@ -93,7 +61,7 @@ def check_channel_multiple(where: str, channels: int, *, of: int, of_name: str) 
     example, 12 channels with 8 channels per head (which would otherwise silently run 1 head of 12).
     """
     if channels % of:
-        raise _fail(where, f"a multiple of {of_name}={of}", channels,
+        raise fail(where, f"a multiple of {of_name}={of}", channels,
                     f"Use {_nearest_multiples(channels, of)} channels, or change {of_name}.")
 
 
@@ -124,13 +92,13 @@ class LevelSpec:
     """How the level's condition map is fused into the network, on the way down and on the way up."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fusion", _as_fusion("LevelSpec.fusion", self.fusion))
-        object.__setattr__(self, "stride", _as_triple("LevelSpec.stride", self.stride))
-        object.__setattr__(self, "kernel_size", _as_triple("LevelSpec.kernel_size", self.kernel_size, odd=True))
-        _check_int("LevelSpec.channels", self.channels, minimum=1)
-        _check_int("LevelSpec.num_res_blocks", self.num_res_blocks, minimum=1)
+        object.__setattr__(self, "fusion", as_enum("LevelSpec.fusion", self.fusion, FusionKind))
+        object.__setattr__(self, "stride", as_triple("LevelSpec.stride", self.stride))
+        object.__setattr__(self, "kernel_size", as_triple("LevelSpec.kernel_size", self.kernel_size, odd=True))
+        check_int("LevelSpec.channels", self.channels, minimum=1)
+        check_int("LevelSpec.num_res_blocks", self.num_res_blocks, minimum=1)
         if not isinstance(self.attention, bool):
-            raise _fail("LevelSpec.attention", "a bool", self.attention, "Pass True or False.")
+            raise fail("LevelSpec.attention", "a bool", self.attention, "Pass True or False.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,12 +117,12 @@ class MidSpec:
     """How the bottleneck's condition map is fused, once per segment (after its attention)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fusion", _as_fusion("MidSpec.fusion", self.fusion))
-        object.__setattr__(self, "kernel_size", _as_triple("MidSpec.kernel_size", self.kernel_size, odd=True))
-        _check_int("MidSpec.num_segments", self.num_segments, minimum=1)
+        object.__setattr__(self, "fusion", as_enum("MidSpec.fusion", self.fusion, FusionKind))
+        object.__setattr__(self, "kernel_size", as_triple("MidSpec.kernel_size", self.kernel_size, odd=True))
+        check_int("MidSpec.num_segments", self.num_segments, minimum=1)
         for name in ("share_weights", "attention"):
             if not isinstance(getattr(self, name), bool):
-                raise _fail(f"MidSpec.{name}", "a bool", getattr(self, name), "Pass True or False.")
+                raise fail(f"MidSpec.{name}", "a bool", getattr(self, name), "Pass True or False.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,24 +151,24 @@ class ConditioningSpec:
 
     def __post_init__(self) -> None:
         if self.text_channels is not None:
-            _check_int("ConditioningSpec.text_channels", self.text_channels, minimum=1)
-        _check_int("ConditioningSpec.image_channels", self.image_channels, minimum=0)
+            check_int("ConditioningSpec.text_channels", self.text_channels, minimum=1)
+        check_int("ConditioningSpec.image_channels", self.image_channels, minimum=0)
         if self.text_channels is None and self.image_channels == 0:
-            raise _fail("ConditioningSpec", "text_channels or image_channels", "neither",
+            raise fail("ConditioningSpec", "text_channels or image_channels", "neither",
                         "Condition on text (text_channels=512), images (image_channels=3) or both; "
                         "or set UNetSpec.conditioning=None.")
-        _check_int("ConditioningSpec.num_null_text_tokens", self.num_null_text_tokens, minimum=1)
-        _check_int("ConditioningSpec.dynamic_conv_experts", self.dynamic_conv_experts, minimum=1)
+        check_int("ConditioningSpec.num_null_text_tokens", self.num_null_text_tokens, minimum=1)
+        check_int("ConditioningSpec.dynamic_conv_experts", self.dynamic_conv_experts, minimum=1)
         if not isinstance(self.text_to_timestep, bool):
-            raise _fail("ConditioningSpec.text_to_timestep", "a bool", self.text_to_timestep, "Pass True or False.")
+            raise fail("ConditioningSpec.text_to_timestep", "a bool", self.text_to_timestep, "Pass True or False.")
         if self.text_to_timestep and self.text_channels is None:
-            raise _fail("ConditioningSpec.text_to_timestep", "text (text_channels set)", "text_channels=None",
+            raise fail("ConditioningSpec.text_to_timestep", "text (text_channels set)", "text_channels=None",
                         "Pooled text can only modulate the timestep embedding when there is text.")
         temperature = self.router_temperature
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise _fail("ConditioningSpec.router_temperature", "a number > 0", temperature, "Use e.g. 1.0.")
+            raise fail("ConditioningSpec.router_temperature", "a number > 0", temperature, "Use e.g. 1.0.")
         object.__setattr__(self, "pooled_image_tokens",
-                           _as_triple("ConditioningSpec.pooled_image_tokens", self.pooled_image_tokens))
+                           as_triple("ConditioningSpec.pooled_image_tokens", self.pooled_image_tokens))
 
     @property
     def has_text(self) -> bool:
@@ -245,38 +213,38 @@ class UNetSpec:
     def __post_init__(self) -> None:
         levels = self.levels
         if isinstance(levels, LevelSpec) or not isinstance(levels, Sequence):
-            raise _fail("UNetSpec.levels", "a sequence of LevelSpec", levels, "Wrap the levels in a tuple.")
+            raise fail("UNetSpec.levels", "a sequence of LevelSpec", levels, "Wrap the levels in a tuple.")
         if len(levels) == 0:
-            raise _fail("UNetSpec.levels", "at least one level", "an empty sequence",
+            raise fail("UNetSpec.levels", "at least one level", "an empty sequence",
                         "Give at least one LevelSpec, e.g. UNetSpec.default().")
         for i, level in enumerate(levels):
             if not isinstance(level, LevelSpec):
-                raise _fail(f"UNetSpec.levels[{i}]", "a LevelSpec", level, "Build it with LevelSpec(...).")
+                raise fail(f"UNetSpec.levels[{i}]", "a LevelSpec", level, "Build it with LevelSpec(...).")
         object.__setattr__(self, "levels", tuple(levels))
         if not isinstance(self.mid, MidSpec):
-            raise _fail("UNetSpec.mid", "a MidSpec", self.mid, "Build it with MidSpec(...).")
-        try:
-            object.__setattr__(self, "timestep_injection", TimestepInjection(self.timestep_injection))
-        except ValueError:
-            choices = ", ".join(repr(m.value) for m in TimestepInjection)
-            raise _fail("UNetSpec.timestep_injection", f"one of {choices}", self.timestep_injection,
-                        "Pick one of the listed values.") from None
+            raise fail("UNetSpec.mid", "a MidSpec", self.mid, "Build it with MidSpec(...).")
+        object.__setattr__(self, "timestep_injection",
+                           as_enum("UNetSpec.timestep_injection", self.timestep_injection, TimestepInjection))
         for name in ("in_channels", "out_channels", "num_groups", "head_channels", "time_embedding_channels"):
-            _check_int(f"UNetSpec.{name}", getattr(self, name), minimum=1)
+            check_int(f"UNetSpec.{name}", getattr(self, name), minimum=1)
+        if self.levels[0].channels < 2:  # the timestep embedding's sinusoids: one channel has no cos/sin pair
+            raise fail("UNetSpec.levels[0].channels", "at least 2 (the timestep embedding's sinusoidal features take "
+                       "the first level's channels)", self.levels[0].channels,
+                       "With 1 the embedding would not depend on t; use 2 or more.")
         if not isinstance(self.upcast_attention, bool):
-            raise _fail("UNetSpec.upcast_attention", "a bool", self.upcast_attention, "Pass True or False.")
+            raise fail("UNetSpec.upcast_attention", "a bool", self.upcast_attention, "Pass True or False.")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise _fail("UNetSpec.dropout", "a probability in [0, 1)", self.dropout, "Use e.g. 0.0 or 0.1.")
+            raise fail("UNetSpec.dropout", "a probability in [0, 1)", self.dropout, "Use e.g. 0.0 or 0.1.")
         for i, level in enumerate(self.levels):
             check_channel_multiple(f"UNetSpec.levels[{i}].channels", level.channels, of=self.num_groups,
                                    of_name="num_groups")
         if self.conditioning is not None and not isinstance(self.conditioning, ConditioningSpec):
-            raise _fail("UNetSpec.conditioning", "a ConditioningSpec or None", self.conditioning,
+            raise fail("UNetSpec.conditioning", "a ConditioningSpec or None", self.conditioning,
                         "Build it with ConditioningSpec(...).")
         self._check_fusion_schedule()
         for where, channels in self._attention_sites():
             if channels % self.head_channels:
-                raise _fail(where, f"channels divisible by head_channels={self.head_channels}", channels,
+                raise fail(where, f"channels divisible by head_channels={self.head_channels}", channels,
                             f"Use {_nearest_multiples(channels, self.head_channels)} channels, "
                             "or change head_channels.")
 
@@ -289,15 +257,15 @@ class UNetSpec:
         if self.conditioning is None:
             if fused:
                 where, kind = fused[0]
-                raise _fail(where, "'none' when UNetSpec.conditioning is None", kind.value,
+                raise fail(where, "'none' when UNetSpec.conditioning is None", kind.value,
                             "Give the spec a ConditioningSpec (e.g. UNetSpec.conditioned()), or drop the fusion.")
             return
         if not fused and not self.conditioning.text_to_timestep:
-            raise _fail("UNetSpec fusion schedule", "at least one level or the middle with a fusion kind",
+            raise fail("UNetSpec fusion schedule", "at least one level or the middle with a fusion kind",
                         "'none' everywhere", "Set LevelSpec.fusion / MidSpec.fusion, or set conditioning=None.")
         for where, kind in fused:
             if kind is FusionKind.CROSS_ATTENTION and not self.conditioning.has_text:
-                raise _fail(where, "text to attend to (conditioning.text_channels set) for 'cross_attention'",
+                raise fail(where, "text to attend to (conditioning.text_channels set) for 'cross_attention'",
                             "text_channels=None", "Use 'dynamic_conv' or 'gated' for image-only conditioning.")
 
     def _attention_sites(self) -> list[tuple[str, int]]:
@@ -358,16 +326,15 @@ class UNetSpec:
         unknown = sorted(set(overrides) - field_names)
         if unknown:
             own = [name for name in inspect.signature(cls.default).parameters if name != "overrides"]
-            raise _fail("UNetSpec.default(...)", f"its own arguments ({', '.join(own)}) or UNetSpec fields "
+            raise fail("UNetSpec.default(...)", f"its own arguments ({', '.join(own)}) or UNetSpec fields "
                         f"({', '.join(sorted(field_names))})", unknown,
                         "Check the spelling; the channels of every level are set with channels=(...).")
-        size = list(_as_triple("UNetSpec.default(sample_size=...)", sample_size))
-        if attention_levels is None:
-            attention_levels = (len(channels),)
-        for level_number in attention_levels:
-            if not isinstance(level_number, int) or not 1 <= level_number <= len(channels):
-                raise _fail("UNetSpec.default(attention_levels=...)", f"1-based level numbers in 1..{len(channels)}",
-                            tuple(attention_levels), "Levels are numbered from 1 (shallowest).")
+        size = list(as_triple("UNetSpec.default(sample_size=...)", sample_size))
+        channels = as_ints("UNetSpec.default(channels=...)", channels, minimum=1)
+        attention_levels = as_level_numbers("UNetSpec.default(attention_levels=...)",
+                                            (len(channels),) if attention_levels is None else attention_levels,
+                                            levels=len(channels))
+        check_bool("UNetSpec.default(planar_kernels_where_depth_is_one=...)", planar_kernels_where_depth_is_one)
 
         def kernel_for(depth: int) -> Triple:
             return (1, 3, 3) if planar_kernels_where_depth_is_one and depth == 1 else (3, 3, 3)
@@ -380,7 +347,7 @@ class UNetSpec:
                                     kernel_size=kernel_for(size[0])))
             for axis in range(3):
                 if size[axis] % stride[axis]:
-                    raise _fail("UNetSpec.default(sample_size=...)", f"sizes that halve evenly through {len(channels)} levels",
+                    raise fail("UNetSpec.default(sample_size=...)", f"sizes that halve evenly through {len(channels)} levels",
                                 tuple(sample_size), "Use powers of two, e.g. (8, 256, 256).")
                 size[axis] //= stride[axis]
         fields = {"levels": tuple(levels), "mid": MidSpec(kernel_size=kernel_for(size[0]))}
@@ -425,14 +392,14 @@ class UNetSpec:
             dynamic_conv_levels = tuple(range(1, half + 1))
         if cross_attention_levels is None:
             cross_attention_levels = tuple(range(half + 1, len(base.levels) + 1))
+        dynamic_conv_levels = as_level_numbers("UNetSpec.conditioned(dynamic_conv_levels=...)", dynamic_conv_levels,
+                                               levels=len(base.levels))
+        cross_attention_levels = as_level_numbers("UNetSpec.conditioned(cross_attention_levels=...)",
+                                                  cross_attention_levels, levels=len(base.levels))
         overlap = set(dynamic_conv_levels) & set(cross_attention_levels)
         if overlap:
-            raise _fail("UNetSpec.conditioned(...)", "disjoint dynamic_conv_levels and cross_attention_levels",
+            raise fail("UNetSpec.conditioned(...)", "disjoint dynamic_conv_levels and cross_attention_levels",
                         sorted(overlap), "Give each level one fusion kind.")
-        for where, numbers in (("dynamic_conv_levels", dynamic_conv_levels), ("cross_attention_levels", cross_attention_levels)):
-            if any(not isinstance(n, int) or not 1 <= n <= len(base.levels) for n in numbers):
-                raise _fail(f"UNetSpec.conditioned({where}=...)", f"1-based level numbers in 1..{len(base.levels)}",
-                            tuple(numbers), "Levels are numbered from 1 (shallowest).")
 
         def kind(number: int) -> FusionKind:
             if number in dynamic_conv_levels:
@@ -440,8 +407,9 @@ class UNetSpec:
             return FusionKind.CROSS_ATTENTION if number in cross_attention_levels else FusionKind.NONE
 
         levels = tuple(dataclasses.replace(level, fusion=kind(n)) for n, level in enumerate(base.levels, start=1))
-        return dataclasses.replace(base, levels=levels, mid=dataclasses.replace(base.mid, fusion=FusionKind(mid_fusion)),
-                                   conditioning=conditioning)
+        mid = dataclasses.replace(base.mid, fusion=as_enum("UNetSpec.conditioned(mid_fusion=...)", mid_fusion,
+                                                           FusionKind))
+        return dataclasses.replace(base, levels=levels, mid=mid, conditioning=conditioning)
 
     @property
     def is_conditioned(self) -> bool:
@@ -463,31 +431,31 @@ class UNetSpec:
     def from_dict(cls, data: Mapping[str, Any]) -> "UNetSpec":
         """Rebuild a spec from [`to_dict`][cpcbm_blocks.spec.UNetSpec.to_dict] output; unknown keys are errors."""
         if not isinstance(data, Mapping):
-            raise _fail("spec", "a JSON object", type(data).__name__, "Pass the output of UNetSpec.to_dict().")
+            raise fail("spec", "a JSON object", type(data).__name__, "Pass the output of UNetSpec.to_dict().")
         data = dict(data)
         version = data.pop("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
-            raise _fail("spec.format_version", str(FORMAT_VERSION), version,
+            raise fail("spec.format_version", str(FORMAT_VERSION), version,
                         "This file was written by another version of cpcbm_blocks.")
         _reject_unknown("spec", data, cls)
         levels = data.get("levels")
         if not isinstance(levels, Sequence) or isinstance(levels, (str, bytes)):
-            raise _fail("spec.levels", "a list of level objects", levels, "Each level is an object of LevelSpec fields.")
+            raise fail("spec.levels", "a list of level objects", levels, "Each level is an object of LevelSpec fields.")
         parsed_levels = []
         for i, level in enumerate(levels):
             if not isinstance(level, Mapping):
-                raise _fail(f"spec.levels[{i}]", "an object", level, "Each level is an object of LevelSpec fields.")
+                raise fail(f"spec.levels[{i}]", "an object", level, "Each level is an object of LevelSpec fields.")
             _reject_unknown(f"spec.levels[{i}]", level, LevelSpec)
             parsed_levels.append(LevelSpec(**level))
         data["levels"] = tuple(parsed_levels)
         if "mid" in data:
             if not isinstance(data["mid"], Mapping):
-                raise _fail("spec.mid", "an object", data["mid"], "Give an object of MidSpec fields.")
+                raise fail("spec.mid", "an object", data["mid"], "Give an object of MidSpec fields.")
             _reject_unknown("spec.mid", data["mid"], MidSpec)
             data["mid"] = MidSpec(**data["mid"])
         if data.get("conditioning") is not None:
             if not isinstance(data["conditioning"], Mapping):
-                raise _fail("spec.conditioning", "an object or null", data["conditioning"],
+                raise fail("spec.conditioning", "an object or null", data["conditioning"],
                             "Give an object of ConditioningSpec fields.")
             _reject_unknown("spec.conditioning", data["conditioning"], ConditioningSpec)
             data["conditioning"] = ConditioningSpec(**data["conditioning"])
@@ -507,4 +475,4 @@ def _reject_unknown(where: str, data: Mapping[str, Any], cls: type) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise _fail(where, f"only the fields {sorted(known)}", unknown, "Remove or rename the unknown keys.")
+        raise fail(where, f"only the fields {sorted(known)}", unknown, "Remove or rename the unknown keys.")

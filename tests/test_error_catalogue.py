@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 import torch
 
-from cpcbm_blocks import (CheckpointError, Conv3d, Downsample3D, InputError, LevelSpec, MidSpec,
+from cpcbm_blocks import (CheckpointError, CondImageEncoder3D, Conv3d, Downsample3D, DynamicConvFusion3D, InputError, LevelSpec, MidSpec,
                           MultiHeadSelfAttention3D, ResBlock3D, ShapeContractError, SpecError, TimestepEmbedding,
-                          UNet3D, UNetSpec, set_weight_grad_method)
+                          UNet3D, UNetSpec, set_shape_checks, set_weight_grad_method)
 from cpcbm_blocks.blocks.conv_by_taps import conv3d_by_taps
 from cpcbm_blocks.checkpoint import WEIGHTS_FILE, from_pretrained, load_weights, save_pretrained
 from cpcbm_blocks.memory import memory_plan
+from cpcbm_blocks.plan import plan
 from cpcbm_blocks.spec import ConditioningSpec
 
 from .test_conditioning import inputs, small_conditioned
@@ -344,7 +345,7 @@ CATALOGUE: list[Case] = [
                lambda: small_conditioned().__class__(**{**small_conditioned().__dict__,
                                                         "mid": MidSpec(fusion="attention", kernel_size=(1, 3, 3))}),
                "MidSpec.fusion", "one of 'none', 'gated', 'dynamic_conv', 'cross_attention'", "'attention'",
-               "Pick one of the listed fusion kinds"),
+               "Pick one of the listed values"),
     _spec_case("spec-fusion-without-conditioning", "A fusion step in a spec without conditioning",
                lambda: tiny_spec(levels=(LevelSpec(channels=8, fusion="gated"),)), "UNetSpec.levels[0].fusion",
                "'none' when UNetSpec.conditioning is None", "'gated'", "or drop the fusion"),
@@ -365,6 +366,12 @@ CATALOGUE: list[Case] = [
                "0", "1.0"),
     _spec_case("spec-upcast-not-bool", "A string for the attention upcast flag", lambda: tiny_spec(upcast_attention="fp32"),
                "UNetSpec.upcast_attention", "a bool", "'fp32'", "True or False"),
+    _spec_case("spec-channels-not-tuple", "One channel count where one per level is expected",
+               lambda: UNetSpec.default(channels=64), "UNetSpec.default(channels=...)",
+               "a non-empty tuple of ints >= 1", "64", "Give one value per level"),
+    _spec_case("spec-levels-not-tuple", "One level number where a tuple of them is expected",
+               lambda: UNetSpec.conditioned(dynamic_conv_levels=1), "UNetSpec.conditioned(dynamic_conv_levels=...)",
+               "a tuple of 1-based level numbers in 1..4", "1", "pass a tuple such as (4,)"),
     Case(id="spec-not-a-spec", topic="spec", mistake="A spec name instead of a UNetSpec",
          trigger=lambda ctx: UNet3D("default"), error=InputError, argument="spec", expected="expected a UNetSpec",
          actual="got str", fix="UNetSpec.default()"),
@@ -380,19 +387,48 @@ CATALOGUE: list[Case] = [
              torch.zeros(1, 4, 2, 4, 4), torch.zeros(1, 16), skip=torch.zeros(1, 2, 2, 4, 4)),
          error=ShapeContractError, argument="x + skip", expected="expected 8 input channels in all (in_channels)",
          actual="got x with 4 and skip with 2", fix="Pass x (and skip) whose channels add up to in_channels"),
+    _spec_case("block-kernel-not-triple", "A block built with one kernel size where one per axis is expected",
+               lambda: ResBlock3D(in_channels=8, out_channels=8, emb_channels=None, num_groups=4, kernel_size=3),
+               "ResBlock3D(kernel_size=...)", "a (depth, height, width) triple of 3 ints", "3",
+               "Give one value per axis, e.g. (3, 3, 3)"),
+    _spec_case("block-zero-groups", "A block built with zero GroupNorm groups",
+               lambda: ResBlock3D(in_channels=8, out_channels=8, emb_channels=None, num_groups=0),
+               "ResBlock3D(num_groups=...)", "an int >= 1", "0", "Use a value of at least 1"),
+    _spec_case("block-temperature", "A dynamic convolution built with a routing temperature of zero (NaN output)",
+               lambda: DynamicConvFusion3D(channels=8, num_groups=4, temperature=0),
+               "DynamicConvFusion3D(temperature=...)", "a number > 0", "0", "Pick a value in that range"),
+    _spec_case("block-encoder-levels", "A condition encoder given fewer strides than levels (zip would drop one)",
+               lambda: CondImageEncoder3D(image_channels=2, channels=(8, 16), strides=((2, 2, 2),),
+                                          kernel_sizes=((3, 3, 3),) * 2, down_kernel_sizes=((3, 3, 3),) * 2, num_groups=4),
+               "CondImageEncoder3D(strides=...)", "one (depth, height, width) triple per level (2, as channels has)",
+               "((2, 2, 2),)", "Give one per level"),
+    Case(id="block-dtype", topic="blocks", mistake="A block given a float64 volume while its weights are float32",
+         trigger=lambda ctx: ResBlock3D(in_channels=8, out_channels=8, emb_channels=16, num_groups=4)(
+             torch.zeros(1, 8, 2, 4, 4, dtype=torch.float64), torch.zeros(1, 16)),
+         error=InputError, argument="ResBlock3D.forward: x", expected="expected dtype torch.float32",
+         actual="got torch.float64", fix="x.to(torch.float32)"),
+    Case(id="block-optional-argument", topic="blocks",
+         mistake="A block's optional input (the timestep embedding) given for another batch size",
+         trigger=lambda ctx: ResBlock3D(in_channels=8, out_channels=8, emb_channels=16, num_groups=4)(
+             torch.zeros(2, 8, 2, 4, 4), torch.zeros(3, 16)),
+         error=ShapeContractError, argument="ResBlock3D.forward: emb", expected="expected Float[Tensor, 'b 16'] | None",
+         actual="got f32[3,16]", fix="shapes match the annotation"),
+    Case(id="shape-checks-not-bool", topic="blocks", mistake="The shape-check switch given the string 'false'",
+         trigger=lambda ctx: set_shape_checks("false"), error=InputError, argument="enabled",
+         expected="expected True or False", actual="got 'false'", fix="Pass a bool"),
     Case(id="block-conv-shift", topic="blocks",
          mistake="A convolution's per-channel shift given per sample (or as one value), which would broadcast",
          trigger=lambda ctx: Conv3d(4, 3, kernel_size=(3, 3, 3))(torch.zeros(2, 4, 2, 4, 4), shift=torch.zeros(2, 3)),
-         error=InputError, argument="shift", expected="expected one value per output channel, shape (3,)",
-         actual="got (2, 3)", fix="Add a per-sample term to the output instead"),
+         error=ShapeContractError, argument="shift", expected="expected Float[Tensor, '3'] | None",
+         actual="got f32[2,3]", fix="shapes match the annotation"),
     Case(id="block-conv-by-taps-even", topic="blocks", mistake="The taps form of a convolution given an even kernel",
          trigger=lambda ctx: conv3d_by_taps(torch.zeros(1, 4, 2, 4, 4), torch.zeros(1, 4, 2, 2, 2)), error=InputError,
          argument="weight", expected="expected an odd kernel size along every axis", actual="got (2, 2, 2)",
          fix="Use F.conv3d for even kernels"),
     Case(id="block-stride", topic="blocks", mistake="A downsampling block given a depth its stride does not divide",
          trigger=lambda ctx: Downsample3D(channels=4, stride=(2, 2, 2))(torch.zeros(1, 4, 3, 4, 4)),
-         error=ShapeContractError, argument="return value", expected="d//{self.stride[0]}=1", actual="dimension size 2",
-         fix="shapes match the annotation"),
+         error=InputError, argument="x", expected="multiples of the stride (2, 2, 2)", actual="got (3, 4, 4)",
+         fix="Crop or pad the volume"),
     Case(id="block-heads", topic="blocks", mistake="An attention block whose channels are not a whole number of heads",
          trigger=lambda ctx: MultiHeadSelfAttention3D(channels=12, head_channels=8, num_groups=4), error=SpecError,
          argument="MultiHeadSelfAttention3D(channels=...)", expected="a multiple of head_channels=8", actual="got 12",
@@ -412,6 +448,16 @@ CATALOGUE: list[Case] = [
     Case(id="memory-selective-not-bool", topic="memory", mistake="A switch given as a string",
          trigger=lambda ctx: ctx.model.set_gradient_checkpointing(selective="no"), error=InputError,
          argument="selective", expected="expected True or False", actual="got 'no'", fix="selective=False"),
+    Case(id="plan-volume-not-shape", topic="memory", mistake="The planner given the volume instead of its shape",
+         trigger=lambda ctx: plan(tiny_spec(), torch.zeros(1, 1, 4, 8, 8)), error=InputError, argument="input_shape",
+         expected="expected a shape such as (1, 1, 8, 256, 256)", actual="got a Tensor of shape (1, 1, 4, 8, 8)",
+         fix="Pass its shape: x.shape"),
+    Case(id="plan-fractional-size", topic="memory", mistake="A shape with a fractional size, which int() would truncate",
+         trigger=lambda ctx: plan(tiny_spec(), (1, 1, 4.5, 8, 8)), error=InputError, argument="input_shape",
+         expected="expected whole numbers", actual="got (1, 1, 4.5, 8, 8)", fix="Pass a tuple of ints"),
+    Case(id="plan-model-not-spec", topic="memory", mistake="The planner given the model instead of its spec",
+         trigger=lambda ctx: plan(ctx.model, (1, 1, 4, 8, 8)), error=InputError, argument="spec",
+         expected="expected a UNetSpec", actual="got UNet3D", fix="Pass model.spec"),
     Case(id="memory-plan-dtype", topic="memory", mistake="Planning for a dtype the planner does not know",
          trigger=lambda ctx: memory_plan(tiny_spec(), (1, 1, 4, 8, 8), dtype="float32"), error=InputError,
          argument="dtype", expected="expected one of ['bf16', 'fp16', 'fp32']", actual="got 'float32'",
@@ -493,8 +539,8 @@ _TOPICS = {
                    "`UNet3D.forward(x, t, text=..., text_mask=..., text_pooled=..., cond_images=..., cond_available=...)` "
                    "or `conditions=model.encode_conditions(...)`; checked before the condition encoder runs."),
     "spec": ("The spec", "A `UNetSpec` is validated when it is built, before any module exists."),
-    "blocks": ("Blocks used on their own", "Each block checks its constructor arguments, and its jaxtyping shape "
-               "contract in eager mode."),
+    "blocks": ("Blocks used on their own", "Each block checks its constructor arguments, and in eager mode its "
+               "jaxtyping shape contract and the dtype and device of its floating-point inputs."),
     "memory": ("Memory switches and the planner",
                "`UNet3D.set_gradient_checkpointing(...)` and `cpcbm_blocks.memory.memory_plan(...)`."),
     "checkpoint": ("Checkpoints", "`save_pretrained` / `from_pretrained` / `load_weights` (`cpcbm_blocks.checkpoint`)."),
@@ -503,7 +549,7 @@ _TOPICS = {
 
 def _message_for_docs(message: str, context: Context) -> str:
     lines = message.splitlines()
-    if lines and lines[0].endswith("annotation reported below."):
+    if lines and lines[0].endswith("jaxtyping's report follows."):
         lines = lines[:1] + ["(followed by jaxtyping's full report)"]
     text = "\n".join(lines[:6] + (["..."] if len(lines) > 6 else []))
     text = text.replace(str(context.checkpoint.parent), "runs")

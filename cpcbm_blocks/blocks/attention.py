@@ -12,6 +12,7 @@ from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from cpcbm_blocks.arguments import check_bool, check_counts
 from cpcbm_blocks.blocks.conv import zero_init
 from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.errors import InputError
@@ -143,6 +144,8 @@ class MultiHeadSelfAttention3D(nn.Module):
 
     def __init__(self, *, channels: int, head_channels: int = 8, num_groups: int = 32, upcast: bool = False) -> None:
         super().__init__()
+        check_counts("MultiHeadSelfAttention3D", channels=channels, head_channels=head_channels, num_groups=num_groups)
+        check_bool("MultiHeadSelfAttention3D(upcast=...)", upcast)
         check_channel_multiple("MultiHeadSelfAttention3D(channels=...)", channels, of=head_channels, of_name="head_channels")
         check_channel_multiple("MultiHeadSelfAttention3D(channels=...)", channels, of=num_groups, of_name="num_groups")
         self.channels = channels

@@ -1,10 +1,13 @@
 """`CondImageEncoder3D`: conditional images -> one feature map per UNet level."""
 
+from collections.abc import Sequence
+
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from cpcbm_blocks.arguments import as_ints, check_counts, fail
 from cpcbm_blocks.blocks.conv import Conv3d
 from cpcbm_blocks.blocks.resblock import ResBlock3D
 from cpcbm_blocks.blocks.sampling import Downsample3D
@@ -42,6 +45,13 @@ class CondImageEncoder3D(nn.Module):
                  kernel_sizes: tuple[tuple[int, int, int], ...], down_kernel_sizes: tuple[tuple[int, int, int], ...],
                  num_groups: int = 32) -> None:
         super().__init__()
+        check_counts("CondImageEncoder3D", image_channels=image_channels, num_groups=num_groups)
+        channels = as_ints("CondImageEncoder3D(channels=...)", channels, minimum=1)
+        per_level = {"strides": strides, "kernel_sizes": kernel_sizes, "down_kernel_sizes": down_kernel_sizes}
+        for name, values in per_level.items():  # zip() below would silently drop the levels past the shortest
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != len(channels):
+                raise fail(f"CondImageEncoder3D({name}=...)", f"one (depth, height, width) triple per level "
+                           f"({len(channels)}, as channels has)", values, "Give one per level, shallowest first.")
         self.image_channels = image_channels
         self.channels = tuple(channels)
         self.conv_in = Conv3d(2 * image_channels, channels[0], kernel_size=kernel_sizes[0])

@@ -72,6 +72,7 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from cpcbm_blocks.arguments import as_triple, check_counts
 from cpcbm_blocks.blocks.conv_by_taps import by_taps_pays, conv3d_by_taps
 from cpcbm_blocks.blocks.conv_onednn import (
     cpu_kernels,
@@ -82,6 +83,7 @@ from cpcbm_blocks.blocks.conv_onednn import (
     runs_on_onednn,
 )
 from cpcbm_blocks.blocks.conv_weight_grad import chosen_weight_grad, weight_grad_method
+from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.rematerialize import SavedApart, recomputable, remaking_products, saves_apart
 
@@ -308,6 +310,9 @@ class Conv3d(nn.Conv3d):
 
     def __init__(self, in_channels: int, out_channels: int, *, kernel_size: tuple[int, int, int],
                  stride: tuple[int, int, int] = (1, 1, 1), bias: bool = True) -> None:
+        check_counts("Conv3d", in_channels=in_channels, out_channels=out_channels)
+        kernel_size = as_triple("Conv3d(kernel_size=...)", kernel_size)  # an even one pads k // 2: one more output
+        stride = as_triple("Conv3d(stride=...)", stride)
         super().__init__(in_channels, out_channels, kernel_size=kernel_size, stride=stride,
                          padding=tuple(k // 2 for k in kernel_size), bias=bias)
 
@@ -320,8 +325,10 @@ class Conv3d(nn.Conv3d):
         """True when a volume of this `depth` runs as one 2-D convolution with depth folded into channels."""
         return not self.planar and folds(depth, self.kernel_size[0], self.groups)
 
-    def forward(self, x: Float[Tensor, "b c_in d h w"],
-                shift: Float[Tensor, " c_out"] | None = None) -> Float[Tensor, "b c_out d_out h_out w_out"]:
+    @shape_checked
+    def forward(self, x: Float[Tensor, "b {self.in_channels} d h w"],
+                shift: Float[Tensor, " {self.out_channels}"] | None = None
+                ) -> Float[Tensor, "b {self.out_channels} d_out h_out w_out"]:
         """The convolution of `x`; plus `shift` per output channel, if given, at no extra pass over the output
         (it joins the bias: how a residual block adds one sample's timestep embedding)."""
         bias = self.bias

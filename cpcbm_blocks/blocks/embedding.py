@@ -6,6 +6,7 @@ import torch
 from jaxtyping import Float, Real
 from torch import Tensor, nn
 
+from cpcbm_blocks.arguments import check_counts, check_int
 from cpcbm_blocks.contracts import checks_active, shape_checked
 from cpcbm_blocks.errors import InputError
 
@@ -70,6 +71,9 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, *, channels: int, out_channels: int) -> None:
         super().__init__()
+        # one cos/sin pair at least: with fewer channels the features would not depend on t
+        check_int("TimestepEmbedding(channels=...)", channels, minimum=2)
+        check_counts("TimestepEmbedding", out_channels=out_channels)
         self.channels = channels
         self.out_channels = out_channels
         self.mlp = nn.Sequential(nn.Linear(channels, out_channels), nn.SiLU(), nn.Linear(out_channels, out_channels))

@@ -5,6 +5,7 @@ from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from cpcbm_blocks.arguments import check_bool, check_counts
 from cpcbm_blocks.blocks.attention import attention
 from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.spec import check_channel_multiple
@@ -38,6 +39,9 @@ class CrossAttentionFusion3D(nn.Module):
     def __init__(self, *, channels: int, context_channels: int, head_channels: int = 8, num_groups: int = 32,
                  upcast: bool = False) -> None:
         super().__init__()
+        check_counts("CrossAttentionFusion3D", channels=channels, context_channels=context_channels,
+                     head_channels=head_channels, num_groups=num_groups)
+        check_bool("CrossAttentionFusion3D(upcast=...)", upcast)
         check_channel_multiple("CrossAttentionFusion3D(channels=...)", channels, of=head_channels, of_name="head_channels")
         check_channel_multiple("CrossAttentionFusion3D(channels=...)", channels, of=num_groups, of_name="num_groups")
         self.channels = channels

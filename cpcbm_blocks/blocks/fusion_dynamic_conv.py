@@ -8,10 +8,12 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from cpcbm_blocks.arguments import as_triple, check_counts, check_number
 from cpcbm_blocks.blocks.conv import Conv3d, conv3d
 from cpcbm_blocks.blocks.gated_residual import gated_residual
 from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.rematerialize import SavedApart, recomputable, recomputable_product, saves_apart
+from cpcbm_blocks.spec import check_channel_multiple
 
 __all__ = ["DynamicConvFusion3D", "naive_dynamic_conv"]
 
@@ -56,9 +58,13 @@ class DynamicConvFusion3D(nn.Module):
     def __init__(self, *, channels: int, num_experts: int = 4, kernel_size: tuple[int, int, int] = (3, 3, 3),
                  temperature: float = 1.0, num_groups: int = 32) -> None:
         super().__init__()
+        check_counts("DynamicConvFusion3D", channels=channels, num_experts=num_experts, num_groups=num_groups)
+        check_channel_multiple("DynamicConvFusion3D(channels=...)", channels, of=num_groups, of_name="num_groups")
+        kernel_size = as_triple("DynamicConvFusion3D(kernel_size=...)", kernel_size, odd=True)
         self.channels = channels
         self.num_experts = num_experts
-        self.temperature = float(temperature)
+        # a zero temperature divides the routing logits by zero (NaN output), a negative one inverts the routing
+        self.temperature = check_number("DynamicConvFusion3D(temperature=...)", temperature, above=0)
         self.norm = nn.GroupNorm(num_groups, channels)
         self.experts = nn.Parameter(torch.empty(num_experts, channels, channels, *kernel_size))
         self.expert_bias = nn.Parameter(torch.zeros(num_experts, channels))

@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from cpcbm_blocks.arguments import check_counts
 from cpcbm_blocks.blocks.conv import Conv3d
 from cpcbm_blocks.blocks.gated_residual import gated_residual
 from cpcbm_blocks.contracts import shape_checked
@@ -41,6 +42,7 @@ class GatedFusion3D(nn.Module):
 
     def __init__(self, *, channels: int, text_channels: int) -> None:
         super().__init__()
+        check_counts("GatedFusion3D", channels=channels, text_channels=text_channels)
         self.channels = channels
         self.text_channels = text_channels
         self.text_proj = nn.Linear(text_channels, channels)
@@ -56,7 +58,7 @@ class GatedFusion3D(nn.Module):
         return text, image
 
     @shape_checked
-    def gate(self, text: Float[Tensor, "b e"], image: Float[Tensor, "b {self.channels} d h w"]
+    def gate(self, text: Float[Tensor, "b {self.text_channels}"], image: Float[Tensor, "b {self.channels} d h w"]
              ) -> Float[Tensor, "b {self.channels} d h w"]:
         """The gate `z` in [0, 1] (how much of the output is text), for present inputs."""
         return torch.sigmoid(self.gate_text(text)[:, :, None, None, None] + self.gate_image(image))
@@ -87,6 +89,7 @@ class GatedInjection3D(nn.Module):
 
     def __init__(self, *, channels: int) -> None:
         super().__init__()
+        check_counts("GatedInjection3D", channels=channels)
         self.channels = channels
         self.proj = Conv3d(channels, channels, kernel_size=(1, 1, 1))
         self.gate = nn.Parameter(torch.zeros(channels))

@@ -3,6 +3,7 @@
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from cpcbm_blocks.arguments import as_triple, check_counts
 from cpcbm_blocks.blocks.conv import Conv3d, zero_init
 from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.spec import check_channel_multiple
@@ -26,6 +27,8 @@ class OutputHead(nn.Module):
     def __init__(self, *, in_channels: int, out_channels: int, num_groups: int = 32,
                  kernel_size: tuple[int, int, int] = (3, 3, 3)) -> None:
         super().__init__()
+        check_counts("OutputHead", in_channels=in_channels, out_channels=out_channels, num_groups=num_groups)
+        kernel_size = as_triple("OutputHead(kernel_size=...)", kernel_size, odd=True)
         check_channel_multiple("OutputHead(in_channels=...)", in_channels, of=num_groups, of_name="num_groups")
         self.in_channels = in_channels
         self.out_channels = out_channels

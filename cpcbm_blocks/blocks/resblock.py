@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from cpcbm_blocks.arguments import as_enum, as_triple, check_counts, check_number
 from cpcbm_blocks.blocks.conv import Conv3d, conv3d, zero_init
 from cpcbm_blocks.contracts import checks_active, shape_checked
 from cpcbm_blocks.errors import InputError, ShapeContractError
@@ -67,12 +68,17 @@ class ResBlock3D(nn.Module):
                  kernel_size: tuple[int, int, int] = (3, 3, 3),
                  timestep_injection: TimestepInjection = TimestepInjection.ADD, dropout: float = 0.0) -> None:
         super().__init__()
+        check_counts("ResBlock3D", in_channels=in_channels, out_channels=out_channels, num_groups=num_groups)
+        if emb_channels is not None:
+            check_counts("ResBlock3D", emb_channels=emb_channels)
+        kernel_size = as_triple("ResBlock3D(kernel_size=...)", kernel_size, odd=True)
+        check_number("ResBlock3D(dropout=...)", dropout, at_least=0, below=1)
         check_channel_multiple("ResBlock3D(in_channels=...)", in_channels, of=num_groups, of_name="num_groups")
         check_channel_multiple("ResBlock3D(out_channels=...)", out_channels, of=num_groups, of_name="num_groups")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.emb_channels = emb_channels
-        self.timestep_injection = TimestepInjection(timestep_injection)
+        self.timestep_injection = as_enum("ResBlock3D(timestep_injection=...)", timestep_injection, TimestepInjection)
         scale_shift = self.timestep_injection is TimestepInjection.SCALE_SHIFT
         self.norm1 = nn.GroupNorm(num_groups, in_channels)
         self.conv1 = Conv3d(in_channels, out_channels, kernel_size=kernel_size)

@@ -2,10 +2,13 @@
 
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
+from cpcbm_blocks.arguments import as_triple, check_counts
 from cpcbm_blocks.blocks.conv import Conv3d
 from cpcbm_blocks.blocks.upsample_conv import upsample_conv3d
 from cpcbm_blocks.contracts import shape_checked
+from cpcbm_blocks.errors import InputError
 
 __all__ = ["Downsample3D", "Upsample3D"]
 
@@ -15,7 +18,7 @@ class Downsample3D(nn.Module):
 
     Anisotropic strides (nnU-Net's per-stage strides) let a short MRI stack (8 slices) stop halving
     its depth at 1 while height and width keep shrinking. Sizes must be multiples of the stride: the
-    UNet checks this up front, and this block's contract checks it again.
+    UNet checks this up front, and this block checks it again before its convolution.
 
     **Arguments:**
 
@@ -27,13 +30,20 @@ class Downsample3D(nn.Module):
     def __init__(self, *, channels: int, stride: tuple[int, int, int] = (2, 2, 2),
                  kernel_size: tuple[int, int, int] = (3, 3, 3)) -> None:
         super().__init__()
+        check_counts("Downsample3D", channels=channels)
         self.channels = channels
-        self.stride = tuple(stride)
+        self.stride = as_triple("Downsample3D(stride=...)", stride)
+        kernel_size = as_triple("Downsample3D(kernel_size=...)", kernel_size, odd=True)
         self.conv = Conv3d(channels, channels, kernel_size=kernel_size, stride=self.stride)
 
     @shape_checked
     def forward(self, x: Float[Tensor, "b {self.channels} d h w"]
                 ) -> Float[Tensor, "b {self.channels} d//{self.stride[0]} h//{self.stride[1]} w//{self.stride[2]}"]:
+        # Checked before the convolution, which would otherwise round an odd size down in silence
+        # (not while fx traces: its sizes are symbolic).
+        if not is_fx_symbolic_tracing() and any(size % stride for size, stride in zip(x.shape[2:], self.stride)):
+            raise InputError(f"Downsample3D.forward: x: expected (depth, height, width) multiples of the stride "
+                             f"{self.stride}, got {tuple(x.shape[2:])}. Crop or pad the volume to multiples of it.")
         return self.conv(x)
 
 
@@ -56,9 +66,11 @@ class Upsample3D(nn.Module):
     def __init__(self, *, channels: int, stride: tuple[int, int, int] = (2, 2, 2),
                  kernel_size: tuple[int, int, int] = (3, 3, 3)) -> None:
         super().__init__()
+        check_counts("Upsample3D", channels=channels)
         self.channels = channels
-        self.stride = tuple(stride)
-        self.conv = Conv3d(channels, channels, kernel_size=kernel_size)
+        self.stride = as_triple("Upsample3D(stride=...)", stride)
+        self.conv = Conv3d(channels, channels, kernel_size=as_triple("Upsample3D(kernel_size=...)", kernel_size,
+                                                                     odd=True))
 
     @shape_checked
     def forward(self, x: Float[Tensor, "b {self.channels} d h w"]

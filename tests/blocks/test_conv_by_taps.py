@@ -124,14 +124,18 @@ def test_autocast_and_channels_last_keep_pytorchs_convolution():
 
 
 def test_a_shift_that_is_not_one_value_per_output_channel_is_refused_not_broadcast():
-    from cpcbm_blocks import InputError
+    from cpcbm_blocks import InputError, ShapeContractError, shape_checks
 
     conv = Conv3d(4, 3, kernel_size=(3, 3, 3))
     x = torch.randn(1, 4, 2, 5, 5)
     shift = torch.randn(3)
     torch.testing.assert_close(conv(x, shift=shift), conv(x) + shift[:, None, None, None])
     for wrong in (torch.randn(1), torch.randn(1, 3)):
-        with pytest.raises(InputError, match=r"shift: expected one value per output channel, shape \(3,\), got"):
+        # the contract refuses it while checks are on; the explicit check, which stays when they are off
+        with pytest.raises(ShapeContractError, match=r"Conv3d.forward: shift: expected Float\[Tensor, '3'\] \| None"):
+            conv(x, shift=wrong)
+        with shape_checks(False), pytest.raises(
+                InputError, match=r"shift: expected one value per output channel, shape \(3,\), got"):
             conv(x, shift=wrong)
     with pytest.raises(InputError, match=r"device: expected one of \['cpu', 'cuda'\], got 'tpu'"), \
             meta_stands_for("tpu"):

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cpcbm_blocks import Downsample3D, ShapeContractError, Upsample3D
+from cpcbm_blocks import Downsample3D, InputError, ShapeContractError, Upsample3D, shape_checks
 
 from ..conftest import randomize_
 
@@ -56,8 +56,12 @@ def test_gradient_reaches_every_parameter():
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
 
 
-def test_sizes_that_do_not_divide_by_the_stride_violate_the_contract():
-    with pytest.raises(ShapeContractError, match="Downsample3D.forward"):
+def test_sizes_that_do_not_divide_by_the_stride_are_refused_before_the_convolution():
+    # the convolution would round 3 slices down to 1 in silence; the return contract would only catch it after
+    with pytest.raises(InputError, match=r"Downsample3D.forward: x: expected .* multiples of the stride \(2, 2, 2\), "
+                                         r"got \(3, 4, 4\)"):
         Downsample3D(channels=4, stride=(2, 2, 2))(torch.randn(1, 4, 3, 4, 4))
+    with pytest.raises(InputError, match=r"got \(4, 5, 4\)"), shape_checks(False):
+        Downsample3D(channels=4, stride=(1, 2, 2))(torch.randn(1, 4, 4, 5, 4))
     with pytest.raises(ShapeContractError, match="Upsample3D.forward"):
         Upsample3D(channels=4)(torch.randn(1, 5, 2, 2, 2))

@@ -1,0 +1,101 @@
+"""Checked constructor arguments, shared by the spec and by every block built on its own.
+
+A block built directly (`ResBlock3D(..., kernel_size=3)`) must refuse a bad argument as clearly as
+the spec does (`LevelSpec(stride=2)`), before any module exists: otherwise the mistake surfaces as
+`'int' object is not iterable`, `integer modulo by zero` or a size mismatch deep inside torch at the
+first forward. Every helper raises [`SpecError`][cpcbm_blocks.errors.SpecError] naming the argument,
+the expected and the actual value, and what to do.
+"""
+
+import math
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any, TypeVar
+
+from cpcbm_blocks.errors import SpecError
+
+__all__ = ["Triple", "as_enum", "as_ints", "as_level_numbers", "as_triple", "check_bool", "check_counts", "check_int",
+           "check_number", "fail"]
+
+Triple = tuple[int, int, int]
+"""A per-axis (depth, height, width) triple, such as a stride or a kernel size."""
+E = TypeVar("E", bound=Enum)
+
+
+def fail(where: str, expected: str, actual: Any, fix: str) -> SpecError:
+    return SpecError(f"{where}: expected {expected}, got {actual!r}. {fix}")
+
+
+def check_int(where: str, value: Any, *, minimum: int) -> int:
+    """`value` itself, if it is an int (not a bool) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise fail(where, f"an int >= {minimum}", value, "Pass a whole number.")
+    if value < minimum:
+        raise fail(where, f"an int >= {minimum}", value, f"Use a value of at least {minimum}.")
+    return value
+
+
+def check_bool(where: str, value: Any) -> bool:
+    """`value` itself, if it is a bool (a string such as "no" would otherwise read as True)."""
+    if not isinstance(value, bool):
+        raise fail(where, "True or False", value, "Pass a bool.")
+    return value
+
+
+def check_number(where: str, value: Any, *, above: float | None = None, at_least: float | None = None,
+                 below: float | None = None) -> float:
+    """`value` as a float, if it is a finite real number within the given bounds (`above` and `below` exclusive)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise fail(where, "a finite number", value, "Pass an int or a float.")
+    bounds = [(f"> {limit}", value > limit) for limit in [above] if limit is not None]
+    bounds += [(f">= {limit}", value >= limit) for limit in [at_least] if limit is not None]
+    bounds += [(f"< {limit}", value < limit) for limit in [below] if limit is not None]
+    if not all(holds for _, holds in bounds):
+        wanted = " and ".join(text for text, _ in bounds)
+        raise fail(where, f"a number {wanted}", value, "Pick a value in that range.")
+    return float(value)
+
+
+def as_triple(where: str, value: Any, *, odd: bool = False) -> Triple:
+    """A per-axis (depth, height, width) triple of positive ints (odd ones, for a kernel with "same" padding)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
+        raise fail(where, "a (depth, height, width) triple of 3 ints", value,
+                   f"Give one value per axis, e.g. {(value,) * 3 if isinstance(value, int) else (3, 3, 3)}.")
+    for axis, item in zip(("depth", "height", "width"), value):
+        check_int(f"{where} ({axis})", item, minimum=1)
+        if odd and item % 2 == 0:
+            raise fail(f"{where} ({axis})", "an odd kernel size (1, 3, 5, ...)", item,
+                       "Even kernels cannot keep the size with symmetric padding; use an odd one.")
+    return (int(value[0]), int(value[1]), int(value[2]))
+
+
+def as_enum(where: str, value: Any, kind: type[E]) -> E:
+    """`value` as a member of the enum `kind` (a member or its value)."""
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(repr(member.value) for member in kind)
+        raise fail(where, f"one of {choices}", value, "Pick one of the listed values.") from None
+
+
+def as_ints(where: str, value: Any, *, minimum: int) -> tuple[int, ...]:
+    """A non-empty sequence of ints, each at least `minimum`, as a tuple (one per level, say)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise fail(where, f"a non-empty tuple of ints >= {minimum}", value,
+                   f"Give one value per level, e.g. {(value, value * 2) if isinstance(value, int) else (32, 64)}.")
+    return tuple(check_int(f"{where}[{i}]", item, minimum=minimum) for i, item in enumerate(value))
+
+
+def as_level_numbers(where: str, value: Any, *, levels: int) -> tuple[int, ...]:
+    """1-based level numbers in `1..levels`, as a tuple (an empty one selects no level)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or any(
+            isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= levels for n in value):
+        raise fail(where, f"a tuple of 1-based level numbers in 1..{levels}", value,
+                   f"Levels are numbered from 1 (shallowest); pass a tuple such as {(levels,)}.")
+    return tuple(value)
+
+
+def check_counts(block: str, **counts: Any) -> None:
+    """Every keyword a positive int (channels, groups, heads, experts): `check_counts("ResBlock3D", num_groups=8)`."""
+    for name, value in counts.items():
+        check_int(f"{block}({name}=...)", value, minimum=1)
