@@ -279,7 +279,8 @@ def _given(**arguments: Tensor | None) -> list[str]:
     return [name for name, value in arguments.items() if value is not None]
 
 
-def _tensor(name: str, value, *, rank: int, floating: bool, layout_text: str) -> Tensor:
+def checked_tensor(name: str, value, *, rank: int, floating: bool, layout_text: str) -> Tensor:
+    """`value` itself if it is a tensor of `rank` dimensions, floating-point or bool as asked; else an `InputError`."""
     if not isinstance(value, Tensor):
         raise InputError(f"{name}: expected a torch.Tensor of shape {layout_text}, got {type(value).__name__}. "
                          "Convert it with torch.as_tensor(...).")
@@ -326,7 +327,7 @@ def validate_conditions(spec: UNetSpec, *, text, text_mask, text_pooled, cond_im
             raise InputError(f"text: expected token embeddings (B, L, {cond.text_channels}) because this spec conditions "
                              f"on text (conditioning.text_channels={cond.text_channels}), got None. Pass them; mark a "
                              "sample's text as absent with an all-False text_mask row.")
-        _tensor("text", text, rank=3, floating=True, layout_text="(batch, tokens, text_channels)")
+        checked_tensor("text", text, rank=3, floating=True, layout_text="(batch, tokens, text_channels)")
         if text.shape[2] != cond.text_channels:
             raise InputError(f"text: expected token width {cond.text_channels} (conditioning.text_channels), got "
                              f"{text.shape[2]} in shape {tuple(text.shape)}. Use the encoder the spec was built for, "
@@ -337,12 +338,12 @@ def validate_conditions(spec: UNetSpec, *, text, text_mask, text_pooled, cond_im
         batches["text"] = text.shape[0]
         if text_mask is None:
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
-        _tensor("text_mask", text_mask, rank=2, floating=False, layout_text="(batch, tokens)")
+        checked_tensor("text_mask", text_mask, rank=2, floating=False, layout_text="(batch, tokens)")
         if tuple(text_mask.shape) != tuple(text.shape[:2]):
             raise InputError(f"text_mask: expected shape {tuple(text.shape[:2])} (batch, tokens of text), got "
                              f"{tuple(text_mask.shape)}. Give one entry per token of text (True = real token).")
         if text_pooled is not None:
-            _tensor("text_pooled", text_pooled, rank=2, floating=True, layout_text="(batch, text_channels)")
+            checked_tensor("text_pooled", text_pooled, rank=2, floating=True, layout_text="(batch, text_channels)")
             if tuple(text_pooled.shape) != (text.shape[0], cond.text_channels):
                 raise InputError(f"text_pooled: expected shape {(text.shape[0], cond.text_channels)}, got "
                                  f"{tuple(text_pooled.shape)}. Pass the text encoder's pooled vector, or leave it None "
@@ -352,7 +353,7 @@ def validate_conditions(spec: UNetSpec, *, text, text_mask, text_pooled, cond_im
             raise InputError(f"cond_images: expected (B, {cond.image_channels}, D, H, W) images because this spec "
                              f"conditions on {cond.image_channels} image(s) (conditioning.image_channels), got None. "
                              "Pass them; mark absent ones with cond_available=False (zeros are a legitimate image).")
-        _tensor("cond_images", cond_images, rank=5, floating=True, layout_text="(batch, k, depth, height, width)")
+        checked_tensor("cond_images", cond_images, rank=5, floating=True, layout_text="(batch, k, depth, height, width)")
         if cond_images.shape[1] != cond.image_channels:
             raise InputError(f"cond_images: expected {cond.image_channels} conditional image(s) on axis 1 "
                              f"(conditioning.image_channels), got {cond_images.shape[1]} in shape "
@@ -361,7 +362,7 @@ def validate_conditions(spec: UNetSpec, *, text, text_mask, text_pooled, cond_im
         batches["cond_images"] = cond_images.shape[0]
         if cond_available is None:
             cond_available = torch.ones(cond_images.shape[:2], dtype=torch.bool, device=cond_images.device)
-        _tensor("cond_available", cond_available, rank=2, floating=False, layout_text="(batch, k)")
+        checked_tensor("cond_available", cond_available, rank=2, floating=False, layout_text="(batch, k)")
         if tuple(cond_available.shape) != tuple(cond_images.shape[:2]):
             raise InputError(f"cond_available: expected shape {tuple(cond_images.shape[:2])} (batch, k of cond_images), "
                              f"got {tuple(cond_available.shape)}. Give one flag per conditional image (True = present).")

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from cpcbm_blocks.blocks.embedding import timesteps_to_batch
-from cpcbm_blocks.conditioning import EncodedConditions, _tensor
+from cpcbm_blocks.conditioning import EncodedConditions, checked_tensor
 from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.spec import UNetSpec
-from cpcbm_blocks.unet import UNet3D, _check_volume
+from cpcbm_blocks.unet import UNet3D, check_volume
 
 __all__ = ["ConditionDropout", "guidance_conditions", "guided_prediction"]
 
@@ -86,9 +86,9 @@ def _check_masks(text_mask, cond_available) -> None:
         raise InputError("text_mask, cond_available: expected at least one of them, got None for both. Pass the "
                          "batch's text_mask (B, L) and/or cond_available (B, k).")
     if text_mask is not None:
-        _tensor("text_mask", text_mask, rank=2, floating=False, layout_text="(batch, tokens)")
+        checked_tensor("text_mask", text_mask, rank=2, floating=False, layout_text="(batch, tokens)")
     if cond_available is not None:
-        _tensor("cond_available", cond_available, rank=2, floating=False, layout_text="(batch, k)")
+        checked_tensor("cond_available", cond_available, rank=2, floating=False, layout_text="(batch, k)")
     if text_mask is None or cond_available is None:
         return
     if text_mask.shape[0] != cond_available.shape[0]:
@@ -189,7 +189,7 @@ def guided_prediction(model, x: Tensor, t, conditions: EncodedConditions, *, ima
                          f"{type(conditions).__name__}. Encode the three branches once with guidance_conditions(model, ...) "
                          "and pass them at every step.")
     # x and t are checked here, before they are tripled, so that errors report the caller's shapes
-    _check_volume(x, unet.spec, like=unet.time_embedding.mlp[0].weight)
+    check_volume(x, unet.spec, like=unet.time_embedding.mlp[0].weight)
     batch = x.shape[0]
     if conditions.batch_size != 3 * batch:
         raise InputError(f"conditions: expected the three guidance branches for {batch} sample(s) "

@@ -197,7 +197,7 @@ class UNet3D(nn.Module):
         raw = {"text": text, "text_mask": text_mask, "text_pooled": text_pooled, "cond_images": cond_images,
                "cond_available": cond_available}
         if not compiling:
-            _check_volume(x, self.spec, like=self.time_embedding.mlp[0].weight)
+            check_volume(x, self.spec, like=self.time_embedding.mlp[0].weight)
             t = timesteps_to_batch(t, batch_size=x.shape[0], device=x.device)
             _reject_misplaced_conditions(self.spec, conditions, raw)
             planned = plan(self.spec, tuple(x.shape)).transitions  # also validates the shape against the spec
@@ -360,7 +360,7 @@ def _check_conditions_match(x: Tensor, *, batch_size: int, image_size: tuple[int
                          f"{tuple(image_size)}. Resample the conditional images onto x's grid.")
 
 
-def _check_volume(x: Tensor, spec: UNetSpec, *, like: Tensor) -> None:
+def check_volume(x: Tensor, spec: UNetSpec, *, like: Tensor) -> None:
     """Validate `x` against the spec and against the model's weights (`like`): type, dtype, device, shape."""
     if not isinstance(x, Tensor):
         raise InputError(f"x: expected a torch.Tensor of shape (batch, {spec.in_channels}, depth, height, width), "
