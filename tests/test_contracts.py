@@ -114,3 +114,29 @@ def test_the_timestep_embedding_refuses_a_batch_size_that_is_not_a_positive_int(
             embedding(5, batch_size=wrong)
     with pytest.raises(ShapeContractError, match=r"^TimestepEmbedding.forward: batch_size: expected int \| None"):
         embedding(5, batch_size=2.0)  # not an int at all: the annotation's own check
+
+
+ONE_CHANNEL_PER_GROUP = {  # (block with C channels in C groups, its call on a (batch, C, 1, 1, 1) map)
+    "ResBlock3D": (lambda: ResBlock3D(in_channels=C, out_channels=C, emb_channels=4, num_groups=C),
+                   lambda m, x: m(x, torch.randn(x.shape[0], 4))),
+    "MultiHeadSelfAttention3D": (lambda: MultiHeadSelfAttention3D(channels=C, head_channels=4, num_groups=C),
+                                 lambda m, x: m(x)),
+    "OutputHead": (lambda: OutputHead(in_channels=C, out_channels=1, num_groups=C), lambda m, x: m(x)),
+    "DynamicConvFusion3D": (lambda: DynamicConvFusion3D(channels=C, num_groups=C), lambda m, x: m(x, x)),
+    "CrossAttentionFusion3D": (lambda: CrossAttentionFusion3D(channels=C, context_channels=6, head_channels=4,
+                                                              num_groups=C),
+                               lambda m, x: m(x, torch.randn(x.shape[0], 3, 6), torch.ones(x.shape[0], 3).bool())),
+}
+
+
+@pytest.mark.parametrize("block", ONE_CHANNEL_PER_GROUP)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("training", [True, False])
+def test_a_block_refuses_a_map_that_leaves_one_value_per_group_norm_group(block, batch, training):
+    # torch raises only in training with a batch of 1; otherwise GroupNorm returns zeros in silence
+    build, call = ONE_CHANNEL_PER_GROUP[block]
+    module = build().train(training)
+    with pytest.raises(InputError, match=r"GroupNorm: x: expected at least 2 values per group and sample .* got 1: "
+                                         rf"{C} channels in {C} groups on a 1x1x1 volume"):
+        call(module, torch.randn(batch, C, 1, 1, 1))
+    assert call(module, torch.randn(batch, C, 1, 1, 2)).shape[2:] == (1, 1, 2)  # 2 values per group: fine

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from cpcbm_blocks.arguments import check_bool, check_counts
 from cpcbm_blocks.blocks.conv import zero_init
+from cpcbm_blocks.blocks.group_norm import GroupNorm
 from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.spec import check_channel_multiple
@@ -152,7 +153,7 @@ class MultiHeadSelfAttention3D(nn.Module):
         self.head_channels = head_channels
         self.upcast = upcast
         self.num_heads = channels // head_channels
-        self.norm = nn.GroupNorm(num_groups, channels)
+        self.norm = GroupNorm(num_groups, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj_out = zero_init(nn.Linear(channels, channels))
 

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from cpcbm_blocks.arguments import check_bool, check_counts
 from cpcbm_blocks.blocks.attention import attention
+from cpcbm_blocks.blocks.group_norm import GroupNorm
 from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.spec import check_channel_multiple
 
@@ -48,7 +49,7 @@ class CrossAttentionFusion3D(nn.Module):
         self.upcast = upcast
         self.context_channels = context_channels
         self.num_heads = channels // head_channels
-        self.norm = nn.GroupNorm(num_groups, channels)
+        self.norm = GroupNorm(num_groups, channels)
         self.context_norm = nn.LayerNorm(context_channels)
         self.to_q = nn.Linear(channels, channels)
         self.to_kv = nn.Linear(context_channels, 2 * channels)

@@ -11,6 +11,7 @@ from torch.autograd.function import once_differentiable
 from cpcbm_blocks.arguments import as_triple, check_counts, check_number
 from cpcbm_blocks.blocks.conv import Conv3d, conv3d
 from cpcbm_blocks.blocks.gated_residual import gated_residual
+from cpcbm_blocks.blocks.group_norm import GroupNorm
 from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.rematerialize import SavedApart, recomputable, recomputable_product, saves_apart
 from cpcbm_blocks.spec import check_channel_multiple
@@ -65,7 +66,7 @@ class DynamicConvFusion3D(nn.Module):
         self.num_experts = num_experts
         # a zero temperature divides the routing logits by zero (NaN output), a negative one inverts the routing
         self.temperature = check_number("DynamicConvFusion3D(temperature=...)", temperature, above=0)
-        self.norm = nn.GroupNorm(num_groups, channels)
+        self.norm = GroupNorm(num_groups, channels)
         self.experts = nn.Parameter(torch.empty(num_experts, channels, channels, *kernel_size))
         self.expert_bias = nn.Parameter(torch.zeros(num_experts, channels))
         fan_in = channels * math.prod(kernel_size)
