@@ -3,7 +3,7 @@
  * Twelve independent chains of vector FMAs held in registers: no loads, no stores, so the loop is
  * bound only by how many FMAs the core issues per cycle (twelve chains cover the FMA latency of
  * current x86 cores: 4 cycles on two pipes needs at least eight). `fma_peak.py` compiles this
- * file, calls `fma_chains` from one thread per core at once and counts 2 FLOPs per lane per FMA.
+ * file, calls `fma_run` from one thread per torch thread at once and counts 2 FLOPs per lane per FMA.
  *
  * Each call runs `iterations` rounds of acc[i] = acc[i] * a + b on every chain and returns the sum
  * of all lanes of all chains, so the compiler cannot drop the work, and a test can check it: with

@@ -8,7 +8,8 @@ the expected and the actual value, and what to do.
 """
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Sequence, Set
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -27,12 +28,12 @@ def fail(where: str, expected: str, actual: Any, fix: str) -> SpecError:
 
 
 def check_int(where: str, value: Any, *, minimum: int) -> int:
-    """`value` itself, if it is an int (not a bool) of at least `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """`value` as an int, if it is a whole number (an int or a NumPy integer, not a bool) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise fail(where, f"an int >= {minimum}", value, "Pass a whole number.")
     if value < minimum:
         raise fail(where, f"an int >= {minimum}", value, f"Use a value of at least {minimum}.")
-    return value
+    return int(value)
 
 
 def check_bool(where: str, value: Any) -> bool:
@@ -45,7 +46,7 @@ def check_bool(where: str, value: Any) -> bool:
 def check_number(where: str, value: Any, *, above: float | None = None, at_least: float | None = None,
                  below: float | None = None) -> float:
     """`value` as a float, if it is a finite real number within the given bounds (`above` and `below` exclusive)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise fail(where, "a finite number", value, "Pass an int or a float.")
     bounds = [(f"> {limit}", value > limit) for limit in [above] if limit is not None]
     bounds += [(f">= {limit}", value >= limit) for limit in [at_least] if limit is not None]
@@ -87,12 +88,12 @@ def as_ints(where: str, value: Any, *, minimum: int) -> tuple[int, ...]:
 
 
 def as_level_numbers(where: str, value: Any, *, levels: int) -> tuple[int, ...]:
-    """1-based level numbers in `1..levels`, as a tuple (an empty one selects no level)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or any(
-            isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= levels for n in value):
+    """1-based level numbers in `1..levels` (a tuple, list or set), as a sorted tuple; an empty one selects none."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, Set)) or any(
+            isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= levels for n in value):
         raise fail(where, f"a tuple of 1-based level numbers in 1..{levels}", value,
                    f"Levels are numbered from 1 (shallowest); pass a tuple such as {(levels,)}.")
-    return tuple(value)
+    return tuple(sorted(int(n) for n in value))
 
 
 def check_counts(block: str, **counts: Any) -> None:

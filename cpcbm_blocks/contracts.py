@@ -156,10 +156,11 @@ def _check_float_arguments(where: str, signature: inspect.Signature, names: tupl
     tensors = [(name, bound.arguments[name]) for name in names
                if isinstance(bound.arguments.get(name), torch.Tensor) and bound.arguments[name].is_floating_point()]
     owner = args[0] if args and isinstance(args[0], nn.Module) else None
-    weight = None if owner is None else next(owner.parameters(), None)
-    if weight is not None:
+    weights = [] if owner is None else [p for p in owner.parameters() if p.is_floating_point()]
+    if weights:
+        # any dtype among the weights: mixed precision keeps some (norms, say) in float32
         for name, value in tensors:
-            check_device_and_dtype(name, value, like=weight, where=where)
+            check_device_and_dtype(name, value, like=weights[0], where=where, also={p.dtype for p in weights})
     elif tensors:
         first_name, first = tensors[0]
         for name, value in tensors[1:]:
@@ -216,11 +217,12 @@ def shape_checked(fn: F) -> F:
     return functools.wraps(fn)(wrapper)  # type: ignore[return-value]
 
 
-def check_device_and_dtype(name: str, value: torch.Tensor, *, like: torch.Tensor, where: str = "") -> None:
+def check_device_and_dtype(name: str, value: torch.Tensor, *, like: torch.Tensor, where: str = "",
+                           also: set[torch.dtype] = frozenset()) -> None:
     """Refuse a floating-point input that is not on the device of the weights `like`, or not of their dtype.
 
-    Under `torch.autocast` for that device, float32 and the autocast dtype are accepted too (autocast
-    casts them per operation). Without this check, torch fails deep inside the first layer ("mat1 and
+    `also` adds dtypes to accept (those of a block's other weights). Under `torch.autocast` for that
+    device, every floating dtype but float64 is accepted too: autocast casts them per operation. Without this check, torch fails deep inside the first layer ("mat1 and
     mat2 must have the same dtype", "Input type (double) and bias type (float) should be the same").
     `where` (a block's method, say) prefixes the message.
     """
@@ -228,11 +230,13 @@ def check_device_and_dtype(name: str, value: torch.Tensor, *, like: torch.Tensor
     if value.device != like.device:
         raise InputError(f"{prefix}{name}: expected a tensor on the model's device {like.device}, got one on {value.device}. "
                          f"Move it with {name}.to({str(like.device)!r}), or the model with model.to({name}.device).")
-    allowed = {like.dtype}
+    allowed = {like.dtype, *also}
     device_type = value.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        allowed |= {torch.float32, torch.get_autocast_dtype(device_type)}
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if autocast:
+        allowed |= {torch.float32, torch.float16, torch.bfloat16}
     if value.dtype not in allowed:
-        raise InputError(f"{prefix}{name}: expected dtype {' or '.join(sorted(str(d) for d in allowed))} (the model's weights"
-                         f"{' or the autocast dtype' if len(allowed) > 1 else ''}), got {value.dtype}. Convert it with "
-                         f"{name}.to({like.dtype}), cast the model with model.to({value.dtype}), or run under torch.autocast.")
+        source = "the model's weights" + (" or what autocast casts" if autocast else "")
+        raise InputError(f"{prefix}{name}: expected dtype {' or '.join(sorted(str(d) for d in allowed))} ({source}), "
+                         f"got {value.dtype}. Convert it with {name}.to({like.dtype}), cast the model with "
+                         f"model.to({value.dtype})" + ("." if autocast else ", or run under torch.autocast."))

@@ -11,6 +11,7 @@ dropped image a False `cond_available` flag. No tensor changes shape.
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -122,7 +123,7 @@ def _conditioned_unet(model, *, where: str) -> UNet3D:
 
 def _scale(name: str, value, *, batch: int, x: Tensor) -> float | Tensor:
     """A guidance scale: a number, a 0-d tensor, or one per sample `(B,)`, returned as `(B, 1, 1, 1, 1)`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
         raise InputError(f"{name}: expected a number, a 0-d tensor or a ({batch},) tensor of per-sample scales, got "
                          f"{type(value).__name__}. Pass e.g. {name}=7.5 or torch.full(({batch},), 7.5).")
     if not isinstance(value, Tensor):

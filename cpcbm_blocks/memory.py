@@ -129,7 +129,8 @@ class StepCost:
     """Bytes of one `batch x heads x n x m` score matrix of this step's attention, the largest score-shaped
     tensor its forward creates: what the naive backend materialises at once per attention call (its
     forward makes several in turn: the product, the scaled product, the softmax). 0 for a fused backend,
-    which never materialises it, and for a step without attention. Not a part of `saved_bytes`."""
+    which never materialises it, and for a step without attention. A transient: `saved_bytes` holds it
+    too only where the step keeps its softmax for backward (`selective=False` with the naive backend)."""
 
     @property
     def step(self) -> Step:
@@ -241,7 +242,8 @@ class MemoryPlan:
     @property
     def attention_score_bytes(self) -> int:
         """The largest single attention score matrix of any step (`StepCost.attention_score_bytes`): what the
-        naive backend holds at once for one attention call, on top of `saved_bytes`. 0 for a fused backend."""
+        naive backend holds at once for one attention call (a transient, also counted in `saved_bytes` where a
+        step keeps its softmax: `selective=False`). 0 for a fused backend."""
         return max((s.attention_score_bytes for s in self.steps), default=0)
 
     @property
@@ -384,7 +386,7 @@ class MemoryPlan:
         if self.attention_score_bytes:
             lines.append(f"attention score matrix, largest: {_mib(self.attention_score_bytes):.1f} MiB (batch x heads x n x m; "
                          "the naive backend materialises it at each attention call, fused SDPA never does; "
-                         "not part of the saved figure)")
+                         "in the saved figure only where a step keeps its softmax, as with selective=False)")
         else:
             lines.append(f"attention score matrix: none materialised ({self.attention_backend.value} backend)")
         lines.append(f"weight gradients  {self.weight_grad_assumption}")

@@ -111,10 +111,13 @@ def _as_shape(name: str, shape: object) -> tuple[int, ...]:
     except TypeError:
         raise InputError(f"{name}: expected a shape such as (1, 1, 8, 256, 256), got {type(shape).__name__}. "
                          "Pass a tuple of ints.") from None
-    if any(isinstance(v, bool) or not hasattr(v, "__index__") for v in values):
+    try:
+        if any(isinstance(v, bool) for v in values):
+            raise TypeError
+        return tuple(operator.index(v) for v in values)
+    except TypeError:  # a float, a bool, a float tensor's elements...
         raise InputError(f"{name}: expected whole numbers, got {tuple(values)}. Pass a tuple of ints such as "
-                         "(1, 1, 8, 256, 256).")
-    return tuple(operator.index(v) for v in values)
+                         "(1, 1, 8, 256, 256).") from None
 
 
 def plan(spec: UNetSpec, input_shape: Sequence[int]) -> Plan:

@@ -54,6 +54,13 @@ class FusionKind(str, Enum):
     """Voxels attend to text tokens and pooled conditional-image tokens (for deep levels)."""
 
 
+def _store_int(record: Any, name: str, *, minimum: int) -> None:
+    """Check a frozen record's whole-number field and store it back as an int (a NumPy integer would not
+    serialise to JSON)."""
+    value = check_int(f"{type(record).__name__}.{name}", getattr(record, name), minimum=minimum)
+    object.__setattr__(record, name, value)
+
+
 def check_channel_multiple(where: str, channels: int, *, of: int, of_name: str) -> None:
     """Raise [`SpecError`][cpcbm_blocks.errors.SpecError] unless `channels` is a multiple of `of`.
 
@@ -95,8 +102,8 @@ class LevelSpec:
         object.__setattr__(self, "fusion", as_enum("LevelSpec.fusion", self.fusion, FusionKind))
         object.__setattr__(self, "stride", as_triple("LevelSpec.stride", self.stride))
         object.__setattr__(self, "kernel_size", as_triple("LevelSpec.kernel_size", self.kernel_size, odd=True))
-        check_int("LevelSpec.channels", self.channels, minimum=1)
-        check_int("LevelSpec.num_res_blocks", self.num_res_blocks, minimum=1)
+        _store_int(self, "channels", minimum=1)
+        _store_int(self, "num_res_blocks", minimum=1)
         if not isinstance(self.attention, bool):
             raise fail("LevelSpec.attention", "a bool", self.attention, "Pass True or False.")
 
@@ -119,7 +126,7 @@ class MidSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "fusion", as_enum("MidSpec.fusion", self.fusion, FusionKind))
         object.__setattr__(self, "kernel_size", as_triple("MidSpec.kernel_size", self.kernel_size, odd=True))
-        check_int("MidSpec.num_segments", self.num_segments, minimum=1)
+        _store_int(self, "num_segments", minimum=1)
         for name in ("share_weights", "attention"):
             if not isinstance(getattr(self, name), bool):
                 raise fail(f"MidSpec.{name}", "a bool", getattr(self, name), "Pass True or False.")
@@ -151,14 +158,14 @@ class ConditioningSpec:
 
     def __post_init__(self) -> None:
         if self.text_channels is not None:
-            check_int("ConditioningSpec.text_channels", self.text_channels, minimum=1)
-        check_int("ConditioningSpec.image_channels", self.image_channels, minimum=0)
+            _store_int(self, "text_channels", minimum=1)
+        _store_int(self, "image_channels", minimum=0)
         if self.text_channels is None and self.image_channels == 0:
             raise fail("ConditioningSpec", "text_channels or image_channels", "neither",
                         "Condition on text (text_channels=512), images (image_channels=3) or both; "
                         "or set UNetSpec.conditioning=None.")
-        check_int("ConditioningSpec.num_null_text_tokens", self.num_null_text_tokens, minimum=1)
-        check_int("ConditioningSpec.dynamic_conv_experts", self.dynamic_conv_experts, minimum=1)
+        _store_int(self, "num_null_text_tokens", minimum=1)
+        _store_int(self, "dynamic_conv_experts", minimum=1)
         if not isinstance(self.text_to_timestep, bool):
             raise fail("ConditioningSpec.text_to_timestep", "a bool", self.text_to_timestep, "Pass True or False.")
         if self.text_to_timestep and self.text_channels is None:
@@ -226,7 +233,7 @@ class UNetSpec:
         object.__setattr__(self, "timestep_injection",
                            as_enum("UNetSpec.timestep_injection", self.timestep_injection, TimestepInjection))
         for name in ("in_channels", "out_channels", "num_groups", "head_channels", "time_embedding_channels"):
-            check_int(f"UNetSpec.{name}", getattr(self, name), minimum=1)
+            _store_int(self, name, minimum=1)
         if self.levels[0].channels < 2:  # the timestep embedding's sinusoids: one channel has no cos/sin pair
             raise fail("UNetSpec.levels[0].channels", "at least 2 (the timestep embedding's sinusoidal features take "
                        "the first level's channels)", self.levels[0].channels,

@@ -51,6 +51,17 @@ def test_export_of_the_default_unet_matches_eager(default_model_and_input):
         torch.testing.assert_close(exported.module()(other, t), model(other, t), rtol=0, atol=1e-6)
 
 
+def test_export_with_a_dynamic_batch_runs_other_batch_sizes(default_model_and_input):
+    # the input checks must not turn the symbolic batch into a refusal (a SymInt is not an int)
+    model, _, _, _ = default_model_and_input
+    batch = torch.export.Dim("batch", min=2, max=8)
+    x, t = torch.randn(2, 1, 8, 16, 16), torch.tensor([250.0, 10.0])
+    exported = torch.export.export(model, (x, t), dynamic_shapes=({0: batch}, {0: batch}))
+    x3, t3 = torch.randn(3, 1, 8, 16, 16), torch.tensor([250.0, 10.0, 999.0])
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x3, t3), model(x3, t3), rtol=0, atol=1e-6)
+
+
 def test_inductor_compiles_a_shape_checked_block_and_matches_eager():
     torch._dynamo.reset()
     block = randomize_(ResBlock3D(in_channels=8, out_channels=16, emb_channels=16, num_groups=4), scale=0.05)

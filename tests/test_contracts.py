@@ -9,9 +9,22 @@ silently return float64.
 import pytest
 import torch
 
-from cpcbm_blocks import (Conv3d, CrossAttentionFusion3D, Downsample3D, DynamicConvFusion3D, GatedFusion3D,
-                          GatedInjection3D, InputError, MultiHeadSelfAttention3D, OutputHead, ResBlock3D,
-                          ShapeContractError, Upsample3D, set_shape_checks, shape_checks)
+from cpcbm_blocks import (
+    Conv3d,
+    CrossAttentionFusion3D,
+    Downsample3D,
+    DynamicConvFusion3D,
+    GatedFusion3D,
+    GatedInjection3D,
+    InputError,
+    MultiHeadSelfAttention3D,
+    OutputHead,
+    ResBlock3D,
+    ShapeContractError,
+    Upsample3D,
+    set_shape_checks,
+    shape_checks,
+)
 from cpcbm_blocks.blocks.attention import attention
 from cpcbm_blocks.contracts import checks_active
 
@@ -140,3 +153,15 @@ def test_a_block_refuses_a_map_that_leaves_one_value_per_group_norm_group(block,
                                          rf"{C} channels in {C} groups on a 1x1x1 volume"):
         call(module, torch.randn(batch, C, 1, 1, 1))
     assert call(module, torch.randn(batch, C, 1, 1, 2)).shape[2:] == (1, 1, 2)  # 2 values per group: fine
+
+
+def test_mixed_precision_with_float32_norms_and_any_autocast_input_dtype_is_accepted():
+    block = ResBlock3D(in_channels=C, out_channels=C, emb_channels=4, num_groups=4).bfloat16()
+    block.norm1.float(), block.norm2.float()  # norms kept in float32: the first parameter is a float32 norm weight
+    assert block(volume(torch.bfloat16), torch.randn(B, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    plain = ResBlock3D(in_channels=C, out_channels=C, emb_channels=4, num_groups=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts float16 as well; only float64 is refused
+        plain(volume(torch.float16), torch.randn(B, 4))
+        with pytest.raises(InputError, match=r"got torch.float64\. Convert it with x.to\(torch.float32\), cast the "
+                                             r"model with model.to\(torch.float64\)\.$"):
+            plain(volume(torch.float64), torch.randn(B, 4))

@@ -21,9 +21,25 @@ import numpy as np
 import pytest
 import torch
 
-from cpcbm_blocks import (CheckpointError, CondImageEncoder3D, Conv3d, Downsample3D, DynamicConvFusion3D, InputError, LevelSpec, MidSpec,
-                          MultiHeadSelfAttention3D, ResBlock3D, ShapeContractError, SpecError, TimestepEmbedding,
-                          UNet3D, UNetSpec, set_shape_checks, set_weight_grad_method)
+from cpcbm_blocks import (
+    CheckpointError,
+    CondImageEncoder3D,
+    Conv3d,
+    Downsample3D,
+    DynamicConvFusion3D,
+    InputError,
+    LevelSpec,
+    MidSpec,
+    MultiHeadSelfAttention3D,
+    ResBlock3D,
+    ShapeContractError,
+    SpecError,
+    TimestepEmbedding,
+    UNet3D,
+    UNetSpec,
+    set_shape_checks,
+    set_weight_grad_method,
+)
 from cpcbm_blocks.blocks.conv_by_taps import conv3d_by_taps
 from cpcbm_blocks.checkpoint import WEIGHTS_FILE, from_pretrained, load_weights, save_pretrained
 from cpcbm_blocks.memory import memory_plan

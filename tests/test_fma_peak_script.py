@@ -1,5 +1,6 @@
 """`benchmarks/fma_peak.py`: the FMA loop does the work it counts, and the 0.5x-MONAI arithmetic built on it."""
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_train_step import half_of_monai  # noqa: E402
 from fma_peak import FmaPeak, compile_library, run_threads  # noqa: E402
 
-needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (`cc`) to build fma_peak.c")
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None,
+                                    reason="no C compiler ($CC, else cc) to build fma_peak.c")
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,19 @@ import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from cpcbm_blocks import (Conv3d, CpcbmError, CrossAttentionFusion3D, Downsample3D, DynamicConvFusion3D, GatedFusion3D,
-                          GatedInjection3D, MultiHeadSelfAttention3D, OutputHead, ResBlock3D, Upsample3D)
+from cpcbm_blocks import (
+    Conv3d,
+    CpcbmError,
+    CrossAttentionFusion3D,
+    Downsample3D,
+    DynamicConvFusion3D,
+    GatedFusion3D,
+    GatedInjection3D,
+    MultiHeadSelfAttention3D,
+    OutputHead,
+    ResBlock3D,
+    Upsample3D,
+)
 
 SIZES = st.integers(1, 4)
 DTYPES = st.sampled_from([torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool])
@@ -110,7 +121,7 @@ def test_every_block_draw_runs_or_is_refused_by_our_own_error(draw):
     ran = []
     for name, child in module.named_modules():
         if name:  # a child running means compute started
-            child.register_forward_pre_hook(lambda *_: ran.append(name))
+            child.register_forward_pre_hook(lambda *_, name=name: ran.append(name))
     try:
         out = call(module)
     except CpcbmError as error:

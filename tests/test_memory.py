@@ -13,8 +13,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from cpcbm_blocks import InputError, LevelSpec, MidSpec, UNet3D, UNetSpec, attention_backend, shape_checks
 from cpcbm_blocks.layout import Section
 from cpcbm_blocks.measure import held_for_backward, malloc_bytes_in_use, peak_rss_bytes
-from cpcbm_blocks.memory import (CPU_ATTENTION_FLOP_FORMULAS, DEVICES, MemoryPlan, _conditions, memory_plan,
-                                 onednn_scratch_bytes)
+from cpcbm_blocks.memory import (
+    CPU_ATTENTION_FLOP_FORMULAS,
+    DEVICES,
+    MemoryPlan,
+    _conditions,
+    memory_plan,
+    onednn_scratch_bytes,
+)
 
 from .conftest import randomize_
 

@@ -160,6 +160,7 @@ class MultiHeadSelfAttention3D(nn.Module):
     @shape_checked
     def forward(self, x: Float[Tensor, "b {self.channels} d h w"]) -> Float[Tensor, "b {self.channels} d h w"]:
         _, _, d, h, w = x.shape
+        self.norm.check_input(x)
         tokens = rearrange(self.norm(x), "b c d h w -> b (d h w) c")
         q, k, v = rearrange(self.qkv(tokens), "b n (three heads e) -> three b heads n e", three=3, heads=self.num_heads)
         out = rearrange(attention(q, k, v, upcast=self.upcast), "b heads n e -> b n (heads e)")

@@ -306,7 +306,11 @@ def _transposed_input_grad(grad_out: Tensor, x: Tensor | None, weight: Tensor, c
 
 
 class Conv3d(nn.Conv3d):
-    """`nn.Conv3d` ("same" padding by default) with exact 2-D fast paths (see the module docs)."""
+    """`nn.Conv3d` ("same" padding by default) with exact 2-D fast paths (see the module docs).
+
+    Unlike `nn.Conv3d` it takes batched `(B, C, D, H, W)` input only (its contract refuses an unbatched
+    4-D one), and checks its input's dtype and device against its weights before any compute.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, *, kernel_size: tuple[int, int, int],
                  stride: tuple[int, int, int] = (1, 1, 1), bias: bool = True) -> None:

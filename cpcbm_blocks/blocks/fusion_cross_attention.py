@@ -60,6 +60,7 @@ class CrossAttentionFusion3D(nn.Module):
     def forward(self, x: Float[Tensor, "b {self.channels} d h w"], context: Float[Tensor, "b m {self.context_channels}"],
                 context_mask: Bool[Tensor, "b m"]) -> Float[Tensor, "b {self.channels} d h w"]:
         _, _, d, h, w = x.shape
+        self.norm.check_input(x)
         q = rearrange(self.to_q(rearrange(self.norm(x), "b c d h w -> b (d h w) c")),
                       "b n (heads e) -> b heads n e", heads=self.num_heads)
         k, v = rearrange(self.to_kv(self.context_norm(context)), "b m (two heads e) -> two b heads m e",

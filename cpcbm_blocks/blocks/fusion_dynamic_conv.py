@@ -96,6 +96,7 @@ class DynamicConvFusion3D(nn.Module):
         # is saved for backward as its recipe: the norm, the 1x1x1 FiLM maps (cheap per output) and
         # the modulated u are remade one at a time when backward needs them; with `products=True`
         # (a checkpointed level) u is a recipe too, run once in backward.
+        self.norm.check_input(x)
         u = recomputable_product(self.dynamic_conv, recomputable(self.norm, x), self.routing(condition))
         # γ and β as two recipes (the halves of the FiLM convolution): the backward of the modulation
         # needs γ alone, so only γ is remade for it, and their gradients are never one 2C-channel tensor.

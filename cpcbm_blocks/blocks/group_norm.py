@@ -10,6 +10,7 @@ its plan; this is the same check for a block used on its own.
 import math
 from collections.abc import Sequence
 
+from jaxtyping import Float
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
@@ -30,7 +31,12 @@ class GroupNorm(nn.GroupNorm):
                              f"groups on a {'x'.join(map(str, volume))} volume, which GroupNorm would normalise to 0. "
                              "Use a larger volume, or fewer groups.")
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not is_fx_symbolic_tracing():  # symbolic sizes while fx traces
+    def check_input(self, x: Tensor) -> None:
+        """`check` on `x`'s channels and volume; nothing while fx traces (its sizes are symbolic). Blocks call it
+        first thing in `forward`, so the refusal comes before any compute."""
+        if not is_fx_symbolic_tracing():
             self.check(x.shape[1], x.shape[2:])
+
+    def forward(self, x: Float[Tensor, "b c *volume"]) -> Float[Tensor, "b c *volume"]:
+        self.check_input(x)
         return super().forward(x)

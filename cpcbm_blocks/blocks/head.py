@@ -39,4 +39,5 @@ class OutputHead(nn.Module):
 
     @shape_checked
     def forward(self, x: Float[Tensor, "b {self.in_channels} d h w"]) -> Float[Tensor, "b {self.out_channels} d h w"]:
+        self.norm.check_input(x)
         return self.conv(self.act(self.norm(x)))

@@ -98,10 +98,10 @@ class ResBlock3D(nn.Module):
         # Inside `rematerialized_saves()` (how UNet3D trains) the norms' and activations' outputs are
         # saved for backward as their recipes, so this block holds only x and conv1's output; with
         # `products=True` (a checkpointed level) conv1's output is a recipe too, run once in backward.
-        parts = self._input_parts(x, skip)
-        if not torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # before the residual's compute starts
+        if not torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # before any compute starts
             self.norm1.check(self.in_channels, x.shape[2:])
             self.norm2.check(self.out_channels, x.shape[2:])
+        parts = self._input_parts(x, skip)
         if (emb is None) != (self.emb_proj is None):
             raise InputError(f"emb: expected {'no embedding' if self.emb_proj is None else 'a timestep embedding'} "
                              f"(emb_channels={self.emb_channels}), got {'None' if emb is None else tuple(emb.shape)}. "
