@@ -123,6 +123,11 @@ def _first_line(where: str, error: TypeCheckError, owner: object | None) -> str:
     informative = "tensor(" not in reason and "<protocol" not in reason and "<class" not in reason
     actual_text = actual.group(1).removesuffix("(torch)")
     because = f" ({reason})" if informative else ""
+    # a size the block was built without (emb_channels=None, say): the argument can only be None
+    unset = [m.group(1) for m in _SELF_FIELD.finditer(expected.group(1))
+             if owner is not None and hasattr(owner, m.group(1)) and getattr(owner, m.group(1)) is None]
+    if unset:
+        because += f" (this block was built with {unset[0]}=None, so {subject} must be None)"
     return f"{where}: {subject}: expected {annotation}{bound}, got {actual_text}{because}"
 
 

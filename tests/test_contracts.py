@@ -165,3 +165,10 @@ def test_mixed_precision_with_float32_norms_and_any_autocast_input_dtype_is_acce
         with pytest.raises(InputError, match=r"got torch.float64\. Convert it with x.to\(torch.float32\), cast the "
                                              r"model with model.to\(torch.float64\)\.$"):
             plain(volume(torch.float64), torch.randn(B, 4))
+
+
+def test_an_argument_the_block_was_built_without_is_named_as_one_to_leave_out():
+    block = ResBlock3D(in_channels=C, out_channels=C, emb_channels=None, num_groups=4)
+    with pytest.raises(ShapeContractError, match=r"^ResBlock3D.forward: emb: expected .* got f32\[2,4\] \(this block was "
+                                                 r"built with emb_channels=None, so emb must be None\)"):
+        block(volume(), torch.randn(B, 4))
