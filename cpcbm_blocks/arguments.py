@@ -4,7 +4,8 @@ A block built directly (`ResBlock3D(..., kernel_size=3)`) must refuse a bad argu
 the spec does (`LevelSpec(stride=2)`), before any module exists: otherwise the mistake surfaces as
 `'int' object is not iterable`, `integer modulo by zero` or a size mismatch deep inside torch at the
 first forward. Every helper raises [`SpecError`][cpcbm_blocks.errors.SpecError] naming the argument,
-the expected and the actual value, and what to do.
+the expected and the actual value, and what to do; those that also check a call's arguments take
+`error=InputError`.
 """
 
 import math
@@ -13,7 +14,7 @@ from collections.abc import Sequence, Set
 from enum import Enum
 from typing import Any, TypeVar
 
-from cpcbm_blocks.errors import SpecError
+from cpcbm_blocks.errors import CpcbmError, SpecError
 
 __all__ = ["Triple", "as_enum", "as_ints", "as_level_numbers", "as_triple", "check_bool", "check_counts", "check_int",
            "check_number", "fail"]
@@ -23,8 +24,9 @@ Triple = tuple[int, int, int]
 E = TypeVar("E", bound=Enum)
 
 
-def fail(where: str, expected: str, actual: Any, fix: str) -> SpecError:
-    return SpecError(f"{where}: expected {expected}, got {actual!r}. {fix}")
+def fail(where: str, expected: str, actual: Any, fix: str, *, error: type[CpcbmError] = SpecError) -> CpcbmError:
+    """The error to raise: a `SpecError` for a constructor argument, or e.g. `InputError` for a call's."""
+    return error(f"{where}: expected {expected}, got {actual!r}. {fix}")
 
 
 def check_int(where: str, value: Any, *, minimum: int) -> int:
@@ -36,10 +38,10 @@ def check_int(where: str, value: Any, *, minimum: int) -> int:
     return int(value)
 
 
-def check_bool(where: str, value: Any) -> bool:
+def check_bool(where: str, value: Any, *, error: type[CpcbmError] = SpecError) -> bool:
     """`value` itself, if it is a bool (a string such as "no" would otherwise read as True)."""
     if not isinstance(value, bool):
-        raise fail(where, "True or False", value, "Pass a bool.")
+        raise fail(where, "True or False", value, "Pass a bool.", error=error)
     return value
 
 
@@ -70,13 +72,13 @@ def as_triple(where: str, value: Any, *, odd: bool = False) -> Triple:
     return (int(value[0]), int(value[1]), int(value[2]))
 
 
-def as_enum(where: str, value: Any, kind: type[E]) -> E:
+def as_enum(where: str, value: Any, kind: type[E], *, error: type[CpcbmError] = SpecError) -> E:
     """`value` as a member of the enum `kind` (a member or its value)."""
     try:
         return kind(value)
     except ValueError:
         choices = ", ".join(repr(member.value) for member in kind)
-        raise fail(where, f"one of {choices}", value, "Pick one of the listed values.") from None
+        raise fail(where, f"one of {choices}", value, "Pick one of the listed values.", error=error) from None
 
 
 def as_ints(where: str, value: Any, *, minimum: int) -> tuple[int, ...]:

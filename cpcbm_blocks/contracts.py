@@ -40,6 +40,7 @@ from beartype.roar import BeartypeCallHintViolation
 from jaxtyping import Float, TypeCheckError, jaxtyped
 from torch import nn
 
+from cpcbm_blocks.arguments import check_bool
 from cpcbm_blocks.errors import InputError, ShapeContractError
 
 __all__ = ["CHECKS_AT_IMPORT", "check_device_and_dtype", "checks_active", "set_shape_checks", "shape_checked",
@@ -65,13 +66,8 @@ def set_shape_checks(enabled: bool) -> None:
 
     Has no effect when the package was imported with `CPCBM_SHAPE_CHECKS=0`: then no check exists.
     """
-    _switch.enabled = _as_bool("set_shape_checks", enabled)
-
-
-def _as_bool(where: str, enabled: object) -> bool:
-    if not isinstance(enabled, bool):  # bool("false") is True: a string would silently leave checks on
-        raise InputError(f"{where}: enabled: expected True or False, got {enabled!r}. Pass a bool.")
-    return enabled
+    # strictly a bool: bool("false") is True, so a string would silently leave the checks on
+    _switch.enabled = check_bool("set_shape_checks: enabled", enabled, error=InputError)
 
 
 @contextmanager
@@ -84,7 +80,7 @@ def shape_checks(enabled: bool) -> Iterator[None]:
     ```
     """
     before = _switch.enabled
-    _switch.enabled = _as_bool("shape_checks", enabled)
+    _switch.enabled = check_bool("shape_checks: enabled", enabled, error=InputError)
     try:
         yield
     finally:
@@ -227,8 +223,9 @@ def check_device_and_dtype(name: str, value: torch.Tensor, *, like: torch.Tensor
     """Refuse a floating-point input that is not on the device of the weights `like`, or not of their dtype.
 
     `also` adds dtypes to accept (those of a block's other weights). Under `torch.autocast` for that
-    device, every floating dtype but float64 is accepted too: autocast casts them per operation. Without this check, torch fails deep inside the first layer ("mat1 and
-    mat2 must have the same dtype", "Input type (double) and bias type (float) should be the same").
+    device, every floating dtype but float64 is accepted too: autocast casts them per operation.
+    Without this check, torch fails deep inside the first layer ("mat1 and mat2 must have the same
+    dtype", "Input type (double) and bias type (float) should be the same").
     `where` (a block's method, say) prefixes the message.
     """
     prefix = f"{where}: " if where else ""

@@ -27,7 +27,6 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from cpcbm_blocks.blocks.conv import Conv3d, conv3d
 from cpcbm_blocks.blocks.embedding import sinusoidal_embedding, timesteps_to_batch
-from cpcbm_blocks.blocks.group_norm import GroupNorm
 from cpcbm_blocks.blocks.upsample_conv import upsample_conv3d
 from cpcbm_blocks.layout import Op, Section
 from cpcbm_blocks.plan import Plan, Transition
@@ -246,10 +245,10 @@ def _opaque_functions(module: nn.Module) -> Iterator[None]:
 
 
 class _BlockTracer(torch.fx.Tracer):
-    """Stops at our `Conv3d` and `GroupNorm` (a fast path and an input check: implementation details, not data flow)."""
+    """Stops at our `Conv3d` (its 2-D fast path is an implementation detail, not data flow)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (Conv3d, GroupNorm)) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, Conv3d) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _tensor_shapes(meta: Any) -> list[tuple[int, ...]]:

@@ -69,6 +69,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
 
+from cpcbm_blocks.arguments import as_enum
 from cpcbm_blocks.blocks import conv_weight_grad
 from cpcbm_blocks.blocks.attention import AttentionBackend
 from cpcbm_blocks.blocks.attention import attention_backend as use_attention_backend
@@ -676,15 +677,6 @@ def _check_levels(spec: UNetSpec, levels: Iterable[int]) -> tuple[int, ...]:
     return levels
 
 
-def _check_backend(backend: AttentionBackend | str) -> AttentionBackend:
-    try:
-        return AttentionBackend(backend)
-    except ValueError:
-        choices = ", ".join(repr(b.value) for b in AttentionBackend)
-        raise InputError(f"attention_backend: expected one of {choices}, got {backend!r}. "
-                         "Pass attention_backend='sdpa' (fused) or 'naive' (materialises the scores).") from None
-
-
 def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "fp32", device: str = "cpu",
                 checkpoint_levels: Iterable[int] = (), checkpoint_mid: bool = False, checkpoint_conditions: bool = False,
                 selective: bool = True, attention_backend: AttentionBackend | str = AttentionBackend.SDPA, text_tokens: int = 77) -> MemoryPlan:
@@ -724,7 +716,7 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     if device not in DEVICES:
         raise InputError(f"device: expected one of {list(DEVICES)}, got {device!r}. "
                          "Use device='cuda' to plan a GPU step.")
-    backend = _check_backend(attention_backend)
+    backend = as_enum("attention_backend", attention_backend, AttentionBackend, error=InputError)
     if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 1:
         raise InputError(f"text_tokens: expected a positive number of tokens per text condition, got {text_tokens!r}. "
                          "Pass e.g. text_tokens=77 (CLIP's context length).")

@@ -149,8 +149,8 @@ def test_a_block_refuses_a_map_that_leaves_one_value_per_group_norm_group(block,
     # torch raises only in training with a batch of 1; otherwise GroupNorm returns zeros in silence
     build, call = ONE_CHANNEL_PER_GROUP[block]
     module = build().train(training)
-    with pytest.raises(InputError, match=r"GroupNorm: x: expected at least 2 values per group and sample .* got 1: "
-                                         rf"{C} channels in {C} groups on a 1x1x1 volume"):
+    with pytest.raises(InputError, match=rf"{block}.forward: x: expected at least 2 values per GroupNorm group and "
+                                         rf"sample .* got 1: {C} channels in {C} groups on a 1x1x1 volume"):
         call(module, torch.randn(batch, C, 1, 1, 1))
     assert call(module, torch.randn(batch, C, 1, 1, 2)).shape[2:] == (1, 1, 2)  # 2 values per group: fine
 

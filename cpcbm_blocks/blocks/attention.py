@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from cpcbm_blocks.arguments import check_bool, check_counts
 from cpcbm_blocks.blocks.conv import zero_init
-from cpcbm_blocks.blocks.group_norm import GroupNorm
+from cpcbm_blocks.blocks.group_norm import check_group_norm_input
 from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.spec import check_channel_multiple
@@ -153,14 +153,14 @@ class MultiHeadSelfAttention3D(nn.Module):
         self.head_channels = head_channels
         self.upcast = upcast
         self.num_heads = channels // head_channels
-        self.norm = GroupNorm(num_groups, channels)
+        self.norm = nn.GroupNorm(num_groups, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj_out = zero_init(nn.Linear(channels, channels))
 
     @shape_checked
     def forward(self, x: Float[Tensor, "b {self.channels} d h w"]) -> Float[Tensor, "b {self.channels} d h w"]:
         _, _, d, h, w = x.shape
-        self.norm.check_input(x)
+        check_group_norm_input("MultiHeadSelfAttention3D.forward", self.norm, x)
         tokens = rearrange(self.norm(x), "b c d h w -> b (d h w) c")
         q, k, v = rearrange(self.qkv(tokens), "b n (three heads e) -> three b heads n e", three=3, heads=self.num_heads)
         out = rearrange(attention(q, k, v, upcast=self.upcast), "b heads n e -> b n (heads e)")

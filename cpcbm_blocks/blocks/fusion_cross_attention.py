@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from cpcbm_blocks.arguments import check_bool, check_counts
 from cpcbm_blocks.blocks.attention import attention
-from cpcbm_blocks.blocks.group_norm import GroupNorm
+from cpcbm_blocks.blocks.group_norm import check_group_norm_input
 from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.spec import check_channel_multiple
 
@@ -49,7 +49,7 @@ class CrossAttentionFusion3D(nn.Module):
         self.upcast = upcast
         self.context_channels = context_channels
         self.num_heads = channels // head_channels
-        self.norm = GroupNorm(num_groups, channels)
+        self.norm = nn.GroupNorm(num_groups, channels)
         self.context_norm = nn.LayerNorm(context_channels)
         self.to_q = nn.Linear(channels, channels)
         self.to_kv = nn.Linear(context_channels, 2 * channels)
@@ -60,7 +60,7 @@ class CrossAttentionFusion3D(nn.Module):
     def forward(self, x: Float[Tensor, "b {self.channels} d h w"], context: Float[Tensor, "b m {self.context_channels}"],
                 context_mask: Bool[Tensor, "b m"]) -> Float[Tensor, "b {self.channels} d h w"]:
         _, _, d, h, w = x.shape
-        self.norm.check_input(x)
+        check_group_norm_input("CrossAttentionFusion3D.forward", self.norm, x)
         q = rearrange(self.to_q(rearrange(self.norm(x), "b c d h w -> b (d h w) c")),
                       "b n (heads e) -> b heads n e", heads=self.num_heads)
         k, v = rearrange(self.to_kv(self.context_norm(context)), "b m (two heads e) -> two b heads m e",

@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 from cpcbm_blocks.arguments import as_triple, check_counts, check_number
 from cpcbm_blocks.blocks.conv import Conv3d, conv3d
 from cpcbm_blocks.blocks.gated_residual import gated_residual
-from cpcbm_blocks.blocks.group_norm import GroupNorm
+from cpcbm_blocks.blocks.group_norm import check_group_norm_input
 from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.rematerialize import SavedApart, recomputable, recomputable_product, saves_apart
 from cpcbm_blocks.spec import check_channel_multiple
@@ -66,7 +66,7 @@ class DynamicConvFusion3D(nn.Module):
         self.num_experts = num_experts
         # a zero temperature divides the routing logits by zero (NaN output), a negative one inverts the routing
         self.temperature = check_number("DynamicConvFusion3D(temperature=...)", temperature, above=0)
-        self.norm = GroupNorm(num_groups, channels)
+        self.norm = nn.GroupNorm(num_groups, channels)
         self.experts = nn.Parameter(torch.empty(num_experts, channels, channels, *kernel_size))
         self.expert_bias = nn.Parameter(torch.zeros(num_experts, channels))
         fan_in = channels * math.prod(kernel_size)
@@ -96,7 +96,7 @@ class DynamicConvFusion3D(nn.Module):
         # is saved for backward as its recipe: the norm, the 1x1x1 FiLM maps (cheap per output) and
         # the modulated u are remade one at a time when backward needs them; with `products=True`
         # (a checkpointed level) u is a recipe too, run once in backward.
-        self.norm.check_input(x)
+        check_group_norm_input("DynamicConvFusion3D.forward", self.norm, x)
         u = recomputable_product(self.dynamic_conv, recomputable(self.norm, x), self.routing(condition))
         # γ and β as two recipes (the halves of the FiLM convolution): the backward of the modulation
         # needs γ alone, so only γ is remade for it, and their gradients are never one 2C-channel tensor.

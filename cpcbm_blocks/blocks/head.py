@@ -5,7 +5,7 @@ from torch import Tensor, nn
 
 from cpcbm_blocks.arguments import as_triple, check_counts
 from cpcbm_blocks.blocks.conv import Conv3d, zero_init
-from cpcbm_blocks.blocks.group_norm import GroupNorm
+from cpcbm_blocks.blocks.group_norm import check_group_norm_input
 from cpcbm_blocks.contracts import shape_checked
 from cpcbm_blocks.spec import check_channel_multiple
 
@@ -33,11 +33,11 @@ class OutputHead(nn.Module):
         check_channel_multiple("OutputHead(in_channels=...)", in_channels, of=num_groups, of_name="num_groups")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.norm = GroupNorm(num_groups, in_channels)
+        self.norm = nn.GroupNorm(num_groups, in_channels)
         self.act = nn.SiLU()
         self.conv = zero_init(Conv3d(in_channels, out_channels, kernel_size=kernel_size))
 
     @shape_checked
     def forward(self, x: Float[Tensor, "b {self.in_channels} d h w"]) -> Float[Tensor, "b {self.out_channels} d h w"]:
-        self.norm.check_input(x)
+        check_group_norm_input("OutputHead.forward", self.norm, x)
         return self.conv(self.act(self.norm(x)))

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from cpcbm_blocks.arguments import as_enum, as_triple, check_counts, check_number
 from cpcbm_blocks.blocks.conv import Conv3d, conv3d, zero_init
-from cpcbm_blocks.blocks.group_norm import GroupNorm
+from cpcbm_blocks.blocks.group_norm import check_group_norm_input
 from cpcbm_blocks.contracts import checks_active, shape_checked
 from cpcbm_blocks.errors import InputError, ShapeContractError
 from cpcbm_blocks.rematerialize import recomputable, recomputable_product
@@ -81,11 +81,11 @@ class ResBlock3D(nn.Module):
         self.emb_channels = emb_channels
         self.timestep_injection = as_enum("ResBlock3D(timestep_injection=...)", timestep_injection, TimestepInjection)
         scale_shift = self.timestep_injection is TimestepInjection.SCALE_SHIFT
-        self.norm1 = GroupNorm(num_groups, in_channels)
+        self.norm1 = nn.GroupNorm(num_groups, in_channels)
         self.conv1 = Conv3d(in_channels, out_channels, kernel_size=kernel_size)
         self.emb_proj = (None if emb_channels is None else
                          nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels * (2 if scale_shift else 1))))
-        self.norm2 = GroupNorm(num_groups, out_channels)
+        self.norm2 = nn.GroupNorm(num_groups, out_channels)
         self.act = nn.SiLU()
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(Conv3d(out_channels, out_channels, kernel_size=kernel_size))
@@ -98,9 +98,9 @@ class ResBlock3D(nn.Module):
         # Inside `rematerialized_saves()` (how UNet3D trains) the norms' and activations' outputs are
         # saved for backward as their recipes, so this block holds only x and conv1's output; with
         # `products=True` (a checkpointed level) conv1's output is a recipe too, run once in backward.
-        if not torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # before any compute starts
-            self.norm1.check(self.in_channels, x.shape[2:])
-            self.norm2.check(self.out_channels, x.shape[2:])
+        # before any compute starts (the residual runs first); x may carry only part of in_channels
+        check_group_norm_input("ResBlock3D.forward", self.norm1, x, channels=self.in_channels)
+        check_group_norm_input("ResBlock3D.forward", self.norm2, x, channels=self.out_channels)
         parts = self._input_parts(x, skip)
         if (emb is None) != (self.emb_proj is None):
             raise InputError(f"emb: expected {'no embedding' if self.emb_proj is None else 'a timestep embedding'} "
