@@ -10,7 +10,7 @@ the expected and the actual value, and what to do; those that also check a call'
 
 import math
 import numbers
-from collections.abc import Sequence, Set
+from collections.abc import Iterable, Sequence, Set
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -89,13 +89,19 @@ def as_ints(where: str, value: Any, *, minimum: int) -> tuple[int, ...]:
     return tuple(check_int(f"{where}[{i}]", item, minimum=minimum) for i, item in enumerate(value))
 
 
-def as_level_numbers(where: str, value: Any, *, levels: int) -> tuple[int, ...]:
-    """1-based level numbers in `1..levels` (a tuple, list or set), as a sorted tuple; an empty one selects none."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, Set)) or any(
-            isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= levels for n in value):
-        raise fail(where, f"a tuple of 1-based level numbers in 1..{levels}", value,
-                   f"Levels are numbered from 1 (shallowest); pass a tuple such as {(levels,)}.")
-    return tuple(sorted(int(n) for n in value))
+def as_level_numbers(where: str, value: Any, *, levels: int, error: type[CpcbmError] = SpecError) -> tuple[int, ...]:
+    """1-based level numbers in `1..levels` (a tuple, list, set, range or other iterable of ints), as a
+    sorted tuple without repeats; an empty one selects none."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        numbers_given = None
+    else:
+        numbers_given = value if isinstance(value, (Sequence, Set)) else tuple(value)  # a generator is read once
+    if numbers_given is None or any(
+            isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= levels for n in numbers_given):
+        raise fail(where, f"a tuple of 1-based level numbers in 1..{levels}", value if numbers_given is None
+                   else numbers_given, f"Levels are numbered from 1 (shallowest); pass a tuple such as {(levels,)}, "
+                   f"or range(1, {levels + 1}) for all of them.", error=error)
+    return tuple(sorted({int(n) for n in numbers_given}))
 
 
 def check_counts(block: str, **counts: Any) -> None:

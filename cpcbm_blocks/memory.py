@@ -69,7 +69,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
 
-from cpcbm_blocks.arguments import as_enum
+from cpcbm_blocks.arguments import as_enum, as_level_numbers, check_bool
 from cpcbm_blocks.blocks import conv_weight_grad
 from cpcbm_blocks.blocks.attention import AttentionBackend
 from cpcbm_blocks.blocks.attention import attention_backend as use_attention_backend
@@ -665,18 +665,6 @@ def _conditions(spec: UNetSpec, input_shape: tuple[int, ...], dtype: torch.dtype
     return conditions
 
 
-def _check_levels(spec: UNetSpec, levels: Iterable[int]) -> tuple[int, ...]:
-    if isinstance(levels, str) or not isinstance(levels, Iterable):
-        raise InputError(f"checkpoint_levels: expected a tuple of level numbers in 1..{len(spec.levels)} "
-                         f"(1 = shallowest), got {levels!r}. Pass a tuple such as checkpoint_levels=(1, 2), "
-                         "or (1,) for one level.")
-    levels = tuple(sorted(set(levels)))
-    if any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= len(spec.levels) for v in levels):
-        raise InputError(f"checkpoint_levels: expected level numbers in 1..{len(spec.levels)} (1 = shallowest), "
-                         f"got {levels!r}. Pass e.g. checkpoint_levels=(1, 2).")
-    return levels
-
-
 def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "fp32", device: str = "cpu",
                 checkpoint_levels: Iterable[int] = (), checkpoint_mid: bool = False, checkpoint_conditions: bool = False,
                 selective: bool = True, attention_backend: AttentionBackend | str = AttentionBackend.SDPA, text_tokens: int = 77) -> MemoryPlan:
@@ -721,13 +709,16 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
         raise InputError(f"text_tokens: expected a positive number of tokens per text condition, got {text_tokens!r}. "
                          "Pass e.g. text_tokens=77 (CLIP's context length).")
     expected = plan(spec, tuple(input_shape))
-    levels = _check_levels(spec, checkpoint_levels)
+    levels = as_level_numbers("memory_plan(checkpoint_levels=...)", checkpoint_levels, levels=len(spec.levels),
+                              error=InputError)
+    for name, value in (("checkpoint_mid", checkpoint_mid), ("checkpoint_conditions", checkpoint_conditions),
+                        ("selective", selective)):
+        check_bool(f"memory_plan({name}=...)", value, error=InputError)
     started = time.perf_counter()
     torch_dtype = DTYPES[dtype]
     with torch.device("meta"):
         model = UNet3D(spec).to(torch_dtype).set_gradient_checkpointing(
-            levels=levels, mid=bool(checkpoint_mid), conditions=bool(checkpoint_conditions),
-            selective=bool(selective))
+            levels=levels, mid=checkpoint_mid, conditions=checkpoint_conditions, selective=selective)
         x = torch.empty(expected.input_shape, dtype=torch_dtype)
         t = torch.empty(expected.input_shape[0])
         target = torch.empty(expected.output_shape, dtype=torch_dtype)
@@ -797,7 +788,7 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     return MemoryPlan(
         spec=spec, input_shape=expected.input_shape, dtype=dtype, device=device, attention_backend=backend,
         checkpoint_levels=levels,
-        checkpoint_mid=bool(checkpoint_mid), checkpoint_conditions=bool(checkpoint_conditions), selective=bool(selective),
+        checkpoint_mid=checkpoint_mid, checkpoint_conditions=checkpoint_conditions, selective=selective,
         text_tokens=text_tokens, steps=tuple(costs), parameter_count=sum(p.numel() for p in parameters),
         embedding_parameters=sum(p.numel() for p in parameters) - sum(params_by_key.values()),
         parameter_bytes=parameter_bytes, gradient_bytes=gradient_bytes, optimizer_bytes=optimizer_bytes,

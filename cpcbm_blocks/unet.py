@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from cpcbm_blocks import checkpoint
+from cpcbm_blocks.arguments import as_level_numbers, check_bool
 from cpcbm_blocks.blocks.embedding import TimestepEmbedding, timesteps_to_batch
 from cpcbm_blocks.build import build_blocks
 from cpcbm_blocks.conditioning import ConditionEncoder, EncodedConditions, validate_conditions
@@ -113,15 +114,10 @@ class UNet3D(nn.Module):
         tables measure both); `selective=False` holds every saved tensor, as plain PyTorch does. It
         applies to eager training, not under `torch.compile`, whose partitioner makes that choice itself.
         """
-        levels = tuple(levels)
-        number_of_levels = len(self.spec.levels)
-        for level in levels:
-            if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= number_of_levels:
-                raise InputError(f"levels: expected level numbers in 1..{number_of_levels} (1 = shallowest), got "
-                                 f"{levels!r}. Pass e.g. levels=(1, 2) or levels=range(1, {number_of_levels + 1}).")
+        levels = as_level_numbers("UNet3D.set_gradient_checkpointing(levels=...)", levels, levels=len(self.spec.levels),
+                                  error=InputError)
         for name, value in (("mid", mid), ("conditions", conditions), ("selective", selective)):
-            if not isinstance(value, bool):
-                raise InputError(f"{name}: expected True or False, got {value!r}. Pass {name}=True or {name}=False.")
+            check_bool(f"UNet3D.set_gradient_checkpointing({name}=...)", value, error=InputError)
         self._checkpoint_conditions = conditions
         self._selective = selective
         self._checkpointed = frozenset(position for position, step in enumerate(self.steps)

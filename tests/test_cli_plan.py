@@ -25,7 +25,7 @@ def test_plan_json_with_checkpointing_naive_attention_and_a_memory_budget(capsys
 
 def test_plan_rejects_a_level_that_does_not_exist(capsys):
     assert main(["plan", "--checkpoint-levels", "7"]) == 2
-    assert "checkpoint_levels: expected level numbers in 1..4" in capsys.readouterr().err
+    assert "checkpoint_levels=...): expected a tuple of 1-based level numbers in 1..4, got (7,)" in capsys.readouterr().err
 
 
 def test_plan_without_selective_recomputation_holds_more(capsys):

@@ -319,13 +319,16 @@ def test_a_small_volume_peaks_in_the_adam_update():
 def test_bad_arguments_are_rejected_with_what_to_do():
     with pytest.raises(InputError, match="dtype: expected one of"):
         memory_plan(UNetSpec.default(), (1, 1, 8, 64, 64), dtype="fp8")
-    with pytest.raises(InputError, match="checkpoint_levels: expected level numbers in 1..4"):
+    with pytest.raises(InputError, match=r"memory_plan\(checkpoint_levels=\.\.\.\): expected a tuple of 1-based level "
+                                         r"numbers in 1\.\.4, got \(5,\)"):
         memory_plan(UNetSpec.default(), (1, 1, 8, 64, 64), checkpoint_levels=(5,))
     with pytest.raises(InputError, match="x: expected width to be a multiple of 16"):
         memory_plan(UNetSpec.default(), (1, 1, 8, 64, 60))
-    with pytest.raises(InputError, match=r"checkpoint_levels: expected a tuple .* got 1\. Pass a tuple such as "
-                                         r"checkpoint_levels=\(1, 2\)"):
+    with pytest.raises(InputError, match=r"checkpoint_levels=\.\.\.\): expected a tuple .* got 1\. .*pass a tuple such as "
+                                         r"\(4,\), or range\(1, 5\) for all of them"):
         memory_plan(UNetSpec.default(), (1, 1, 8, 64, 64), checkpoint_levels=1)
+    with pytest.raises(InputError, match=r"memory_plan\(checkpoint_mid=\.\.\.\): expected True or False, got 'no'"):
+        memory_plan(UNetSpec.default(), (1, 1, 8, 64, 64), checkpoint_mid="no")
     with pytest.raises(InputError, match="attention_backend: expected one of 'sdpa', 'naive', got 'flash'"):
         memory_plan(UNetSpec.default(), (1, 1, 8, 64, 64), attention_backend="flash")
     with pytest.raises(InputError, match="text_tokens: expected a positive number of tokens .* got -5"):

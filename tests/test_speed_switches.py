@@ -65,10 +65,19 @@ def test_checkpointed_steps_really_recompute_in_backward(tiny_spec):
 
 
 def test_checkpointing_rejects_levels_that_do_not_exist(tiny_spec):
-    with pytest.raises(InputError, match=r"levels: expected level numbers in 1..2"):
+    with pytest.raises(InputError, match=r"set_gradient_checkpointing\(levels=\.\.\.\): expected a tuple of 1-based "
+                                         r"level numbers in 1\.\.2, got \(3,\)"):
         UNet3D(tiny_spec).set_gradient_checkpointing(levels=(3,))
-    with pytest.raises(InputError, match="mid: expected True or False"):
+    with pytest.raises(InputError, match=r"got \(0, 1\)"):  # a generator is shown as the numbers it gave
+        UNet3D(tiny_spec).set_gradient_checkpointing(levels=(n for n in (0, 1)))
+    with pytest.raises(InputError, match=r"set_gradient_checkpointing\(mid=\.\.\.\): expected True or False"):
         UNet3D(tiny_spec).set_gradient_checkpointing(mid="yes")
+
+
+def test_checkpointing_takes_levels_as_any_iterable_of_ints(tiny_spec):
+    model = UNet3D(tiny_spec)
+    for levels in ((2, 1), [1, 2], {1, 2}, range(1, 3), (n for n in (1, 2, 2))):
+        assert model.set_gradient_checkpointing(levels=levels).gradient_checkpointing == ((1, 2), False)
 
 
 def test_a_channels_last_model_and_input_give_the_same_outputs_and_gradients(tiny_spec):
