@@ -5,15 +5,22 @@
    default) and with full checkpointing (every level, the middle); and the activations held for
    backward, measured as what glibc malloc holds after a forward with grad minus after one without.
 2. Peak memory of a full training step with Adam, each variant in a FRESH process over three steps
-   (`--peak-steps`; read after each, since under glibc's default it can keep growing),
-   under glibc's default malloc and under a fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_=65536`, which
-   hands every freed tensor back to the system): the peak RSS (`VmHWM`; not `ru_maxrss`, which a child inherits
-   from its parent: see `peak_rss_bytes`), the RSS before the model was built
-   (torch and Python alone), and the most malloc had handed out at once (`mallinfo2`, sampled every
-   millisecond; what the allocator merely keeps is not in it). The planner's prediction for the same
-   step stands beside them, made in the child after its steps, so that it plans the weight-gradient
-   forms the child measured fastest. The checkpointed variant also runs a third way: glibc's default
-   environment, with the fixed threshold set from Python (`cpcbm_blocks.malloc.return_freed_blocks()`).
+   (`--peak-steps`; read after each, since under glibc's default it can keep growing), under each
+   of glibc's settings in `MALLOC_SETTINGS`: the benchmarks' timing setting (`MALLOC_MMAP_MAX_=0`,
+   every freed block kept), glibc's default, and a fixed mmap threshold
+   (`MALLOC_MMAP_THRESHOLD_=65536`, which hands every freed tensor back to the system): the peak RSS
+   (`VmHWM`; not `ru_maxrss`, which a child inherits from its parent: see `peak_rss_bytes`), the RSS
+   before the model was built (torch and Python alone), and the most malloc had handed out at once
+   (`mallinfo2`, sampled every millisecond; what the allocator merely keeps is not in it). The
+   planner's prediction for the same step stands beside them, made in the child after its steps, so
+   that it plans the weight-gradient forms the child measured fastest. The checkpointed variant also
+   runs with glibc's default environment and the fixed threshold set from Python
+   (`cpcbm_blocks.malloc.return_freed_blocks()`).
+3. From the same children, what each setting costs in time and saves in memory: the median of two
+   more steps (`--timed-steps`, run after the malloc sampler has stopped), over the timing setting's, and the peak RSS over the fixed threshold's. A
+   setting cannot be changed back to glibc's default inside a process, so these are one fresh
+   process per setting, not alternating rounds: read them as the size of the trade, not to a few
+   percent.
 
     python benchmarks/bench_memory.py --time-size 128 --peak-size 256 --repeats 3 --peak-specs default,conditioned
 """
@@ -23,10 +30,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import torch
 
-from common import MALLOC_VARIABLES, alternate, median, save, setup, table
+from common import MALLOC_VARIABLES, TUNED_MALLOC, alternate, median, save, setup, table
 
 from cpcbm_blocks import UNet3D, UNetSpec, malloc
 from cpcbm_blocks.measure import PeakMallocSampler, held_for_backward, peak_rss_bytes, rss_bytes
@@ -44,13 +52,15 @@ SWITCHES = {  # name -> (UNet3D.set_gradient_checkpointing arguments, memory_pla
 }
 
 
-def child(size: int, switches: str, spec_name: str, malloc_call: str, steps: int) -> None:
-    """`steps` training steps with Adam in this fresh process; print peak RSS (after each step), malloc peak
-    and baselines as JSON.
+def child(size: int, switches: str, spec_name: str, malloc_call: str, steps: int, timed_steps: int) -> None:
+    """`steps` training steps with Adam in this fresh process, then `timed_steps` more; print peak RSS
+    (after each of the first), malloc peak, baselines and the later steps' times as JSON.
 
     `malloc_call` names a `cpcbm_blocks.malloc` function to call first ("-": none). The peak RSS is read
     after every step: the second holds Adam's state, and under glibc's default malloc the heap
-    fragments, so the peak can keep growing after that."""
+    fragments, so the peak can keep growing after that. The timed steps run after the malloc sampler
+    has stopped: its thread polls `mallinfo2`, which walks the heap's free lists, and slowed steps
+    under glibc's default by a fifth in a check at 128x128, under a fixed threshold far less."""
     if malloc_call != "-":
         getattr(malloc, malloc_call)()
     torch.set_num_threads(2)
@@ -62,20 +72,26 @@ def child(size: int, switches: str, spec_name: str, malloc_call: str, steps: int
     model = UNet3D(spec).set_gradient_checkpointing(**SWITCHES[switches][0])
     optimizer = torch.optim.Adam(model.parameters())
     x, target, t = torch.randn(shape), torch.randn(shape), torch.tensor([500])
+    def train_step() -> float:
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x, t, **conditions), target).backward()
+        optimizer.step()
+        return time.perf_counter() - started
+
     peak_by_step = []
     with PeakMallocSampler() as sampler:
         for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            torch.nn.functional.mse_loss(model(x, t, **conditions), target).backward()
-            optimizer.step()
+            train_step()
             peak_by_step.append(peak_rss_bytes())
     peak = peak_by_step[-1]
+    seconds_by_step = [train_step() for _ in range(timed_steps)]
     # Before the first step malloc held the parameters and the inputs, which the plan counts too.
     tensors_before = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         v.numel() * v.element_size() for v in (x, target, *conditions.values()))
     planned = memory_plan(spec, shape, text_tokens=TEXT_TOKENS, **SWITCHES[switches][1]).peak_bytes
     print(json.dumps({"baseline_rss": baseline, "peak_rss": peak, "peak_rss_by_step": peak_by_step,
-                      "planned_peak": planned,
+                      "seconds_by_step": seconds_by_step, "planned_peak": planned,
                       "malloc_peak_step": sampler.peak_bytes - sampler.start_bytes + tensors_before}))
 
 
@@ -88,12 +104,16 @@ def main() -> None:
     parser.add_argument("--skip-timing", action="store_true", help="only the fresh-process peak memory part")
     parser.add_argument("--peak-switches", default=",".join(SWITCHES),
                         help="comma-separated names of the variants whose peak to measure (default: all)")
-    parser.add_argument("--peak-steps", type=int, default=3, help="training steps per fresh process")
-    parser.add_argument("--child", nargs=5, metavar=("SIZE", "SWITCHES", "SPEC", "MALLOC_CALL", "STEPS"),
+    parser.add_argument("--peak-steps", type=int, default=3, help="training steps per fresh process, for the peak")
+    parser.add_argument("--timed-steps", type=int, default=2,
+                        help="training steps per fresh process after those, for the step time")
+    parser.add_argument("--peak-mallocs", default="",
+                        help="comma-separated names of the malloc settings to run (default: all; see MALLOC_SETTINGS)")
+    parser.add_argument("--child", nargs=6, metavar=("SIZE", "SWITCHES", "SPEC", "MALLOC_CALL", "STEPS", "TIMED_STEPS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(int(args.child[0]), args.child[1], args.child[2], args.child[3], int(args.child[4]))
+        child(int(args.child[0]), args.child[1], args.child[2], args.child[3], int(args.child[4]), int(args.child[5]))
         return
     env = setup()
     tables, data = {}, {}
@@ -132,33 +152,47 @@ def checkpointing_part(args):
     return text, {"shape": shape, "times": times, "held": held, "planned_saved": planned}
 
 
+TIMING_SETTING = "MALLOC_MMAP_MAX_=0 (the timing setting)"
+FIXED_THRESHOLD = "MALLOC_MMAP_THRESHOLD_=65536"
 MALLOC_SETTINGS = {  # name -> (environment, cpcbm_blocks.malloc function the child calls first, variants)
+    TIMING_SETTING: (TUNED_MALLOC, "-", None),
     "glibc default": ({}, "-", None),
-    "MALLOC_MMAP_THRESHOLD_=65536": ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "-", None),
+    FIXED_THRESHOLD: ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "-", None),
     "return_freed_blocks() in Python": ({}, "return_freed_blocks", ("checkpointing (every level + mid + conditions)",)),
 }
-"""glibc's default raises its mmap threshold as large blocks are freed (up to 32 MiB) and then keeps
-freed activations in its heap; a fixed threshold returns every block of 64 KiB or more on free. The
-third sets the same threshold from Python after start-up (`cpcbm_blocks.malloc`), for the variant
-that needs it most."""
+"""Every block from a heap that is kept (`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736`, what
+the other benchmarks time under); glibc's default, which raises its mmap threshold as large blocks
+are freed (up to 32 MiB) and then keeps freed activations in its heap; a fixed threshold, which
+returns every block of 64 KiB or more on free. The fourth sets the same threshold from Python after
+start-up (`cpcbm_blocks.malloc`), for the variant that needs it most."""
+
+
+def step_seconds(measured: dict) -> float:
+    """A child's step time: the median of its timed steps, which run after the measured ones (so after
+    Conv3d's first backward has timed its weight-gradient forms and Adam has made its state)."""
+    return median(measured["seconds_by_step"])
 
 
 def peak_part(args, tables, data):
     malloc_free_env = {k: v for k, v in os.environ.items() if k not in MALLOC_VARIABLES}
     rows, peaks = [], {}
     peak_shape = (1, 1, 8, args.peak_size, args.peak_size)
+    settings_run = args.peak_mallocs.split(",") if args.peak_mallocs else list(MALLOC_SETTINGS)
     for spec_name in args.peak_specs.split(","):
-        for setting, (settings, call, only) in MALLOC_SETTINGS.items():
+        for setting in settings_run:
+            environment, call, only = MALLOC_SETTINGS[setting]
             for name in args.peak_switches.split(","):
                 if only is not None and name not in only:
                     continue
                 result = subprocess.run([sys.executable, __file__, "--child", str(args.peak_size), name, spec_name, call,
-                                         str(args.peak_steps)],
-                                        env={**malloc_free_env, **settings}, capture_output=True, text=True, check=True)
+                                         str(args.peak_steps), str(args.timed_steps)],
+                                        env={**malloc_free_env, **environment}, capture_output=True, text=True,
+                                        check=True)
                 measured = json.loads(result.stdout.strip().splitlines()[-1])
                 planned = measured["planned_peak"]
                 net = measured["peak_rss"] - measured["baseline_rss"]
-                peaks[f"{spec_name}, {setting}, {name}"] = {**measured, "malloc": setting}
+                peaks[f"{spec_name}, {setting}, {name}"] = {**measured, "malloc": setting, "spec": spec_name,
+                                                            "variant": name}
                 by_step = " / ".join(f"{rss / 2**30:.2f}" for rss in measured["peak_rss_by_step"])
                 rows.append([f"UNetSpec.{spec_name}()", setting, name, measured["peak_rss"] / 2**30, by_step,
                              measured["baseline_rss"] / 2**30, net / 2**30, measured["malloc_peak_step"] / 2**30,
@@ -169,7 +203,27 @@ def peak_part(args, tables, data):
                   "malloc peak GiB", "planned peak GiB", "(RSS - before) / planned", "malloc peak / planned"], rows)
     print(f"\nPeak memory of {args.peak_steps} training steps with Adam at {peak_shape}, fresh process each:\n{text}")
     tables["peak_memory"] = text
+    tables["malloc_tradeoff"] = tradeoff_table(peaks)
+    print(f"\nWhat each malloc setting costs in time and saves in memory:\n{tables['malloc_tradeoff']}")
     data["peak_memory"] = {"shape": peak_shape, "steps": args.peak_steps, "peaks": peaks}
+
+
+def tradeoff_table(peaks: dict) -> str:
+    """Per spec and variant: each malloc setting's step time over the timing setting's, and its peak RSS
+    over the fixed threshold's, from the same fresh-process runs (one process per setting, so the times
+    are single runs of a few steps, not the alternating rounds of the other tables)."""
+    rows = []
+    for measured in peaks.values():
+        same = {m["malloc"]: m for m in peaks.values()
+                if (m["spec"], m["variant"]) == (measured["spec"], measured["variant"])}
+        fastest, smallest = same.get(TIMING_SETTING), same.get(FIXED_THRESHOLD)
+        rows.append([f"UNetSpec.{measured['spec']}()", measured["variant"], measured["malloc"],
+                     step_seconds(measured),
+                     "-" if fastest is None else step_seconds(measured) / step_seconds(fastest),
+                     measured["peak_rss"] / 2**30,
+                     "-" if smallest is None else measured["peak_rss"] / smallest["peak_rss"]])
+    return table(["spec", "variant", "malloc", "step s (timed steps, median)",
+                  "time / MALLOC_MMAP_MAX_=0", "peak RSS GiB", "peak RSS / fixed threshold"], rows)
 
 
 if __name__ == "__main__":

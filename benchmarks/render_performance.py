@@ -54,11 +54,13 @@ to the OS and page-faulting them back every step (faster and steadier steps, for
 RSS); set both in the environment before starting Python, or
 call `cpcbm_blocks.malloc.keep_freed_blocks()` in it.
 
-Peak memory is measured differently: each variant in a fresh process under glibc's default malloc
-and under a fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_=65536`), with the process's own
-high-water RSS (`VmHWM`; `ru_maxrss` would report the parent's), and beside it the most malloc had
-handed out at once. The memory planner (`cpcbm-blocks plan`) predicts the same figures before anything
-runs; the gap between its peak and the peak RSS is the process itself (Python and torch, measured
+Peak memory is measured differently: each variant in a fresh process under each glibc malloc
+setting (the timing setting above, glibc's default, and a fixed mmap threshold,
+`MALLOC_MMAP_THRESHOLD_=65536`), with the process's own high-water RSS (`VmHWM`; `ru_maxrss` would
+report the parent's), and beside it the most malloc had handed out at once. The same processes time
+their steps, which prices each setting in time as well as memory. The memory planner
+(`cpcbm-blocks plan`) predicts the same figures before anything runs; the gap between its peak and
+the peak RSS is the process itself (Python and torch, measured
 before the model) and what the allocator keeps.
 """
 
