@@ -25,6 +25,7 @@ SECTIONS = [
     ("shape_checks", "Cost of the shape checks", "bench_shape_checks.py"),
     ("conv_backward", "One convolution's gradients: 3-D vs depth taps vs matrix products", "bench_conv_backward.py"),
     ("memory", "Selective recomputation, checkpointing, peak memory and the planner", "bench_memory.py"),
+    ("malloc_thp", "Returning freed blocks, with and without transparent huge pages", "bench_malloc_thp.py"),
     ("attention", "Attention at the 32x32 level: fused SDPA vs naive", "bench_attention.py"),
     ("upsample", "Upsampling into level 1: sub-pixel form vs upsample-then-convolve", "bench_upsample.py"),
     ("conv_by_taps", "The output head's convolution: oneDNN vs one matrix product over taps", "bench_conv_by_taps.py"),
@@ -75,7 +76,9 @@ def main() -> None:
         env = result["env"]
         parts.append(f"## {title}\n")
         parts.append(f"`python benchmarks/{script}` — torch {env['torch']}, {env['threads']} threads, malloc "
-                     f"{env['malloc']}{', monai ' + env['monai'] if 'monai' in env else ''}, measured "
+                     f"{env['malloc']}{', monai ' + env['monai'] if 'monai' in env else ''}"
+                     f"{', transparent huge pages ' + env['transparent_hugepage'] if 'transparent_hugepage' in env else ''}"
+                     ", measured "
                      f"{env['started_utc']} UTC (`{env['command']}`).\n")
         for text in result["tables"].values():
             parts.append(text + "\n")

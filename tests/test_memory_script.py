@@ -5,8 +5,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_memory import (FIXED_THRESHOLD, MALLOC_SETTINGS, TIMING_SETTING, child, step_seconds,  # noqa: E402
-                          tradeoff_table)
+from bench_memory import FIXED_THRESHOLD, MALLOC_SETTINGS, TIMING_SETTING, child, step_seconds, tradeoff_table  # noqa: E402
 from common import TUNED_MALLOC  # noqa: E402
 
 
