@@ -18,7 +18,14 @@ default is poor at both:
 * [`return_freed_blocks()`][cpcbm_blocks.malloc.return_freed_blocks]: a fixed mmap threshold
   (`MALLOC_MMAP_THRESHOLD_=65536`): every block of 64 KiB or more is its own mapping, returned
   when freed, so the peak RSS follows the tensors (what `cpcbm-blocks plan` predicts) plus the
-  process; steps are slower than under the default, which keeps some blocks resident.
+  process; steps are slower than under the default, which keeps some blocks resident. PyTorch's
+  `THP_MEM_ALLOC_ENABLE=1`, set in the environment before Python starts, has those fresh mappings
+  fault in as 2 MiB transparent huge pages where the kernel allows them, which buys back part of the
+  time.
+
+The performance page's memory benchmark prices each setting in step time and peak RSS for each
+training mode (freed blocks kept, the fastest, also keeps most of what selective recomputation and
+checkpointing save resident), and `benchmarks/bench_malloc_thp.py` the huge pages.
 
 The environment variables do the same at start-up; these functions do it at any point of a running
 process, e.g. in a notebook whose kernel has started, and take effect for the allocations that
