@@ -29,12 +29,15 @@ def fail(where: str, expected: str, actual: Any, fix: str, *, error: type[CpcbmE
     return error(f"{where}: expected {expected}, got {actual!r}. {fix}")
 
 
-def check_int(where: str, value: Any, *, minimum: int) -> int:
-    """`value` as an int, if it is a whole number (an int or a NumPy integer, not a bool) of at least `minimum`."""
+def check_int(where: str, value: Any, *, minimum: int, error: type[CpcbmError] = SpecError,
+              fix: str | None = None) -> int:
+    """`value` as an int, if it is a whole number (an int or a NumPy integer, not a bool) of at least `minimum`.
+
+    `fix` replaces the generic advice (e.g. with an example value for this argument)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise fail(where, f"an int >= {minimum}", value, "Pass a whole number.")
+        raise fail(where, f"an int >= {minimum}", value, fix or "Pass a whole number.", error=error)
     if value < minimum:
-        raise fail(where, f"an int >= {minimum}", value, f"Use a value of at least {minimum}.")
+        raise fail(where, f"an int >= {minimum}", value, fix or f"Use a value of at least {minimum}.", error=error)
     return int(value)
 
 
@@ -46,16 +49,18 @@ def check_bool(where: str, value: Any, *, error: type[CpcbmError] = SpecError) -
 
 
 def check_number(where: str, value: Any, *, above: float | None = None, at_least: float | None = None,
-                 below: float | None = None) -> float:
-    """`value` as a float, if it is a finite real number within the given bounds (`above` and `below` exclusive)."""
+                 below: float | None = None, error: type[CpcbmError] = SpecError, fix: str | None = None) -> float:
+    """`value` as a float, if it is a finite real number within the given bounds (`above` and `below` exclusive).
+
+    `fix` replaces the generic advice (e.g. with an example value for this argument)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise fail(where, "a finite number", value, "Pass an int or a float.")
+        raise fail(where, "a finite number", value, fix or "Pass an int or a float.", error=error)
     bounds = [(f"> {limit}", value > limit) for limit in [above] if limit is not None]
     bounds += [(f">= {limit}", value >= limit) for limit in [at_least] if limit is not None]
     bounds += [(f"< {limit}", value < limit) for limit in [below] if limit is not None]
     if not all(holds for _, holds in bounds):
         wanted = " and ".join(text for text, _ in bounds)
-        raise fail(where, f"a number {wanted}", value, "Pick a value in that range.")
+        raise fail(where, f"a number {wanted}", value, fix or "Pick a value in that range.", error=error)
     return float(value)
 
 

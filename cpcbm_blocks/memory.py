@@ -57,7 +57,6 @@ p.largest_batch(24 * 2**30)   # the largest batch whose predicted peak fits in 2
 
 import bisect
 import math
-import numbers
 import time
 import weakref
 from collections.abc import Iterable
@@ -69,7 +68,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
 
-from cpcbm_blocks.arguments import as_enum, as_level_numbers, check_bool
+from cpcbm_blocks.arguments import as_enum, as_level_numbers, check_bool, check_int, check_number
 from cpcbm_blocks.blocks import conv_weight_grad
 from cpcbm_blocks.blocks.attention import AttentionBackend
 from cpcbm_blocks.blocks.attention import attention_backend as use_attention_backend
@@ -283,11 +282,8 @@ class MemoryPlan:
         not). A wrong guess is corrected by doubling steps and bisection. Usually three to four
         plans, one to two seconds each at full size.
         """
-        if (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Real)
-                or not math.isfinite(budget_bytes) or budget_bytes <= 0):
-            raise InputError(f"budget_bytes: expected a positive, finite number of bytes, got {budget_bytes!r}. "
-                             "Pass e.g. largest_batch(24 * 2**30) for 24 GiB.")
-        budget_bytes = int(budget_bytes)
+        budget_bytes = int(check_number("largest_batch(budget_bytes=...)", budget_bytes, above=0, error=InputError,
+                                        fix="Pass a number of bytes, e.g. largest_batch(24 * 2**30) for 24 GiB."))
         peaks: dict[int, int] = {self.input_shape[0]: self.peak_bytes}
 
         def fits(batch: int) -> bool:
@@ -690,12 +686,10 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     - `attention_backend`: `"sdpa"` (fused, the default) or `"naive"` (materialises the scores).
     - `text_tokens`: tokens per text condition, for a spec conditioned on text (CLIP: 77); positive.
 
-    **Weight gradients (CPU plans).** `Conv3d`'s default weight-gradient method, `"auto"`, picks its
-    form by timing on the first real backward of each problem. Nothing is timed on `meta`: a problem
-    this process has timed is planned in the form measured fastest, any other in the depth-tap form,
-    the one with the larger temporaries. In a fresh process, where nothing has been timed, the peak
-    is therefore an upper bound, and the same call can give a lower one after a CPU training step;
-    `MemoryPlan.weight_grad_assumption` says which applied, and `set_weight_grad_method` pins a form.
+    **Weight gradients (CPU plans).** A convolution this process has not timed yet is planned in the
+    depth-tap form, so in a fresh process the peak is an upper bound (module docs, "Weight
+    gradients"); `MemoryPlan.weight_grad_assumption` says which applied, and `set_weight_grad_method`
+    pins a form.
     """
     from cpcbm_blocks.unet import UNet3D  # unet imports blocks; keep this module importable on its own
 
@@ -705,9 +699,8 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
         raise InputError(f"device: expected one of {list(DEVICES)}, got {device!r}. "
                          "Use device='cuda' to plan a GPU step.")
     backend = as_enum("attention_backend", attention_backend, AttentionBackend, error=InputError)
-    if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 1:
-        raise InputError(f"text_tokens: expected a positive number of tokens per text condition, got {text_tokens!r}. "
-                         "Pass e.g. text_tokens=77 (CLIP's context length).")
+    text_tokens = check_int("memory_plan(text_tokens=...)", text_tokens, minimum=1, error=InputError,
+                            fix="Pass e.g. text_tokens=77 (CLIP's context length).")
     expected = plan(spec, tuple(input_shape))
     levels = as_level_numbers("memory_plan(checkpoint_levels=...)", checkpoint_levels, levels=len(spec.levels),
                               error=InputError)

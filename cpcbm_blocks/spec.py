@@ -17,7 +17,17 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from cpcbm_blocks.arguments import Triple, as_enum, as_ints, as_level_numbers, as_triple, check_bool, check_int, fail
+from cpcbm_blocks.arguments import (
+    Triple,
+    as_enum,
+    as_ints,
+    as_level_numbers,
+    as_triple,
+    check_bool,
+    check_int,
+    check_number,
+    fail,
+)
 from cpcbm_blocks.errors import SpecError
 
 __all__ = ["FORMAT_VERSION", "ConditioningSpec", "FusionKind", "LevelSpec", "MidSpec", "TimestepInjection", "Triple",
@@ -104,8 +114,7 @@ class LevelSpec:
         object.__setattr__(self, "kernel_size", as_triple("LevelSpec.kernel_size", self.kernel_size, odd=True))
         _store_int(self, "channels", minimum=1)
         _store_int(self, "num_res_blocks", minimum=1)
-        if not isinstance(self.attention, bool):
-            raise fail("LevelSpec.attention", "a bool", self.attention, "Pass True or False.")
+        check_bool("LevelSpec.attention", self.attention)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,8 +137,7 @@ class MidSpec:
         object.__setattr__(self, "kernel_size", as_triple("MidSpec.kernel_size", self.kernel_size, odd=True))
         _store_int(self, "num_segments", minimum=1)
         for name in ("share_weights", "attention"):
-            if not isinstance(getattr(self, name), bool):
-                raise fail(f"MidSpec.{name}", "a bool", getattr(self, name), "Pass True or False.")
+            check_bool(f"MidSpec.{name}", getattr(self, name))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,14 +174,11 @@ class ConditioningSpec:
                         "or set UNetSpec.conditioning=None.")
         _store_int(self, "num_null_text_tokens", minimum=1)
         _store_int(self, "dynamic_conv_experts", minimum=1)
-        if not isinstance(self.text_to_timestep, bool):
-            raise fail("ConditioningSpec.text_to_timestep", "a bool", self.text_to_timestep, "Pass True or False.")
+        check_bool("ConditioningSpec.text_to_timestep", self.text_to_timestep)
         if self.text_to_timestep and self.text_channels is None:
             raise fail("ConditioningSpec.text_to_timestep", "text (text_channels set)", "text_channels=None",
                         "Pooled text can only modulate the timestep embedding when there is text.")
-        temperature = self.router_temperature
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise fail("ConditioningSpec.router_temperature", "a number > 0", temperature, "Use e.g. 1.0.")
+        check_number("ConditioningSpec.router_temperature", self.router_temperature, above=0, fix="Use e.g. 1.0.")
         object.__setattr__(self, "pooled_image_tokens",
                            as_triple("ConditioningSpec.pooled_image_tokens", self.pooled_image_tokens))
 
@@ -238,10 +243,8 @@ class UNetSpec:
             raise fail("UNetSpec.levels[0].channels", "at least 2 (the timestep embedding's sinusoidal features take "
                        "the first level's channels)", self.levels[0].channels,
                        "With 1 the embedding would not depend on t; use 2 or more.")
-        if not isinstance(self.upcast_attention, bool):
-            raise fail("UNetSpec.upcast_attention", "a bool", self.upcast_attention, "Pass True or False.")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise fail("UNetSpec.dropout", "a probability in [0, 1)", self.dropout, "Use e.g. 0.0 or 0.1.")
+        check_bool("UNetSpec.upcast_attention", self.upcast_attention)
+        check_number("UNetSpec.dropout", self.dropout, at_least=0, below=1, fix="Use e.g. 0.0 or 0.1.")
         for i, level in enumerate(self.levels):
             check_channel_multiple(f"UNetSpec.levels[{i}].channels", level.channels, of=self.num_groups,
                                    of_name="num_groups")

@@ -122,8 +122,8 @@ def test_the_timestep_embedding_refuses_a_batch_size_that_is_not_a_positive_int(
     embedding = TimestepEmbedding(channels=8, out_channels=16)
     assert embedding(5, batch_size=3).shape == (3, 16)
     for wrong in (-1, 0, True):
-        with pytest.raises(InputError, match=rf"TimestepEmbedding.forward: batch_size: expected a positive int \(the "
-                                             rf"batch of x\), got {wrong!r}\. Pass x.shape\[0\]"):
+        with pytest.raises(InputError, match=rf"TimestepEmbedding.forward: batch_size: expected an int >= 1, got "
+                                             rf"{wrong!r}\. Pass the batch of x, x.shape\[0\]"):
             embedding(5, batch_size=wrong)
     with pytest.raises(ShapeContractError, match=r"^TimestepEmbedding.forward: batch_size: expected int \| None"):
         embedding(5, batch_size=2.0)  # not an int at all: the annotation's own check

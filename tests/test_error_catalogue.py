@@ -340,7 +340,7 @@ CATALOGUE: list[Case] = [
     _spec_case("spec-mid-segments-zero", "A middle with no segments", lambda: MidSpec(num_segments=0),
                "MidSpec.num_segments", "an int >= 1", "0", "at least 1"),
     _spec_case("spec-dropout", "A dropout probability of 1 or more", lambda: tiny_spec(dropout=1.5),
-               "UNetSpec.dropout", "a probability in [0, 1)", "1.5", "0.1"),
+               "UNetSpec.dropout", "a number >= 0 and < 1", "1.5", "0.1"),
     _spec_case("spec-timestep-injection", "An unknown timestep-injection kind", lambda: tiny_spec(timestep_injection="film"),
                "UNetSpec.timestep_injection", "one of 'add', 'scale_shift'", "'film'", "Pick one of the listed values"),
     _spec_case("spec-default-attention-level", "An attention level beyond the last level",

@@ -76,7 +76,7 @@ def _levels(**changes):
     (lambda: LevelSpec(channels=32, attention="yes"), ["LevelSpec.attention", "a bool", "'yes'"]),
     (lambda: MidSpec(num_segments=0), ["MidSpec.num_segments", "int >= 1", "0"]),
     (lambda: UNetSpec(levels=_levels(), num_groups=0), ["UNetSpec.num_groups", "int >= 1"]),
-    (lambda: UNetSpec(levels=_levels(), dropout=1.5), ["UNetSpec.dropout", "[0, 1)", "1.5"]),
+    (lambda: UNetSpec(levels=_levels(), dropout=1.5), ["UNetSpec.dropout", ">= 0 and < 1", "1.5"]),
     (lambda: UNetSpec(levels=_levels(), timestep_injection="film"), ["timestep_injection", "'add'", "'scale_shift'", "'film'"]),
     (lambda: UNetSpec(levels=LevelSpec(channels=32)), ["UNetSpec.levels", "sequence of LevelSpec"]),
     (lambda: UNetSpec(levels=({"channels": 32},)), ["UNetSpec.levels[0]", "a LevelSpec"]),

@@ -84,10 +84,9 @@ class TimestepEmbedding(nn.Module):
         """Embed timesteps `t`; a scalar `t` needs `batch_size` (or gives a batch of 1)."""
         if batch_size is None:
             batch_size = t.shape[0] if isinstance(t, Tensor) and t.ndim == 1 else 1
-        elif not torch.compiler.is_compiling() and (  # export's batch is a SymInt
-                isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise InputError(f"TimestepEmbedding.forward: batch_size: expected a positive int (the batch of x), got "
-                             f"{batch_size!r}. Pass x.shape[0], or leave it out for a (B,) tensor t.")
+        elif not torch.compiler.is_compiling():  # export's batch is a SymInt
+            check_int("TimestepEmbedding.forward: batch_size", batch_size, minimum=1, error=InputError,
+                      fix="Pass the batch of x, x.shape[0], or leave it out for a (B,) tensor t.")
         weight = self.mlp[0].weight
         t = timesteps_to_batch(t, batch_size=batch_size, device=weight.device)
         return self.mlp(sinusoidal_embedding(t, self.channels).to(weight.dtype))
