@@ -19,15 +19,11 @@ stands beside them as the fastest reference.
 """
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from common import MALLOC_VARIABLES, TUNED_MALLOC, median, save, setup, table
+from bench_memory import run_child
+from common import TUNED_MALLOC, median, save, setup, table
 
-CHILD = Path(__file__).resolve().parent / "bench_memory.py"
 SETTINGS = {  # name -> environment of the child (no other malloc variable reaches it)
     "fixed threshold": {"MALLOC_MMAP_THRESHOLD_": "65536"},
     "fixed threshold + THP_MEM_ALLOC_ENABLE=1": {"MALLOC_MMAP_THRESHOLD_": "65536", "THP_MEM_ALLOC_ENABLE": "1"},
@@ -48,14 +44,6 @@ def transparent_huge_pages(path: Path = THP_MODE) -> str:
     return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
 
 
-def run_child(size: int, variant: str, spec: str, environment: dict, timed_steps: int) -> dict:
-    clean = {k: v for k, v in os.environ.items() if k not in (*MALLOC_VARIABLES, "THP_MEM_ALLOC_ENABLE")}
-    result = subprocess.run([sys.executable, str(CHILD), "--child", str(size), variant, spec, "-", "2",
-                             str(timed_steps)], env={**clean, **environment}, capture_output=True, text=True,
-                            check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=256)
@@ -69,7 +57,9 @@ def main() -> None:
     for round_number in range(args.rounds):
         for variant in VARIANTS:
             for setting, environment in SETTINGS.items():
-                measured = run_child(args.size, variant, args.spec, environment, args.timed_steps)
+                # two steps for the peak, so that it includes Adam's state
+                measured = run_child(args.size, variant, args.spec, environment=environment, steps=2,
+                                     timed_steps=args.timed_steps)
                 runs.setdefault((variant, setting), []).append(measured)
                 print(f"round {round_number + 1}: {variant}, {setting}: steps {measured['seconds_by_step']}, "
                       f"peak RSS {measured['peak_rss'] / 2**30:.2f} GiB", flush=True)

@@ -167,6 +167,20 @@ returns every block of 64 KiB or more on free. The fourth sets the same threshol
 start-up (`cpcbm_blocks.malloc`), for the variant that needs it most."""
 
 
+ALLOCATION_VARIABLES = (*MALLOC_VARIABLES, "THP_MEM_ALLOC_ENABLE")
+"""What a child gets only from its setting, never from the parent's environment."""
+
+
+def run_child(size: int, variant: str, spec: str, *, environment: dict[str, str], malloc_call: str = "-",
+              steps: int, timed_steps: int) -> dict:
+    """`child(...)` in a fresh process whose allocator settings are exactly `environment`; its JSON as a dict."""
+    clean = {k: v for k, v in os.environ.items() if k not in ALLOCATION_VARIABLES}
+    result = subprocess.run([sys.executable, __file__, "--child", str(size), variant, spec, malloc_call, str(steps),
+                             str(timed_steps)], env={**clean, **environment}, capture_output=True, text=True,
+                            check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def step_seconds(measured: dict) -> float:
     """A child's step time: the median of its timed steps, which run after the measured ones (so after
     Conv3d's first backward has timed its weight-gradient forms and Adam has made its state)."""
@@ -174,7 +188,6 @@ def step_seconds(measured: dict) -> float:
 
 
 def peak_part(args, tables, data):
-    malloc_free_env = {k: v for k, v in os.environ.items() if k not in MALLOC_VARIABLES}
     rows, peaks = [], {}
     peak_shape = (1, 1, 8, args.peak_size, args.peak_size)
     settings_run = args.peak_mallocs.split(",") if args.peak_mallocs else list(MALLOC_SETTINGS)
@@ -184,11 +197,8 @@ def peak_part(args, tables, data):
             for name in args.peak_switches.split(","):
                 if only is not None and name not in only:
                     continue
-                result = subprocess.run([sys.executable, __file__, "--child", str(args.peak_size), name, spec_name, call,
-                                         str(args.peak_steps), str(args.timed_steps)],
-                                        env={**malloc_free_env, **environment}, capture_output=True, text=True,
-                                        check=True)
-                measured = json.loads(result.stdout.strip().splitlines()[-1])
+                measured = run_child(args.peak_size, name, spec_name, environment=environment, malloc_call=call,
+                                     steps=args.peak_steps, timed_steps=args.timed_steps)
                 planned = measured["planned_peak"]
                 net = measured["peak_rss"] - measured["baseline_rss"]
                 peaks[f"{spec_name}, {setting}, {name}"] = {**measured, "malloc": setting, "spec": spec_name,

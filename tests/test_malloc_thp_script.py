@@ -1,13 +1,12 @@
-"""`benchmarks/bench_malloc_thp.py`: it reads the kernel's THP mode and hands each child only its own setting."""
+"""`benchmarks/bench_malloc_thp.py`: it reads the kernel's THP mode, runs every variant under every setting in
+each round with two steps for the peak, and divides by the same variant's fixed-threshold time."""
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_malloc_thp  # noqa: E402
-from bench_malloc_thp import SETTINGS, run_child, transparent_huge_pages  # noqa: E402
+from bench_malloc_thp import SETTINGS, VARIANTS, transparent_huge_pages  # noqa: E402
 
 
 def test_the_thp_mode_is_the_bracketed_word(tmp_path):
@@ -19,22 +18,28 @@ def test_the_thp_mode_is_the_bracketed_word(tmp_path):
     assert transparent_huge_pages(tmp_path / "missing").startswith("unknown")
 
 
-def test_a_child_gets_its_settings_and_no_inherited_malloc_or_thp_variable(monkeypatch):
-    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "68719476736")
-    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
-    seen = {}
+def test_the_thp_setting_is_the_fixed_threshold_plus_the_variable():
+    assert SETTINGS["fixed threshold + THP_MEM_ALLOC_ENABLE=1"] == {**SETTINGS["fixed threshold"],
+                                                                   "THP_MEM_ALLOC_ENABLE": "1"}
 
-    def fake_run(command, *, env, **kwargs):
-        seen["command"], seen["env"] = command, env
-        return subprocess.CompletedProcess(command, 0, stdout=json.dumps({"seconds_by_step": [1.0]}) + "\n")
 
-    monkeypatch.setattr(bench_malloc_thp.subprocess, "run", fake_run)
-    run_child(64, "checkpointing (every level + mid + conditions)", "default", SETTINGS["fixed threshold"], 3)
-    assert seen["env"]["MALLOC_MMAP_THRESHOLD_"] == "65536"
-    assert not {"MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "THP_MEM_ALLOC_ENABLE"} & set(seen["env"])
-    assert seen["command"][-7:] == ["--child", "64", "checkpointing (every level + mid + conditions)", "default", "-",
-                                    "2", "3"]  # two steps for the peak (Adam's state included), then three timed
-    run_child(64, "checkpointing (every level + mid + conditions)", "default",
-              SETTINGS["fixed threshold + THP_MEM_ALLOC_ENABLE=1"], 3)
-    assert seen["env"]["THP_MEM_ALLOC_ENABLE"] == "1" and seen["env"]["MALLOC_MMAP_THRESHOLD_"] == "65536"
+def test_main_runs_each_variant_under_each_setting_per_round(monkeypatch):
+    calls, saved = [], {}
+    seconds = {"fixed threshold": 2.0, "fixed threshold + THP_MEM_ALLOC_ENABLE=1": 1.5,
+               "MALLOC_MMAP_MAX_=0 (the timing setting)": 1.0}
+
+    def fake_child(size, variant, spec, *, environment, steps, timed_steps):
+        setting = next(name for name, env in SETTINGS.items() if env == environment)
+        calls.append((size, variant, spec, setting, steps, timed_steps))
+        return {"seconds_by_step": [seconds[setting]] * timed_steps, "peak_rss": 2**30}
+
+    monkeypatch.setattr(bench_malloc_thp, "run_child", fake_child)
+    monkeypatch.setattr(bench_malloc_thp, "save", lambda name, env, tables, data: saved.update(tables))
+    monkeypatch.setattr(sys, "argv", ["bench_malloc_thp.py", "--size", "64", "--rounds", "2", "--timed-steps", "3"])
+    bench_malloc_thp.main()
+    assert len(calls) == 2 * len(VARIANTS) * len(SETTINGS)
+    assert {call[4:] for call in calls} == {(2, 3)}  # two steps for the peak (Adam's state included), three timed
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in saved["malloc_thp"].splitlines()[2:]]
+    ratios = {(row[0], row[1]): row[5] for row in rows}
+    assert ratios[(VARIANTS[0], "fixed threshold + THP_MEM_ALLOC_ENABLE=1")] == "0.75"
+    assert ratios[(VARIANTS[1], "MALLOC_MMAP_MAX_=0 (the timing setting)")] == "0.5"

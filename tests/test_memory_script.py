@@ -53,3 +53,26 @@ def test_child_reports_time_and_memory_of_each_step(capsys):
     assert len(measured["peak_rss_by_step"]) == 2 and len(measured["seconds_by_step"]) == 3
     assert all(seconds > 0 for seconds in measured["seconds_by_step"])
     assert measured["planned_peak"] > 0 and measured["peak_rss"] >= measured["baseline_rss"] > 0
+
+
+def test_run_child_passes_its_setting_and_no_inherited_allocator_variable(monkeypatch):
+    import subprocess
+
+    import bench_memory
+
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "68719476736")
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    seen = {}
+
+    def fake_run(command, *, env, **kwargs):
+        seen["command"], seen["env"] = command, env
+        return subprocess.CompletedProcess(command, 0, stdout=json.dumps({"seconds_by_step": [1.0]}) + "\n")
+
+    monkeypatch.setattr(bench_memory.subprocess, "run", fake_run)
+    measured = bench_memory.run_child(64, "plain PyTorch (selective off)", "default",
+                                      environment={"MALLOC_MMAP_THRESHOLD_": "65536"}, steps=2, timed_steps=3)
+    assert measured == {"seconds_by_step": [1.0]}
+    assert seen["env"]["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    assert not {"MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "THP_MEM_ALLOC_ENABLE"} & set(seen["env"])
+    assert seen["command"][-7:] == ["--child", "64", "plain PyTorch (selective off)", "default", "-", "2", "3"]
