@@ -15,6 +15,12 @@ update. A `TorchDispatchMode` sees every operator of that step:
   autograd graph holds them), attributed to the step that created them.
 * **Peak** is the largest live total over the whole step, plus the parameters, plus the Adam state
   (which exists from the second step on, so it is added to the part before the first update).
+* **Adam's update** runs as `torch.optim.Adam` runs by default on the device planned for. On CUDA
+  that is the multi-tensor (`foreach`) form, whose arithmetic makes a temporary as large as all the
+  parameters together; on CPU torch updates one parameter at a time, so its temporaries are those
+  of the largest parameter. Where the activations are small (the default at 64x64), the update is
+  the step's peak on CUDA and not on CPU. (`Adam(..., foreach=True)` on CPU makes the CUDA form's
+  temporaries, which this plan does not count.)
 
 * **oneDNN's copies** (`device="cpu"`, the default). On CPU, PyTorch's convolutions run on oneDNN,
   which computes on *channel-blocked* copies of plain-layout (NCDHW) activations, channels padded
@@ -729,8 +735,8 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
             n = d * h * w
             recorder.score_shapes[position] = (n, n, expected.batch_size * (channels // spec.head_channels) * n * n)
     handles = _owner_hooks(model, recorder)
-    # foreach: what Adam runs on CUDA, and a dozen operators instead of one per parameter here.
-    optimizer = torch.optim.Adam(parameters, foreach=True)
+    # Adam as torch runs it by default on the device planned for (module docs, "Adam's update").
+    optimizer = torch.optim.Adam(parameters, foreach=device == "cuda")
     try:
         with recorder, shape_checks(False), use_attention_backend(backend), meta_stands_for(device):
             out = model(x, t, **conditions)
