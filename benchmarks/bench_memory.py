@@ -9,16 +9,18 @@
    of glibc's settings in `MALLOC_SETTINGS`: the benchmarks' timing setting (`MALLOC_MMAP_MAX_=0`,
    every freed block kept), glibc's default, and a fixed mmap threshold
    (`MALLOC_MMAP_THRESHOLD_=65536`, which hands every freed tensor back to the system): the peak RSS
-   (`VmHWM`; not `ru_maxrss`, which a child inherits from its parent: see `peak_rss_bytes`), the RSS
-   before the model was built (torch and Python alone), and the most malloc had handed out at once
-   (`mallinfo2`, sampled every millisecond; what the allocator merely keeps is not in it). The
-   planner's prediction for the same step stands beside them, made in the child after its steps, so
-   that it plans the weight-gradient forms the child measured fastest. The checkpointed variant also
+   (`VmHWM`; not `ru_maxrss`, which a child inherits from its parent: see `peak_rss_bytes`), two
+   baselines (the RSS with torch imported, and after a warm-up step of a throwaway model at 32x32,
+   `--warmup-size`, which loads what torch loads on first use), and the most malloc had handed out
+   at once (`mallinfo2`, sampled every millisecond; what the allocator merely keeps is not in it).
+   The planner's prediction for the same step stands beside them, made in the child after its
+   steps, so that it plans the weight-gradient forms the child measured fastest; its accuracy is
+   the peak RSS above the warmed-up baseline over it. The checkpointed variant also
    runs with glibc's default environment and the fixed threshold set from Python
    (`cpcbm_blocks.malloc.return_freed_blocks()`).
 3. From the same children, what each setting costs in time and saves in memory: the median of two
-   more steps (`--timed-steps`, run after the malloc sampler has stopped), over the timing setting's, and the peak RSS over the fixed threshold's. A
-   setting cannot be changed back to glibc's default inside a process, so these are one fresh
+   more steps (`--timed-steps`, run after the malloc sampler has stopped), over the timing
+   setting's, and the peak RSS over the fixed threshold's. A setting cannot be changed back to glibc's default inside a process, so these are one fresh
    process per setting, not alternating rounds: read them as the size of the trade, not to a few
    percent.
 
@@ -26,6 +28,7 @@
 """
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -52,26 +55,14 @@ SWITCHES = {  # name -> (UNet3D.set_gradient_checkpointing arguments, memory_pla
 }
 
 
-def child(size: int, switches: str, spec_name: str, malloc_call: str, steps: int, timed_steps: int) -> None:
-    """`steps` training steps with Adam in this fresh process, then `timed_steps` more; print peak RSS
-    (after each of the first), malloc peak, baselines and the later steps' times as JSON.
-
-    `malloc_call` names a `cpcbm_blocks.malloc` function to call first ("-": none). The peak RSS is read
-    after every step: the second holds Adam's state, and under glibc's default malloc the heap
-    fragments, so the peak can keep growing after that. The timed steps run after the malloc sampler
-    has stopped: its thread polls `mallinfo2`, which walks the heap's free lists, and slowed steps
-    under glibc's default by a fifth in a check at 128x128, under a fixed threshold far less."""
-    if malloc_call != "-":
-        getattr(malloc, malloc_call)()
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    shape = (1, 1, 8, size, size)
-    baseline = rss_bytes()
-    spec = SPECS[spec_name]()
+def _training(spec: UNetSpec, switches: str, shape: tuple[int, ...]):
+    """A model of `spec` with the variant's switches, Adam, a batch and its conditions; and a function
+    that runs one training step on them and returns its seconds."""
     conditions = {k: torch.randn(v.shape) for k, v in _conditions(spec, shape, torch.float32, TEXT_TOKENS).items()}
     model = UNet3D(spec).set_gradient_checkpointing(**SWITCHES[switches][0])
     optimizer = torch.optim.Adam(model.parameters())
     x, target, t = torch.randn(shape), torch.randn(shape), torch.tensor([500])
+
     def train_step() -> float:
         started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -79,6 +70,50 @@ def child(size: int, switches: str, spec_name: str, malloc_call: str, steps: int
         optimizer.step()
         return time.perf_counter() - started
 
+    return model, (x, target, *conditions.values()), train_step
+
+
+def warmed_up_rss(spec: UNetSpec, switches: str, size: int) -> int | None:
+    """The RSS after one training step of a throwaway model (same spec and switches, at `size` x `size`)
+    and once it is gone: the process itself after first use, which no plan of a step can count.
+
+    The first step loads what torch loads lazily: building a torch optimizer imports `torch._dynamo`
+    (its `add_param_group` is wrapped to keep `torch.compile` out, as `torch.utils.checkpoint` is),
+    and with it sympy and some 800 modules; and the first convolutions fault in the pages of
+    libtorch's code they run. glibc's `malloc_trim(0)` then hands back the freed blocks
+    of the throwaway model (under the timing setting they would stay resident), so that what the
+    measured step reuses of them does not hide in this baseline."""
+    model, _, train_step = _training(spec, switches, (1, 1, 8, size, size))
+    train_step()
+    del model, train_step
+    gc.collect()
+    libc = malloc.glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+    return rss_bytes()
+
+
+def child(size: int, switches: str, spec_name: str, malloc_call: str, steps: int, timed_steps: int,
+          warmup_size: int) -> None:
+    """`steps` training steps with Adam in this fresh process, then `timed_steps` more; print peak RSS
+    (after each of the first), malloc peak, baselines and the later steps' times as JSON.
+
+    `malloc_call` names a `cpcbm_blocks.malloc` function to call first ("-": none). Two baselines come
+    first: the RSS with torch imported, and (`warmup_size` > 0) after a warm-up step at that size
+    (`warmed_up_rss`). The peak RSS is read after every step: the second holds Adam's state, and
+    under glibc's default malloc the heap fragments, so the peak can keep growing after that. The
+    timed steps run after the malloc sampler has stopped: its thread polls `mallinfo2`, which walks
+    the heap's free lists, and slowed steps under glibc's default by a fifth in a check at 128x128,
+    under a fixed threshold far less."""
+    if malloc_call != "-":
+        getattr(malloc, malloc_call)()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    shape = (1, 1, 8, size, size)
+    baseline = rss_bytes()
+    spec = SPECS[spec_name]()
+    warmed = warmed_up_rss(spec, switches, warmup_size) if warmup_size else None
+    model, inputs, train_step = _training(spec, switches, shape)
     peak_by_step = []
     with PeakMallocSampler() as sampler:
         for _ in range(steps):
@@ -87,10 +122,10 @@ def child(size: int, switches: str, spec_name: str, malloc_call: str, steps: int
     peak = peak_by_step[-1]
     seconds_by_step = [train_step() for _ in range(timed_steps)]
     # Before the first step malloc held the parameters and the inputs, which the plan counts too.
-    tensors_before = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-        v.numel() * v.element_size() for v in (x, target, *conditions.values()))
+    tensors_before = sum(t.numel() * t.element_size() for t in (*model.parameters(), *inputs))
     planned = memory_plan(spec, shape, text_tokens=TEXT_TOKENS, **SWITCHES[switches][1]).peak_bytes
-    print(json.dumps({"baseline_rss": baseline, "peak_rss": peak, "peak_rss_by_step": peak_by_step,
+    print(json.dumps({"baseline_rss": baseline, "warmed_rss": warmed, "peak_rss": peak,
+                      "peak_rss_by_step": peak_by_step,
                       "seconds_by_step": seconds_by_step, "planned_peak": planned,
                       "malloc_peak_step": sampler.peak_bytes - sampler.start_bytes + tensors_before}))
 
@@ -109,11 +144,15 @@ def main() -> None:
                         help="training steps per fresh process after those, for the step time")
     parser.add_argument("--peak-mallocs", default="",
                         help="comma-separated names of the malloc settings to run (default: all; see MALLOC_SETTINGS)")
-    parser.add_argument("--child", nargs=6, metavar=("SIZE", "SWITCHES", "SPEC", "MALLOC_CALL", "STEPS", "TIMED_STEPS"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--warmup-size", type=int, default=32,
+                        help="height and width of the warm-up step each fresh process runs before its baseline "
+                             "(0: none)")
+    parser.add_argument("--child", nargs=7, metavar=("SIZE", "SWITCHES", "SPEC", "MALLOC_CALL", "STEPS", "TIMED_STEPS",
+                                                     "WARMUP_SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(int(args.child[0]), args.child[1], args.child[2], args.child[3], int(args.child[4]), int(args.child[5]))
+        size, switches, spec, call, steps, timed_steps, warmup_size = args.child
+        child(int(size), switches, spec, call, int(steps), int(timed_steps), int(warmup_size))
         return
     env = setup()
     tables, data = {}, {}
@@ -172,12 +211,12 @@ ALLOCATION_VARIABLES = (*MALLOC_VARIABLES, "THP_MEM_ALLOC_ENABLE")
 
 
 def run_child(size: int, variant: str, spec: str, *, environment: dict[str, str], malloc_call: str = "-",
-              steps: int, timed_steps: int) -> dict:
+              steps: int, timed_steps: int, warmup_size: int = 0) -> dict:
     """`child(...)` in a fresh process whose allocator settings are exactly `environment`; its JSON as a dict."""
     clean = {k: v for k, v in os.environ.items() if k not in ALLOCATION_VARIABLES}
-    result = subprocess.run([sys.executable, __file__, "--child", str(size), variant, spec, malloc_call, str(steps),
-                             str(timed_steps)], env={**clean, **environment}, capture_output=True, text=True,
-                            check=True)
+    command = [sys.executable, __file__, "--child", str(size), variant, spec, malloc_call, str(steps),
+               str(timed_steps), str(warmup_size)]
+    result = subprocess.run(command, env={**clean, **environment}, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -185,6 +224,27 @@ def step_seconds(measured: dict) -> float:
     """A child's step time: the median of its timed steps, which run after the measured ones (so after
     Conv3d's first backward has timed its weight-gradient forms and Adam has made its state)."""
     return median(measured["seconds_by_step"])
+
+
+PEAK_HEADERS = ["spec", "malloc", "variant", "peak RSS GiB", "peak RSS after each step GiB",
+                "RSS torch imported / warmed up GiB", "malloc peak GiB", "planned peak GiB",
+                "(RSS - warmed up) / planned", "(RSS - torch imported) / planned", "malloc peak / planned"]
+
+
+def peak_row(spec_name: str, setting: str, variant: str, measured: dict) -> list:
+    """One row of the peak-memory table (`PEAK_HEADERS`) from a child's JSON.
+
+    The planner's peak counts the step's tensors, not the process (`MemoryPlan.not_counted`), so
+    the first ratio compares it with the peak RSS above the warmed-up process; the second, above
+    the process with torch merely imported, adds what the first step loads (see `warmed_up_rss`)."""
+    gib, planned = 2**30, measured["planned_peak"]
+    warmed = measured.get("warmed_rss")
+    return [f"UNetSpec.{spec_name}()", setting, variant, measured["peak_rss"] / gib,
+            " / ".join(f"{rss / gib:.2f}" for rss in measured["peak_rss_by_step"]),
+            f"{measured['baseline_rss'] / gib:.2f} / " + ("-" if warmed is None else f"{warmed / gib:.2f}"),
+            measured["malloc_peak_step"] / gib, planned / gib,
+            "-" if warmed is None else (measured["peak_rss"] - warmed) / planned,
+            (measured["peak_rss"] - measured["baseline_rss"]) / planned, measured["malloc_peak_step"] / planned]
 
 
 def peak_part(args, tables, data):
@@ -198,24 +258,20 @@ def peak_part(args, tables, data):
                 if only is not None and name not in only:
                     continue
                 measured = run_child(args.peak_size, name, spec_name, environment=environment, malloc_call=call,
-                                     steps=args.peak_steps, timed_steps=args.timed_steps)
-                planned = measured["planned_peak"]
-                net = measured["peak_rss"] - measured["baseline_rss"]
+                                     steps=args.peak_steps, timed_steps=args.timed_steps,
+                                     warmup_size=args.warmup_size)
                 peaks[f"{spec_name}, {setting}, {name}"] = {**measured, "malloc": setting, "spec": spec_name,
                                                             "variant": name}
-                by_step = " / ".join(f"{rss / 2**30:.2f}" for rss in measured["peak_rss_by_step"])
-                rows.append([f"UNetSpec.{spec_name}()", setting, name, measured["peak_rss"] / 2**30, by_step,
-                             measured["baseline_rss"] / 2**30, net / 2**30, measured["malloc_peak_step"] / 2**30,
-                             planned / 2**30, net / planned, measured["malloc_peak_step"] / planned])
+                rows.append(peak_row(spec_name, setting, name, measured))
                 print(f"peak: {rows[-1]}", flush=True)
-    text = table(["spec", "malloc", "variant", "peak RSS GiB", "peak RSS after each step GiB",
-                  "RSS before the model GiB", "peak RSS - before GiB",
-                  "malloc peak GiB", "planned peak GiB", "(RSS - before) / planned", "malloc peak / planned"], rows)
-    print(f"\nPeak memory of {args.peak_steps} training steps with Adam at {peak_shape}, fresh process each:\n{text}")
+    text = table(PEAK_HEADERS, rows)
+    print(f"\nPeak memory of {args.peak_steps} training steps with Adam at {peak_shape}, fresh process each "
+          f"(warm-up at {args.warmup_size}x{args.warmup_size}):\n{text}")
     tables["peak_memory"] = text
     tables["malloc_tradeoff"] = tradeoff_table(peaks)
     print(f"\nWhat each malloc setting costs in time and saves in memory:\n{tables['malloc_tradeoff']}")
-    data["peak_memory"] = {"shape": peak_shape, "steps": args.peak_steps, "peaks": peaks}
+    data["peak_memory"] = {"shape": peak_shape, "steps": args.peak_steps, "warmup_size": args.warmup_size,
+                           "peaks": peaks}
 
 
 def tradeoff_table(peaks: dict) -> str:

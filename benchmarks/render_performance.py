@@ -60,9 +60,12 @@ setting (the timing setting above, glibc's default, and a fixed mmap threshold,
 `MALLOC_MMAP_THRESHOLD_=65536`), with the process's own high-water RSS (`VmHWM`; `ru_maxrss` would
 report the parent's), and beside it the most malloc had handed out at once. The same processes time
 their steps, which prices each setting in time as well as memory. The memory planner
-(`cpcbm-blocks plan`) predicts the same figures before anything runs; the gap between its peak and
-the peak RSS is the process itself (Python and torch, measured
-before the model) and what the allocator keeps.
+(`cpcbm-blocks plan`) predicts the same figures before anything runs. Its peak counts the step's
+tensors, not the process, so the table reads the peak RSS against two baselines: the process with
+torch imported, and the same process after a warm-up step of a throwaway model at 32x32 (what
+torch loads on first use, such as the `torch._dynamo` that building a torch optimizer imports, and
+the pages of libtorch's code the kernels run). The planner's accuracy is the peak RSS above
+the warmed-up baseline over its peak; what is left beyond that is what the allocator keeps.
 """
 
 

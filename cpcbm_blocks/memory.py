@@ -225,7 +225,8 @@ class MemoryPlan:
     def not_counted(self) -> str:
         """What a real process needs beyond `peak_bytes` on the plan's device, in words."""
         if self.device == "cpu":
-            return "the Python/torch process itself and the memory the C allocator (malloc) keeps of freed blocks"
+            return ("the Python/torch process itself (with what torch loads on the first step, such as torch._dynamo, "
+                    "which a torch optimizer imports) and the memory the C allocator (malloc) keeps of freed blocks")
         return "the CUDA context, cuDNN workspaces and the memory the caching allocator reserves beyond its tensors"
 
     @property
@@ -280,7 +281,8 @@ class MemoryPlan:
         CPU the Python/torch process itself and the memory the C allocator keeps of freed blocks, on
         CUDA the CUDA context, cuDNN workspaces and the caching allocator's reserve. Leave room for them
         in `budget_bytes`, a positive, finite number of bytes (a float such as `24 * 2.0**30` is fine;
-        it is rounded down).
+        it is rounded down). On CPU the process's share is its RSS after one small training step (what
+        torch loads on first use is in it), as `benchmarks/bench_memory.py` measures it.
 
         Found with real plans, not extrapolated: activations grow about linearly with the batch, so
         a line through the plans of batches 1 and 2 gives a guess, a line through batch 1 and that

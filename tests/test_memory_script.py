@@ -5,7 +5,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_memory import FIXED_THRESHOLD, MALLOC_SETTINGS, TIMING_SETTING, child, step_seconds, tradeoff_table  # noqa: E402
+from bench_memory import (  # noqa: E402
+    FIXED_THRESHOLD,
+    MALLOC_SETTINGS,
+    PEAK_HEADERS,
+    TIMING_SETTING,
+    child,
+    peak_row,
+    step_seconds,
+    tradeoff_table,
+)
 from common import TUNED_MALLOC  # noqa: E402
 
 
@@ -48,11 +57,44 @@ def test_tradeoff_table_without_a_reference_setting_says_so():
 
 
 def test_child_reports_time_and_memory_of_each_step(capsys):
-    child(32, "selective recomputation (default)", "default", "-", 2, 3)
+    child(32, "selective recomputation (default)", "default", "-", 2, 3, 0)
     measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(measured["peak_rss_by_step"]) == 2 and len(measured["seconds_by_step"]) == 3
     assert all(seconds > 0 for seconds in measured["seconds_by_step"])
     assert measured["planned_peak"] > 0 and measured["peak_rss"] >= measured["baseline_rss"] > 0
+    assert measured["warmed_rss"] is None
+
+
+def test_warm_up_loads_what_the_first_step_loads_and_leaves_nothing_of_its_model():
+    import bench_memory
+
+    measured = bench_memory.run_child(32, "checkpointing (every level + mid + conditions)", "default",
+                                      environment={"MALLOC_MMAP_THRESHOLD_": "65536"}, steps=1, timed_steps=0,
+                                      warmup_size=32)
+    # A fresh process: the warm-up's first checkpoint imports torch._dynamo, sympy and the rest
+    # (tens of MiB), and its convolutions fault in libtorch's code.
+    assert measured["warmed_rss"] - measured["baseline_rss"] > 32 * 2**20
+    # The throwaway model, its gradients and Adam's state are gone: had they stayed, the RSS above
+    # the warmed-up baseline would be far below the plan, whose peak at 32x32 is mostly those.
+    assert 0.8 < (measured["peak_rss"] - measured["warmed_rss"]) / measured["planned_peak"] < 1.2
+
+
+def test_peak_row_divides_the_rss_above_each_baseline_by_the_plan():
+    gib = 2**30
+    measured = {"peak_rss": 3 * gib, "baseline_rss": gib // 4, "warmed_rss": gib // 2, "planned_peak": 2.5 * gib,
+                "malloc_peak_step": 2.55 * gib, "peak_rss_by_step": [2.9 * gib, 3 * gib]}
+    row = dict(zip(PEAK_HEADERS, _rows(table_of(peak_row("default", FIXED_THRESHOLD, "plain", measured)))[0]))
+    assert row["spec"] == "UNetSpec.default()" and row["peak RSS after each step GiB"] == "2.90 / 3.00"
+    assert row["RSS torch imported / warmed up GiB"] == "0.25 / 0.50"
+    assert row["(RSS - warmed up) / planned"] == "1" and row["(RSS - torch imported) / planned"] == "1.1"
+    assert row["malloc peak / planned"] == "1.02"
+    without = dict(zip(PEAK_HEADERS, peak_row("default", FIXED_THRESHOLD, "plain", {**measured, "warmed_rss": None})))
+    assert without["(RSS - warmed up) / planned"] == "-" and without["RSS torch imported / warmed up GiB"] == "0.25 / -"
+
+
+def table_of(row):
+    from common import table
+    return table(PEAK_HEADERS, [row])
 
 
 def test_run_child_passes_its_setting_and_no_inherited_allocator_variable(monkeypatch):
@@ -75,4 +117,4 @@ def test_run_child_passes_its_setting_and_no_inherited_allocator_variable(monkey
     assert measured == {"seconds_by_step": [1.0]}
     assert seen["env"]["MALLOC_MMAP_THRESHOLD_"] == "65536"
     assert not {"MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "THP_MEM_ALLOC_ENABLE"} & set(seen["env"])
-    assert seen["command"][-7:] == ["--child", "64", "plain PyTorch (selective off)", "default", "-", "2", "3"]
+    assert seen["command"][-8:] == ["--child", "64", "plain PyTorch (selective off)", "default", "-", "2", "3", "0"]
