@@ -13,16 +13,18 @@ Each variant runs in a FRESH process (`bench_memory.py`'s child: two training st
 that it includes Adam's state, then the timed steps), under each setting in turn, the settings
 alternating over `--rounds` rounds. The peak RSS is the process's own `VmHWM`; the time is the
 median of the timed steps, pooled over the rounds. The timing setting (every freed block kept)
-stands beside them as the fastest reference.
+stands beside them as the fastest reference. The last column, the anonymous memory in huge pages
+after a step (`cpcbm_blocks.measure.huge_page_bytes`), shows whether the variable took effect.
 
     python benchmarks/bench_malloc_thp.py --size 256 --rounds 2
 """
 
 import argparse
-from pathlib import Path
 
 from bench_memory import run_child
 from common import TUNED_MALLOC, median, save, setup, table
+
+from cpcbm_blocks.measure import transparent_huge_page_mode
 
 SETTINGS = {  # name -> environment of the child (no other malloc variable reaches it)
     "fixed threshold": {"MALLOC_MMAP_THRESHOLD_": "65536"},
@@ -32,16 +34,14 @@ SETTINGS = {  # name -> environment of the child (no other malloc variable reach
 VARIANTS = ("selective recomputation (default)", "checkpointing (every level + mid + conditions)")
 
 
-THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-def transparent_huge_pages(path: Path = THP_MODE) -> str:
-    """The kernel's THP mode: the bracketed word of `path`, such as "madvise" in `always [madvise] never`."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return "unknown (no /sys/kernel/mm/transparent_hugepage)"
-    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
+def huge_pages_mib(readings: list[int | None]) -> str:
+    """The range over the rounds of what a child held in huge pages after its last peak step (its
+    parameters, gradients and Adam's moments are alive then): the check that `THP_MEM_ALLOC_ENABLE=1`
+    took effect. "-" where it could not be read."""
+    known = [r / 2**20 for r in readings if r is not None]
+    if not known:
+        return "-"
+    return f"{min(known):.0f}" if min(known) == max(known) else f"{min(known):.0f}-{max(known):.0f}"
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--timed-steps", type=int, default=2)
     args = parser.parse_args()
-    env = setup() | {"transparent_hugepage": transparent_huge_pages()}
+    env = setup() | {"transparent_hugepage": transparent_huge_page_mode()}
     print(f"transparent huge pages: {env['transparent_hugepage']}", flush=True)
     runs: dict[tuple[str, str], list[dict]] = {}
     for round_number in range(args.rounds):
@@ -70,9 +70,10 @@ def main() -> None:
             measured = runs[(variant, setting)]
             seconds = [s for m in measured for s in m["seconds_by_step"]]
             rows.append([variant, setting, median(seconds), min(seconds), max(seconds), median(seconds) / reference,
-                         max(m["peak_rss"] for m in measured) / 2**30])
+                         max(m["peak_rss"] for m in measured) / 2**30,
+                         huge_pages_mib([m["huge_pages_by_step"][-1] for m in measured])])
     text = table(["variant", "malloc", "step s (median)", "min s", "max s", "time / fixed threshold",
-                  "peak RSS GiB"], rows)
+                  "peak RSS GiB", "in huge pages after a step MiB"], rows)
     print(f"\nUNetSpec.{args.spec}() at (1, 1, 8, {args.size}, {args.size}), fresh process per run, "
           f"{args.rounds} rounds; transparent huge pages: {env['transparent_hugepage']}:\n{text}")
     save("malloc_thp", env, {"malloc_thp": text}, {"runs": {f"{v}, {s}": m for (v, s), m in runs.items()}})

@@ -40,7 +40,7 @@ import torch
 from common import MALLOC_VARIABLES, TUNED_MALLOC, alternate, median, save, setup, table
 
 from cpcbm_blocks import UNet3D, UNetSpec, malloc
-from cpcbm_blocks.measure import PeakMallocSampler, held_for_backward, peak_rss_bytes, rss_bytes
+from cpcbm_blocks.measure import PeakMallocSampler, held_for_backward, huge_page_bytes, peak_rss_bytes, rss_bytes
 from cpcbm_blocks.memory import _conditions, memory_plan
 
 SPECS = {"default": UNetSpec.default, "conditioned": UNetSpec.conditioned}
@@ -114,18 +114,19 @@ def child(size: int, switches: str, spec_name: str, malloc_call: str, steps: int
     spec = SPECS[spec_name]()
     warmed = warmed_up_rss(spec, switches, warmup_size) if warmup_size else None
     model, inputs, train_step = _training(spec, switches, shape)
-    peak_by_step = []
+    peak_by_step, huge_pages_by_step = [], []
     with PeakMallocSampler() as sampler:
         for _ in range(steps):
             train_step()
             peak_by_step.append(peak_rss_bytes())
+            huge_pages_by_step.append(huge_page_bytes())  # the parameters and Adam's state are alive
     peak = peak_by_step[-1]
     seconds_by_step = [train_step() for _ in range(timed_steps)]
     # Before the first step malloc held the parameters and the inputs, which the plan counts too.
     tensors_before = sum(t.numel() * t.element_size() for t in (*model.parameters(), *inputs))
     planned = memory_plan(spec, shape, text_tokens=TEXT_TOKENS, **SWITCHES[switches][1]).peak_bytes
     print(json.dumps({"baseline_rss": baseline, "warmed_rss": warmed, "peak_rss": peak,
-                      "peak_rss_by_step": peak_by_step,
+                      "peak_rss_by_step": peak_by_step, "huge_pages_by_step": huge_pages_by_step,
                       "seconds_by_step": seconds_by_step, "planned_peak": planned,
                       "malloc_peak_step": sampler.peak_bytes - sampler.start_bytes + tensors_before}))
 

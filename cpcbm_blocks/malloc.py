@@ -21,7 +21,7 @@ default is poor at both:
   process; steps are slower than under the default, which keeps some blocks resident. PyTorch's
   `THP_MEM_ALLOC_ENABLE=1`, set in the environment before Python starts, has those fresh mappings
   fault in as 2 MiB transparent huge pages where the kernel allows them, which buys back part of the
-  time.
+  time (`cpcbm_blocks.measure.huge_page_bytes()` shows whether it took effect).
 
 The performance page's memory benchmark prices each setting in step time and peak RSS for each
 training mode (freed blocks kept, the fastest, also keeps most of what selective recomputation and

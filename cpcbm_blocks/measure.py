@@ -27,7 +27,8 @@ import torch
 
 from cpcbm_blocks.malloc import glibc
 
-__all__ = ["PeakMallocSampler", "held_for_backward", "malloc_bytes_in_use", "peak_rss_bytes", "rss_bytes"]
+__all__ = ["PeakMallocSampler", "held_for_backward", "huge_page_bytes", "malloc_bytes_in_use", "peak_rss_bytes",
+           "rss_bytes", "transparent_huge_page_mode"]
 
 
 class _MallInfo2(ctypes.Structure):
@@ -80,6 +81,38 @@ def peak_rss_bytes() -> int | None:
     except OSError:
         return None
     return None if line is None else int(line.split()[1]) * 1024
+
+
+def huge_page_bytes() -> int | None:
+    """Bytes of this process's anonymous memory now in transparent huge pages (`AnonHugePages` in
+    `/proc/self/smaps_rollup`); None off Linux, or on a kernel without that file (before 4.14).
+
+    The check that `THP_MEM_ALLOC_ENABLE=1` took effect: with it, torch's tensors of 2 MiB or more
+    are marked for huge pages, and where the kernel's mode (`/sys/kernel/mm/transparent_hugepage/enabled`)
+    is `madvise` or `always` some of them are backed by 2 MiB pages while they live; without it, in
+    `madvise` mode, this stays near 0. Read it while large tensors are alive (such as the parameters)."""
+    try:
+        with open("/proc/self/smaps_rollup") as rollup:
+            line = next((line for line in rollup if line.startswith("AnonHugePages:")), None)
+    except OSError:
+        return None
+    return None if line is None else int(line.split()[1]) * 1024
+
+
+THP_MODE_PATH = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def transparent_huge_page_mode(path: str = THP_MODE_PATH) -> str:
+    """The kernel's transparent-huge-page mode: the bracketed word of `path`, such as `"madvise"` in
+    `always [madvise] never`; `"unknown (...)"` where it cannot be read. In `madvise` mode only memory
+    marked for huge pages gets them (torch's large tensors under `THP_MEM_ALLOC_ENABLE=1`), in
+    `always` mode any large enough mapping, in `never` none."""
+    try:
+        with open(path) as mode:
+            text = mode.read()
+    except OSError:
+        return f"unknown (no {path})"
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else text.strip()
 
 
 class PeakMallocSampler:

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from cpcbm_blocks import InputError, malloc
+from cpcbm_blocks.measure import huge_page_bytes, transparent_huge_page_mode
 
 pytestmark = pytest.mark.skipif(malloc.glibc() is None, reason="glibc's malloc settings need glibc (Linux)")
 
@@ -67,3 +68,33 @@ def test_without_glibc_the_settings_say_so_instead_of_calling_into_another_alloc
         malloc.keep_freed_blocks()
     with pytest.raises(RuntimeError, match="these settings are glibc's"):
         malloc.return_freed_blocks()
+
+
+def test_the_thp_mode_is_the_bracketed_word(tmp_path):
+    mode = tmp_path / "enabled"
+    mode.write_text("always [madvise] never\n")
+    assert transparent_huge_page_mode(str(mode)) == "madvise"
+    mode.write_text("[always] madvise never\n")
+    assert transparent_huge_page_mode(str(mode)) == "always"
+    assert transparent_huge_page_mode(str(tmp_path / "missing")).startswith("unknown")
+
+
+@pytest.mark.skipif(transparent_huge_page_mode() not in ("madvise", "always"),
+                    reason="the kernel's transparent huge pages are off")
+def test_huge_page_bytes_shows_whether_thp_mem_alloc_enable_took_effect():
+    """torch marks tensors of 2 MiB or more for huge pages under THP_MEM_ALLOC_ENABLE=1 (read once, at its
+    first large allocation); `huge_page_bytes` is how a user checks that it did."""
+    if huge_page_bytes() is None:
+        pytest.skip("needs /proc/self/smaps_rollup (Linux 4.14+)")
+    child = ("import torch; from cpcbm_blocks.measure import huge_page_bytes; "
+             "x = torch.ones(64 * 2**20 // 4); print(huge_page_bytes() // 2**20)")
+
+    def in_huge_pages_mib(environment):
+        done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
+                              check=False, env={"PATH": "/usr/bin:/bin", **environment})
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.strip().splitlines()[-1])
+
+    assert in_huge_pages_mib({"THP_MEM_ALLOC_ENABLE": "1"}) >= 32  # most of the 64 MiB tensor
+    if transparent_huge_page_mode() == "madvise":  # in "always" mode the kernel may back it with huge pages anyway
+        assert in_huge_pages_mib({}) == 0

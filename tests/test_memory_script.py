@@ -63,6 +63,7 @@ def test_child_reports_time_and_memory_of_each_step(capsys):
     assert all(seconds > 0 for seconds in measured["seconds_by_step"])
     assert measured["planned_peak"] > 0 and measured["peak_rss"] >= measured["baseline_rss"] > 0
     assert measured["warmed_rss"] is None
+    assert len(measured["huge_pages_by_step"]) == 2
 
 
 def test_warm_up_loads_what_the_first_step_loads_and_leaves_nothing_of_its_model():
