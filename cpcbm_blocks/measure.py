@@ -75,12 +75,7 @@ def peak_rss_bytes() -> int | None:
     uses `vfork`) that is the *parent's*, so a child of a parent that once held 3 GiB reports at least
     3 GiB, however little it uses. `VmHWM` belongs to the address space the program runs in.
     """
-    try:
-        with open("/proc/self/status") as status:
-            line = next((line for line in status if line.startswith("VmHWM:")), None)
-    except OSError:
-        return None
-    return None if line is None else int(line.split()[1]) * 1024
+    return _proc_kib("/proc/self/status", "VmHWM:")
 
 
 def huge_page_bytes() -> int | None:
@@ -91,9 +86,14 @@ def huge_page_bytes() -> int | None:
     are marked for huge pages, and where the kernel's mode (`/sys/kernel/mm/transparent_hugepage/enabled`)
     is `madvise` or `always` some of them are backed by 2 MiB pages while they live; without it, in
     `madvise` mode, this stays near 0. Read it while large tensors are alive (such as the parameters)."""
+    return _proc_kib("/proc/self/smaps_rollup", "AnonHugePages:")
+
+
+def _proc_kib(path: str, field: str) -> int | None:
+    """The bytes of a `field: <n> kB` line of a `/proc` file; None where the file or the line is missing."""
     try:
-        with open("/proc/self/smaps_rollup") as rollup:
-            line = next((line for line in rollup if line.startswith("AnonHugePages:")), None)
+        with open(path) as lines:
+            line = next((line for line in lines if line.startswith(field)), None)
     except OSError:
         return None
     return None if line is None else int(line.split()[1]) * 1024

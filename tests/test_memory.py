@@ -74,28 +74,25 @@ def test_planned_saved_activations_of_a_conditioned_unet_with_3d_kernels_match_a
     assert measured == pytest.approx(planned.saved_bytes, rel=0.05)
 
 
-def test_the_planned_peak_of_a_cpu_training_step_matches_what_malloc_hands_out_within_5_percent():
-    """A whole checkpointed step with Adam (the second, when the Adam state exists), 3x3x3 kernels,
-    conditions: the most malloc handed out at once, plus what was allocated before (parameters, Adam
-    state, inputs), against the plan. The oneDNN copies are what bring the plan this close: without
-    them (`device="cuda"`, tensors only) it falls short by more."""
+def _measured_and_planned_peaks(spec: UNetSpec, shape: tuple[int, ...], *, levels: tuple[int, ...],
+                                conditions: bool) -> tuple[int, dict]:
+    """The second training step with torch's default Adam (the first made its state) in this process:
+    the most malloc handed out at once, plus what was allocated before (parameters, Adam state,
+    inputs); and the plans of the same step for each device. Conditions have 7 text tokens."""
     from cpcbm_blocks.blocks.conv_weight_grad import set_weight_grad_method
     from cpcbm_blocks.measure import PeakMallocSampler
 
     if malloc_bytes_in_use() is None:
         pytest.skip("needs glibc >= 2.33 (mallinfo2) to measure what a CPU step allocates")
-    spec = UNetSpec.conditioned(text_channels=16, channels=(32, 32), attention_levels=(2,), num_groups=8,
-                                head_channels=8, sample_size=(8, 64, 64), time_embedding_channels=32)
-    shape, switches = (1, 1, 8, 64, 64), {"levels": (1, 2), "mid": True, "conditions": True}
     torch.manual_seed(0)
-    model = UNet3D(spec).set_gradient_checkpointing(**switches)
+    model = UNet3D(spec).set_gradient_checkpointing(levels=levels, mid=True, conditions=conditions)
     optimizer = torch.optim.Adam(model.parameters())  # on CPU, one parameter at a time, as planned
-    conditions = {k: torch.randn(v.shape) for k, v in _conditions(spec, shape, torch.float32, 7).items()}
+    inputs = {k: torch.randn(v.shape) for k, v in _conditions(spec, shape, torch.float32, 7).items()}
     x, t, target = torch.randn(shape), torch.tensor([3.0]), torch.randn(shape)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(model(x, t, **conditions), target).backward()
+        torch.nn.functional.mse_loss(model(x, t, **inputs), target).backward()
         optimizer.step()
 
     set_weight_grad_method("aten")  # one form, no timing runs: the plan then plans the same
@@ -104,14 +101,23 @@ def test_the_planned_peak_of_a_cpu_training_step_matches_what_malloc_hands_out_w
         optimizer.zero_grad(set_to_none=True)
         with PeakMallocSampler(interval_s=0.0002) as sampler:
             step()
-        plans = {device: memory_plan(spec, shape, device=device, text_tokens=7, checkpoint_levels=switches["levels"],
-                                     checkpoint_mid=True, checkpoint_conditions=True) for device in DEVICES}
+        plans = {device: memory_plan(spec, shape, device=device, text_tokens=7, checkpoint_levels=levels,
+                                     checkpoint_mid=True, checkpoint_conditions=conditions) for device in DEVICES}
     finally:
         set_weight_grad_method("auto")
     allocated_before = sum(v.numel() * v.element_size() for v in (
         *model.parameters(), *(s for state in optimizer.state.values() for s in state.values() if s.dim() > 0),
-        x, target, *conditions.values()))
-    measured = sampler.peak_bytes - sampler.start_bytes + allocated_before
+        x, target, *inputs.values()))
+    return sampler.peak_bytes - sampler.start_bytes + allocated_before, plans
+
+
+def test_the_planned_peak_of_a_cpu_training_step_matches_what_malloc_hands_out_within_5_percent():
+    """A whole checkpointed step with Adam, 3x3x3 kernels, conditions, against the plan. The oneDNN
+    copies are what bring the plan this close: without them (`device="cuda"`, tensors only) it falls
+    short by more."""
+    spec = UNetSpec.conditioned(text_channels=16, channels=(32, 32), attention_levels=(2,), num_groups=8,
+                                head_channels=8, sample_size=(8, 64, 64), time_embedding_channels=32)
+    measured, plans = _measured_and_planned_peaks(spec, (1, 1, 8, 64, 64), levels=(1, 2), conditions=True)
     assert measured == pytest.approx(plans["cpu"].peak_bytes, rel=0.05)
     assert abs(measured - plans["cpu"].peak_bytes) < abs(measured - plans["cuda"].peak_bytes)
 
@@ -331,36 +337,8 @@ def test_a_small_cpu_step_with_torchs_default_adam_matches_malloc_within_5_perce
     """At 32x32, checkpointed, the parameters, their gradients and Adam's moments are nearly all of
     the peak, so how the update is planned decides it. CPU's default Adam against the plan; the
     form CUDA runs (planned with `device="cuda"`) would put the peak a parameter-sized copy higher."""
-    from cpcbm_blocks.blocks.conv_weight_grad import set_weight_grad_method
-    from cpcbm_blocks.measure import PeakMallocSampler
-
-    if malloc_bytes_in_use() is None:
-        pytest.skip("needs glibc >= 2.33 (mallinfo2) to measure what a CPU step allocates")
-    spec, shape = UNetSpec.default(), (1, 1, 8, 32, 32)
-    torch.manual_seed(0)
-    model = UNet3D(spec).set_gradient_checkpointing(levels=(1, 2, 3, 4), mid=True)
-    optimizer = torch.optim.Adam(model.parameters())
-    x, t, target = torch.randn(shape), torch.tensor([3.0]), torch.randn(shape)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(model(x, t), target).backward()
-        optimizer.step()
-
-    set_weight_grad_method("aten")  # one form, no timing runs: the plan then plans the same
-    try:
-        step()
-        optimizer.zero_grad(set_to_none=True)
-        with PeakMallocSampler(interval_s=0.0002) as sampler:
-            step()
-        plans = {device: memory_plan(spec, shape, device=device, checkpoint_levels=(1, 2, 3, 4), checkpoint_mid=True)
-                 for device in DEVICES}
-    finally:
-        set_weight_grad_method("auto")
-    allocated_before = sum(v.numel() * v.element_size() for v in (
-        *model.parameters(), *(s for state in optimizer.state.values() for s in state.values() if s.dim() > 0),
-        x, target))
-    measured = sampler.peak_bytes - sampler.start_bytes + allocated_before
+    measured, plans = _measured_and_planned_peaks(UNetSpec.default(), (1, 1, 8, 32, 32), levels=(1, 2, 3, 4),
+                                                  conditions=False)
     assert measured == pytest.approx(plans["cpu"].peak_bytes, rel=0.05)
     assert plans["cuda"].peak_bytes > 1.1 * measured
 
