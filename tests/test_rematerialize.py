@@ -12,6 +12,8 @@ from cpcbm_blocks import ResBlock3D
 from cpcbm_blocks.measure import held_for_backward, malloc_bytes_in_use
 from cpcbm_blocks.rematerialize import (
     SavedApart,
+    _Held,
+    _Packed,
     can_rematerialize,
     recomputable,
     recomputable_product,
@@ -73,11 +75,11 @@ def test_the_convolution_saves_a_recipe_not_its_input():
             saved.append(packed)
             return packed
 
-        with torch.autograd.graph.saved_tensors_hooks(spy, lambda packed: packed.remake()
-                                                      if not isinstance(packed, torch.Tensor) else packed):
+        with torch.autograd.graph.saved_tensors_hooks(spy, registry_pack.__self__.unpack):
             y = _chain(x, weight, norm)
-    remade = [p for p in saved if not isinstance(p, torch.Tensor)]
-    held = [p for p in saved if isinstance(p, torch.Tensor)]
+    remade = [p for p in saved if isinstance(p, _Packed)]
+    held = [p.tensor for p in saved if isinstance(p, _Held)]
+    assert len(remade) + len(held) == len(saved)
     # silu's input (the norm output) and the conv's input (silu's output) are recipes; of the
     # activation-sized tensors only x, the norm's input, is held, as autograd would hold it.
     assert len(remade) == 2
@@ -290,6 +292,50 @@ def test_saved_apart_keeps_a_recipe_remakes_it_when_unpacked_and_frees_it_after(
     assert len(made) == 3
     with pytest.raises(RuntimeError, match="already freed by an earlier backward.*retain_graph=True"):
         out.sum().backward()
+
+
+def test_a_forward_whose_output_is_dropped_without_backward_leaves_nothing_allocated():
+    """A saved-tensor hook that hands autograd back the tensor itself closes a cycle wherever an
+    operator saves one of its own outputs (here GroupNorm its statistics, ReLU its result): the
+    node and all it saved outlived the forward, 1 MiB per residual block per forward here. Held
+    tensors are detached now; a validation pass left with grad on, or a loss that raises, must not
+    grow the process."""
+    if malloc_bytes_in_use() is None:
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    block = randomize_(ResBlock3D(in_channels=32, out_channels=32, emb_channels=16, num_groups=8), seed=1)
+    x, emb = torch.randn(1, 32, 8, 32, 32), torch.randn(1, 16)
+    activation_bytes = x.numel() * x.element_size()
+
+    def forwards(run):
+        run()  # first calls fill kernel caches
+        gc.collect()
+        before = malloc_bytes_in_use()
+        for _ in range(4):
+            out = run()
+            del out
+            gc.collect()
+        return malloc_bytes_in_use() - before
+
+    def in_recipes():
+        with rematerialized_saves():
+            return F.relu(block(x, emb))
+
+    assert forwards(in_recipes) < 0.25 * activation_bytes  # was 4 activations: one per forward
+    assert forwards(lambda: F.relu(block(x, emb))) < 0.25 * activation_bytes  # plain autograd, for reference
+
+
+def test_a_held_tensor_modified_in_place_after_the_forward_is_refused_as_autograd_would():
+    # Under a saved-tensor hook autograd skips its own version check; a silently wrong gradient
+    # would follow. The recipes' hook checks, as autograd does without one.
+    x = torch.randn(5, requires_grad=True)
+    h = x * 2  # held by sin's backward (no recipe)
+    with rematerialized_saves():
+        y = h.sin()
+    with torch.no_grad():
+        h.add_(1)
+    with pytest.raises(RuntimeError, match=r"rematerialized_saves: a tensor of shape \(5,\) saved for backward "
+                                           r"was modified in place after the forward"):
+        y.sum().backward()
 
 
 def test_saved_apart_holds_any_other_tensor_and_refuses_one_modified_in_place():
