@@ -3,7 +3,8 @@
 1. In one process, alternating after a warm-up: train steps (forward + backward, fp32, batch 1) of
    the default UNet as plain PyTorch holds it (`selective=False`), with selective recomputation (the
    default) and with full checkpointing (every level, the middle); and the activations held for
-   backward, measured as what glibc malloc holds after a forward with grad minus after one without.
+   backward, measured as what freeing a forward's output and graph gives back to glibc malloc, less
+   the output (`cpcbm_blocks.measure.held_for_backward`).
 2. Peak memory of a full training step with Adam, each variant in a FRESH process over three steps
    (`--peak-steps`; read after each, since under glibc's default it can keep growing), under each
    of glibc's settings in `MALLOC_SETTINGS`: the benchmarks' timing setting (`MALLOC_MMAP_MAX_=0`,

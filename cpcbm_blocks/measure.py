@@ -24,6 +24,7 @@ import time
 from typing import Self
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from cpcbm_blocks.malloc import glibc
 
@@ -150,19 +151,20 @@ class PeakMallocSampler:
 
 
 def held_for_backward(model: torch.nn.Module, *args, **kwargs) -> int:
-    """Bytes a forward with grad leaves allocated beyond the same forward without grad: what autograd holds.
+    """Bytes the autograd graph of a forward with grad holds: what the activations saved for backward take.
 
-    Both forwards keep only their output, so the difference is the activations saved for backward
-    (what [`MemoryPlan.saved_bytes`][cpcbm_blocks.memory.MemoryPlan.saved_bytes] predicts).
+    Measured as what freeing the forward's output gives back to malloc, less the output's own bytes
+    (what [`MemoryPlan.saved_bytes`][cpcbm_blocks.memory.MemoryPlan.saved_bytes] predicts). Both
+    readings come after the forward, so nothing the forward does to caches outside the graph (a
+    kernel cache that fills on a first call, or evicts an old entry and frees it) moves the result.
     """
     if _MALLINFO2 is None:
         raise RuntimeError("held_for_backward needs glibc >= 2.33 (mallinfo2).")
-    held = {}
-    for grad in (True, False):
-        gc.collect()
-        before = malloc_bytes_in_use()
-        with torch.set_grad_enabled(grad):
-            out = model(*args, **kwargs)
-        held[grad] = malloc_bytes_in_use() - before
-        del out
-    return held[True] - held[False]
+    with torch.enable_grad():
+        out = model(*args, **kwargs)
+    output_bytes = sum(t.untyped_storage().nbytes() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+    gc.collect()
+    alive = malloc_bytes_in_use()
+    del out
+    gc.collect()
+    return alive - malloc_bytes_in_use() - output_bytes
