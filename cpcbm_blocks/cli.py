@@ -243,7 +243,8 @@ def plan_command(args: argparse.Namespace) -> int:
         kept = (" and what glibc's malloc keeps of freed blocks (cpcbm_blocks.malloc.return_freed_blocks(), or "
                 "MALLOC_MMAP_THRESHOLD_=65536, keeps that near zero)" if glibc() is not None else "")
         print(f"on cpu            a process's peak RSS adds Python and torch (this one holds {process / 2**30:.2f} GiB "
-              f"now){kept}")
+              "now; a training process holds more once its first step has run real kernels, whose code it faults in: "
+              f"read its RSS after one small step){kept}")
     if largest is not None:
         print(f"largest batch that fits in {args.fit_gib:g} GiB: {largest} (by the {result.device} plan's predicted "
               f"peak; not counted: {result.not_counted})")

@@ -58,6 +58,7 @@ def test_a_cpu_plan_says_what_a_process_adds_to_it_and_a_cuda_plan_does_not(caps
     held_gib = float(line.split("this one holds ")[1].split(" GiB")[0])
     assert 0.05 < held_gib <= rss_bytes() / 2**30 + 0.01  # measured in this process, just now
     assert ("return_freed_blocks()" in line) == (glibc() is not None)
+    assert "read its RSS after one small step" in line  # how to measure what a training process adds
     assert main(["plan", "--input-shape", "1,1,8,32,32", "--device", "cuda"]) == 0
     assert "on cpu " not in capsys.readouterr().out
     assert main(["plan", "--input-shape", "1,1,8,32,32", "--format", "json"]) == 0
