@@ -162,7 +162,9 @@ def held_for_backward(model: torch.nn.Module, *args, **kwargs) -> int:
         raise RuntimeError("held_for_backward needs glibc >= 2.33 (mallinfo2).")
     with torch.enable_grad():
         out = model(*args, **kwargs)
-    output_bytes = sum(t.untyped_storage().nbytes() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tree_leaves(out)
+                if isinstance(t, torch.Tensor)}  # each once: outputs may be views of one storage
+    output_bytes = sum(storages.values())
     gc.collect()
     alive = malloc_bytes_in_use()
     del out

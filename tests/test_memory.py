@@ -568,3 +568,16 @@ def test_the_onednn_scratch_model_matches_what_malloc_hands_out_around_a_real_co
                 assert measured == pytest.approx(predicted, rel=0.10, abs=2**20), where
         finally:
             torch.set_num_threads(1)
+
+
+def test_held_for_backward_is_what_the_graph_holds_whatever_the_output_looks_like():
+    if malloc_bytes_in_use() is None:
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    weight, x = torch.randn(1024, 1024, requires_grad=True), torch.randn(256, 1024)
+
+    def views_of_one_output(x):
+        y = (x @ weight).sin()  # sin saves the product (1 MiB); the matmul saves x and weight, held elsewhere
+        return y, y[:10], {"again": y}
+
+    assert held_for_backward(views_of_one_output, x) == pytest.approx(2**20, rel=0.02)
+    assert abs(held_for_backward(lambda x: x @ weight, x)) < 2**15  # the matmul holds nothing new
