@@ -25,7 +25,9 @@ when the first saved tensor that needs it is remade, and is kept only until the 
 Rules, as autograd's own saved tensors follow them:
 
 * A recipe must be deterministic (no dropout) and its held arguments must not be modified in
-  place afterwards; a changed version counter raises `RuntimeError` when the recipe runs.
+  place afterwards; a changed version counter raises `RuntimeError` when the recipe runs. The same
+  check covers every other tensor saved inside the context, which is held detached, as autograd
+  holds it: autograd skips its own check for tensors that pass through a saved-tensor hook.
 * A custom autograd `Function` takes part through `SavedApart(t)` instead of
   `ctx.save_for_backward(t)`: each such tensor is remade when the backward unpacks it, so the
   backward decides what exists at once (`Conv3d` lets its remade input go before it makes the input
