@@ -21,9 +21,9 @@
    (`cpcbm_blocks.malloc.return_freed_blocks()`).
 3. From the same children, what each setting costs in time and saves in memory: the median of two
    more steps (`--timed-steps`, run after the malloc sampler has stopped), over the timing
-   setting's, and the peak RSS over the fixed threshold's. A setting cannot be changed back to glibc's default inside a process, so these are one fresh
-   process per setting, not alternating rounds: read them as the size of the trade, not to a few
-   percent.
+   setting's, and the peak RSS over the fixed threshold's. A setting cannot be changed back to
+   glibc's default inside a process, so these are one fresh process per setting, not alternating
+   rounds: read them as the size of the trade, not to a few percent.
 
     python benchmarks/bench_memory.py --time-size 128 --peak-size 256 --repeats 3 --peak-specs default,conditioned
 """

@@ -1,5 +1,6 @@
 """Rematerialised saves: the same gradients, less held for backward, and a loud error rather than a wrong one."""
 
+import contextlib
 import gc
 import weakref
 
@@ -346,6 +347,25 @@ def test_no_training_mode_of_the_unet_keeps_anything_of_a_dropped_forward(switch
         gc.collect()
     # the selective mode kept 7.5 MiB per forward of the default spec at this size before the fix
     assert malloc_bytes_in_use() - before < 2**20
+
+
+def test_held_tensors_keep_double_backward_as_plain_autograd_has_it():
+    # Held tensors are packed detached; autograd gives the unpacked data its grad_fn back, so a
+    # gradient of a gradient through them (GroupNorm saves its input and statistics, ReLU its
+    # result) is the one plain autograd computes.
+    norm = randomize_(torch.nn.GroupNorm(2, 4), seed=2)
+    x0 = torch.randn(2, 4, 3, 5, 5)
+
+    def grad_of_grad(recipes: bool):
+        x = x0.clone().requires_grad_()
+        with rematerialized_saves() if recipes else contextlib.nullcontext():
+            y = torch.relu(norm(x * 1.5)).sin()
+        (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), [x, *norm.parameters()])
+
+    for held, plain in zip(grad_of_grad(True), grad_of_grad(False), strict=True):
+        torch.testing.assert_close(held, plain)
+        assert plain.abs().sum() > 0
 
 
 def test_a_held_tensor_modified_in_place_after_the_forward_is_refused_as_autograd_would():
