@@ -41,7 +41,8 @@ import torch
 from common import MALLOC_VARIABLES, TUNED_MALLOC, alternate, median, save, setup, table
 
 from cpcbm_blocks import UNet3D, UNetSpec, malloc
-from cpcbm_blocks.measure import PeakMallocSampler, held_for_backward, huge_page_bytes, peak_rss_bytes, rss_bytes
+from cpcbm_blocks.measure import (PeakMallocSampler, file_backed_rss_bytes, held_for_backward, huge_page_bytes,
+                                  peak_rss_bytes, rss_bytes)
 from cpcbm_blocks.memory import _conditions, memory_plan
 
 SPECS = {"default": UNetSpec.default, "conditioned": UNetSpec.conditioned}
@@ -105,15 +106,18 @@ def child(size: int, switches: str, spec_name: str, malloc_call: str, steps: int
     under glibc's default malloc the heap fragments, so the peak can keep growing after that. The
     timed steps run after the malloc sampler has stopped: its thread polls `mallinfo2`, which walks
     the heap's free lists, and slowed steps under glibc's default by a fifth in a check at 128x128,
-    under a fixed threshold far less."""
+    under a fixed threshold far less. The file-backed part of the RSS (`file_backed_rss_bytes`: code
+    pages of the libraries, not tensors) is read at each baseline and after the steps."""
     if malloc_call != "-":
         getattr(malloc, malloc_call)()
     torch.set_num_threads(2)
     torch.manual_seed(0)
     shape = (1, 1, 8, size, size)
-    baseline = rss_bytes()
+    baseline, file_backed = rss_bytes(), {"baseline": file_backed_rss_bytes()}
     spec = SPECS[spec_name]()
     warmed = warmed_up_rss(spec, switches, warmup_size) if warmup_size else None
+    if warmed is not None:
+        file_backed["warmed"] = file_backed_rss_bytes()
     model, inputs, train_step = _training(spec, switches, shape)
     peak_by_step, huge_pages_by_step = [], []
     with PeakMallocSampler() as sampler:
@@ -122,13 +126,14 @@ def child(size: int, switches: str, spec_name: str, malloc_call: str, steps: int
             peak_by_step.append(peak_rss_bytes())
             huge_pages_by_step.append(huge_page_bytes())  # the parameters and Adam's state are alive
     peak = peak_by_step[-1]
+    file_backed["after_steps"] = file_backed_rss_bytes()
     seconds_by_step = [train_step() for _ in range(timed_steps)]
     # Before the first step malloc held the parameters and the inputs, which the plan counts too.
     tensors_before = sum(t.numel() * t.element_size() for t in (*model.parameters(), *inputs))
     planned = memory_plan(spec, shape, text_tokens=TEXT_TOKENS, **SWITCHES[switches][1]).peak_bytes
     print(json.dumps({"baseline_rss": baseline, "warmed_rss": warmed, "peak_rss": peak,
                       "peak_rss_by_step": peak_by_step, "huge_pages_by_step": huge_pages_by_step,
-                      "seconds_by_step": seconds_by_step, "planned_peak": planned,
+                      "file_backed_rss": file_backed, "seconds_by_step": seconds_by_step, "planned_peak": planned,
                       "malloc_peak_step": sampler.peak_bytes - sampler.start_bytes + tensors_before}))
 
 
@@ -229,7 +234,8 @@ def step_seconds(measured: dict) -> float:
 
 
 PEAK_HEADERS = ["spec", "malloc", "variant", "peak RSS GiB", "peak RSS after each step GiB",
-                "RSS torch imported / warmed up GiB", "malloc peak GiB", "planned peak GiB",
+                "RSS torch imported / warmed up GiB", "of which file-backed GiB (imported / warmed up / after the steps)",
+                "malloc peak GiB", "planned peak GiB",
                 "(RSS - warmed up) / planned", "(RSS - torch imported) / planned", "malloc peak / planned"]
 
 
@@ -238,12 +244,17 @@ def peak_row(spec_name: str, setting: str, variant: str, measured: dict) -> list
 
     The planner's peak counts the step's tensors, not the process (`MemoryPlan.not_counted`), so
     the first ratio compares it with the peak RSS above the warmed-up process; the second, above
-    the process with torch merely imported, adds what the first step loads (see `warmed_up_rss`)."""
+    the process with torch merely imported, adds what the first step loads (see `warmed_up_rss`).
+    The file-backed column is the part of each baseline, and of the RSS after the steps, that maps
+    libraries' files: code that differs between machines, not the step's data ("-" where not read)."""
     gib, planned = 2**30, measured["planned_peak"]
     warmed = measured.get("warmed_rss")
+    file_backed = measured.get("file_backed_rss", {})
     return [f"UNetSpec.{spec_name}()", setting, variant, measured["peak_rss"] / gib,
             " / ".join(f"{rss / gib:.2f}" for rss in measured["peak_rss_by_step"]),
             f"{measured['baseline_rss'] / gib:.2f} / " + ("-" if warmed is None else f"{warmed / gib:.2f}"),
+            " / ".join("-" if file_backed.get(when) is None else f"{file_backed[when] / gib:.2f}"
+                       for when in ("baseline", "warmed", "after_steps")),
             measured["malloc_peak_step"] / gib, planned / gib,
             "-" if warmed is None else (measured["peak_rss"] - warmed) / planned,
             (measured["peak_rss"] - measured["baseline_rss"]) / planned, measured["malloc_peak_step"] / planned]

@@ -28,8 +28,8 @@ from torch.utils._pytree import tree_leaves
 
 from cpcbm_blocks.malloc import glibc
 
-__all__ = ["PeakMallocSampler", "held_for_backward", "huge_page_bytes", "malloc_bytes_in_use", "peak_rss_bytes",
-           "rss_bytes", "transparent_huge_page_mode"]
+__all__ = ["PeakMallocSampler", "file_backed_rss_bytes", "held_for_backward", "huge_page_bytes", "malloc_bytes_in_use",
+           "peak_rss_bytes", "rss_bytes", "transparent_huge_page_mode"]
 
 
 class _MallInfo2(ctypes.Structure):
@@ -77,6 +77,18 @@ def peak_rss_bytes() -> int | None:
     3 GiB, however little it uses. `VmHWM` belongs to the address space the program runs in.
     """
     return _proc_kib("/proc/self/status", "VmHWM:")
+
+
+def file_backed_rss_bytes() -> int | None:
+    """The part of this process's resident set that maps files (`RssFile` in `/proc/self/status`): the
+    pages of the shared libraries' code and data it has touched (libtorch's kernels, Python's modules),
+    not its tensors. None off Linux.
+
+    These pages are clean: the kernel can drop them under memory pressure (and read them back when
+    the code runs again), and processes that load the same library share them. The anonymous rest
+    (`rss_bytes()` minus this) is what the process allocated itself: tensors, malloc's heap, Python's
+    objects. Reading both tells a process that holds more code pages from one that holds more data."""
+    return _proc_kib("/proc/self/status", "RssFile:")
 
 
 def huge_page_bytes() -> int | None:

@@ -98,3 +98,27 @@ def test_huge_page_bytes_shows_whether_thp_mem_alloc_enable_took_effect():
     assert in_huge_pages_mib({"THP_MEM_ALLOC_ENABLE": "1"}) >= 32  # most of the 64 MiB tensor
     if transparent_huge_page_mode() == "madvise":  # in "always" mode the kernel may back it with huge pages anyway
         assert in_huge_pages_mib({}) == 0
+
+
+def test_file_backed_rss_counts_the_pages_of_a_mapped_file_that_were_read_and_not_a_tensors(tmp_path):
+    """`file_backed_rss_bytes` tells libraries' code pages (which differ between machines) from the
+    process's own data: reading a mapped file raises it, filling a tensor does not."""
+    import mmap
+
+    import torch
+
+    from cpcbm_blocks.measure import file_backed_rss_bytes, rss_bytes
+    if file_backed_rss_bytes() is None:
+        pytest.skip("no /proc/self/status (not Linux)")
+    size = 32 * 2**20
+    path = tmp_path / "pages.bin"
+    path.write_bytes(b"\1" * size)
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ) as mapped:
+        before = file_backed_rss_bytes()
+        assert sum(mapped[offset] for offset in range(0, size, 4096)) == size // 4096  # one read per page
+        assert file_backed_rss_bytes() - before >= size * 3 // 4
+    before = file_backed_rss_bytes()
+    tensor = torch.ones(size // 4)  # anonymous memory, whether malloc maps it fresh or reuses its heap
+    assert abs(file_backed_rss_bytes() - before) < size // 8
+    assert file_backed_rss_bytes() < rss_bytes()
+    del tensor

@@ -64,6 +64,9 @@ def test_child_reports_time_and_memory_of_each_step(capsys):
     assert measured["planned_peak"] > 0 and measured["peak_rss"] >= measured["baseline_rss"] > 0
     assert measured["warmed_rss"] is None
     assert len(measured["huge_pages_by_step"]) == 2
+    file_backed = measured["file_backed_rss"]  # libraries' pages: part of the RSS, and some of them at least
+    assert sorted(file_backed) == ["after_steps", "baseline"]
+    assert 0 < file_backed["baseline"] < measured["baseline_rss"] and 0 < file_backed["after_steps"] < measured["peak_rss"]
 
 
 def test_warm_up_loads_what_the_first_step_loads_and_leaves_nothing_of_its_model():
@@ -78,19 +81,27 @@ def test_warm_up_loads_what_the_first_step_loads_and_leaves_nothing_of_its_model
     # The throwaway model, its gradients and Adam's state are gone: had they stayed, the RSS above
     # the warmed-up baseline would be far below the plan, whose peak at 32x32 is mostly those.
     assert 0.8 < (measured["peak_rss"] - measured["warmed_rss"]) / measured["planned_peak"] < 1.2
+    # Part of what the warm-up adds is libtorch's code, faulted in by the kernels it runs.
+    assert measured["file_backed_rss"]["warmed"] > measured["file_backed_rss"]["baseline"]
 
 
 def test_peak_row_divides_the_rss_above_each_baseline_by_the_plan():
     gib = 2**30
     measured = {"peak_rss": 3 * gib, "baseline_rss": gib // 4, "warmed_rss": gib // 2, "planned_peak": 2.5 * gib,
-                "malloc_peak_step": 2.55 * gib, "peak_rss_by_step": [2.9 * gib, 3 * gib]}
+                "malloc_peak_step": 2.55 * gib, "peak_rss_by_step": [2.9 * gib, 3 * gib],
+                "file_backed_rss": {"baseline": 0.07 * gib, "warmed": 0.15 * gib, "after_steps": 0.16 * gib}}
     row = dict(zip(PEAK_HEADERS, _rows(table_of(peak_row("default", FIXED_THRESHOLD, "plain", measured)))[0]))
     assert row["spec"] == "UNetSpec.default()" and row["peak RSS after each step GiB"] == "2.90 / 3.00"
     assert row["RSS torch imported / warmed up GiB"] == "0.25 / 0.50"
     assert row["(RSS - warmed up) / planned"] == "1" and row["(RSS - torch imported) / planned"] == "1.1"
     assert row["malloc peak / planned"] == "1.02"
+    assert row["of which file-backed GiB (imported / warmed up / after the steps)"] == "0.07 / 0.15 / 0.16"
     without = dict(zip(PEAK_HEADERS, peak_row("default", FIXED_THRESHOLD, "plain", {**measured, "warmed_rss": None})))
     assert without["(RSS - warmed up) / planned"] == "-" and without["RSS torch imported / warmed up GiB"] == "0.25 / -"
+    # a child of a run before the file-backed part was read
+    older = {key: value for key, value in measured.items() if key != "file_backed_rss"}
+    assert dict(zip(PEAK_HEADERS, peak_row("default", FIXED_THRESHOLD, "plain", older)))[
+        "of which file-backed GiB (imported / warmed up / after the steps)"] == "- / - / -"
 
 
 def table_of(row):
