@@ -94,8 +94,17 @@ class _Recipe:
                     f"{tuple(tensor.shape)} was modified in place after the forward, so the saved tensor "
                     "cannot be remade for backward. Do not modify it in place, or compute outside "
                     "rematerialized_saves().")
-        args, kwargs = tree_unflatten([leaf.remake() if isinstance(leaf, _Remade) else leaf for leaf in self.leaves],
-                                      self.spec)
+        # A product's arguments are remade in a scope of their own: the product is cached once made, so what
+        # was shared while making them (the input of a chain of steps, say) goes with them, not at the end
+        # of the whole saved tensor's remake; a cheap recipe that something later shares runs again.
+        outer = _remaking.results
+        if self.expensive and outer is not None:
+            _remaking.results = {}
+        try:
+            args, kwargs = tree_unflatten([leaf.remake() if isinstance(leaf, _Remade) else leaf
+                                           for leaf in self.leaves], self.spec)
+        finally:
+            _remaking.results = outer
         out = self.fn(*args, **kwargs)
         if memo is not None:
             memo[id(self)] = out

@@ -400,3 +400,44 @@ def test_saves_apart_only_where_the_recipes_hook_is_the_innermost():
             assert not saves_apart()
     with rematerialized_saves():
         assert saves_apart() and not remaking_products()
+
+
+def test_what_a_product_was_remade_from_goes_once_the_product_is_made():
+    """A cheap recipe that feeds a product and something else (the stem's output: level 1's first block
+    remakes from it, and that block's norm saves it) is shared while one saved tensor is remade. Once
+    the product is made (and kept), it goes: it is not held until the whole saved tensor is, while the
+    rest of that remake runs (a fusion's FiLM maps and modulated product, at the level-1 peak)."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, generator=generator).requires_grad_()
+    w = torch.randn(2, 3, generator=generator).requires_grad_()
+    stems, gone_when_used = [], []
+
+    def stem(t):
+        out = t * 2.0
+        stems.append(weakref.ref(out))
+        return out
+
+    def later(p, other):  # runs after the product, in the same remake
+        gone_when_used.append([ref() is None for ref in stems])
+        return p * other
+
+    def fn():
+        s = recomputable(stem, x)
+        neighbour = recomputable(torch.neg, s)  # a second consumer: the stem is shared while remade
+        p = recomputable_product(torch.sin, s)
+        return torch.cos(recomputable(later, p, w)) + neighbour.sum()  # cos saves later's result
+
+    plain_out, plain = _grads(fn, x, w)
+    for leaf in (x, w):
+        leaf.grad = None
+    stems.clear()
+    gone_when_used.clear()
+    with rematerialized_saves(products=True):
+        out = fn()
+    out.square().sum().backward()
+    # The forward's call, then the remake for cos's backward: the stem remade for the product had gone
+    # by the time `later` ran.
+    assert gone_when_used == [[False], [True, True]]
+    torch.testing.assert_close(out.detach(), plain_out)
+    for leaf, expected in zip((x, w), plain, strict=True):
+        torch.testing.assert_close(leaf.grad, expected)
