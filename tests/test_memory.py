@@ -302,13 +302,14 @@ def test_the_dominant_level_of_the_default_is_the_full_resolution_one(default_pl
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_plan_says_where_its_peak_is_reached(device):
-    # Checkpointed and conditioned at full size: the peak is in the backward of a full-resolution decoder
-    # block, at a convolution's backward, where on CPU oneDNN's blocked copies of its operands add to it.
+    # Checkpointed and conditioned at full size: the peak is in the backward of a full-resolution block (the
+    # first decoder block's or, with level 1's first skip remade, the encoder's fusion, where the skip is
+    # remade); on CPU at a convolution's backward, where oneDNN's blocked copies of its operands add to it.
     plan = memory_plan(UNetSpec.conditioned(), (1, 1, 8, 256, 256), device=device, checkpoint_levels=(1, 2, 3, 4),
                        checkpoint_mid=True, checkpoint_conditions=True)
     step = plan.steps[plan.peak_step].step
-    assert plan.peak_phase == "backward" and step.section is Section.UP and step.group == 1
-    assert plan.peak_operator.startswith("convolution_backward")
+    assert plan.peak_phase == "backward" and step.group == 1 and step.section in (Section.DOWN, Section.UP)
+    assert plan.peak_operator.startswith("convolution_backward") or device == "cuda"
     assert (plan.peak_scratch_bytes > 0) == (device == "cpu")
     assert f"of step {plan.peak_step + 1} ({step.describe()})" in plan.peak_at
     assert f"peak reached      {plan.peak_at}" in plan.render() and plan.to_dict()["peak_at"] == plan.peak_at

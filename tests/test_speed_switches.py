@@ -205,15 +205,20 @@ def test_checkpointing_holds_skips_but_not_outputs_that_are_only_the_next_steps_
     """The stem's, the pre-fusion block's, the downsamplers' and the upsamplers' outputs are only the
     next step's input: under checkpointing that step saves them as recipes, so nothing holds them
     after the forward. So are level 2's decoder outputs but its last (the top upsampler's input),
-    remade as one chain by that last step's backward. Skips stay held (the decoder reads them)."""
+    remade as one chain by that last step's backward. Skips stay held while the decoder reads them;
+    level 1's skips but its last are remade once the decoder block that reads them has run its
+    backward, which comes before that of the level's first decoder block (where the peak is)."""
     spec, x, conditions = _small_conditioned(**_THREE_LEVELS)
     model = _model(spec).set_gradient_checkpointing(levels=(1, 2, 3), mid=True, conditions=True)
     remade = {model.steps[p].module_key for p in model._remade_outputs}
     level_2_decoder = [step.module_key for step in model.steps if step.section.value == "up" and step.group == 2]
     assert len(level_2_decoder) >= 3
-    assert {"conv_in", "down1_res2", "down1_down", "up1_up", *level_2_decoder[:-1]} <= remade
+    assert {"conv_in", "down1_res1", "down1_res2", "down1_down", "up1_up", *level_2_decoder[:-1]} <= remade
     assert level_2_decoder[-1] not in remade
-    assert not any(model.steps[p].gives_skip for p in model._remade_outputs)
+    level_1_skips = [p for p, step in enumerate(model.steps)
+                     if step.section.value == "down" and step.group == 1 and step.gives_skip]
+    assert len(level_1_skips) == 2
+    assert {p for p in model._remade_outputs if model.steps[p].gives_skip} == set(level_1_skips[:-1])
     alive: dict[str, list[bool]] = {}
     handles = []
     for position, step in enumerate(model.steps):
@@ -225,15 +230,29 @@ def test_checkpointing_holds_skips_but_not_outputs_that_are_only_the_next_steps_
             weakref.finalize(out.untyped_storage(), flag.__setitem__, 0, False)
             alive[key] = flag
         handles.append(model.blocks[step.module_key].register_forward_hook(record))
+    # The gradient of level 1's first decoder block's output is made by the backward of the block after
+    # it, which reads the level's first skip; when it arrives, that skip should be gone.
+    first_decoder_block = next(p for p, step in enumerate(model.steps)
+                               if step.section.value == "up" and step.group == 1 and step.takes_skip)
+    first_skip = f"{level_1_skips[0]}:{model.steps[level_1_skips[0]].module_key}"
+    first_skip_alive_then = []
+
+    def at_first_decoder_block(module, args, out):
+        if torch.is_grad_enabled() and out.requires_grad and not first_skip_alive_then:
+            out.register_hook(lambda grad: first_skip_alive_then.append(alive[first_skip][0]))
+    handles.append(model.blocks[model.steps[first_decoder_block].module_key].register_forward_hook(
+        at_first_decoder_block))
     out = model(x, torch.tensor([3.0, 700.0]), **conditions)
-    for handle in handles:
-        handle.remove()
     gc.collect()
     for position, step in enumerate(model.steps):
         if _followed(step):
             held = alive[f"{position}:{step.module_key}"][0]
-            assert held == (position not in model._remade_outputs), (position, step.module_key, held)
+            expected = position not in model._remade_outputs or step.gives_skip  # a skip: the decoder reads it
+            assert held == expected, (position, step.module_key, held)
     out.square().mean().backward()  # the remade outputs are made again for it (gradients: the test above)
+    for handle in handles:
+        handle.remove()
+    assert first_skip_alive_then == [False]
 
 
 def test_a_checkpointed_condition_encoder_holds_one_block_at_a_time_in_backward():
