@@ -50,18 +50,21 @@ def test_checkpointed_steps_really_recompute_in_backward(tiny_spec):
         model.blocks.get_submodule(name).register_forward_pre_hook(lambda *_, log=log: log.append(1))
     model(torch.randn(1, 1, 4, 8, 8), 5).sum().backward()
     # A checkpointed residual block keeps only its inputs (rematerialized_saves(products=True)): in
-    # backward its first convolution runs once more, its second not at all, because no backward
-    # needs its output. The stem's and the downsampler's outputs are not skips, and the upsampler's is
-    # cheap to make, so the next step saves them as their recipes and remakes them once in its
-    # backward; a residual block that gives a skip is not remade. Attention runs again as a whole
-    # (torch.utils.checkpoint).
+    # backward its first convolution runs once more for its own saved tensors, its second not at all,
+    # because no backward needs its output. The downsampler's output is not a skip, and the upsampler's
+    # is cheap to make, so the next step saves them as their recipes and remakes them once in its
+    # backward. Level 1's first skip (the first block's output) is remade too, once the decoder block
+    # that reads it has run its backward: one more forward of that block, both its convolutions. The
+    # stem's output it is remade from is a cheap recipe, run again at each use (for the chain, and for
+    # each of the first block's saved tensors made from it) rather than kept. Attention runs again as a
+    # whole (torch.utils.checkpoint).
     assert {name: len(log) for name, log in calls.items()} == {
-        "conv_in": 2, "down1_res1": 1, "down1_res1.conv1": 2, "down1_res1.conv2": 1, "down1_down.conv": 2,
+        "conv_in": 6, "down1_res1": 2, "down1_res1.conv1": 3, "down1_res1.conv2": 2, "down1_down.conv": 2,
         "down2_attn1": 2, "up1_up": 2}
     with torch.no_grad():
         model(torch.randn(1, 1, 4, 8, 8), 5)
-    assert len(calls["down1_res1.conv1"]) == 3 and len(calls["down2_attn1"]) == 3  # no recompute without grad
-    assert len(calls["conv_in"]) == 3 and len(calls["down1_down.conv"]) == 3
+    assert len(calls["down1_res1.conv1"]) == 4 and len(calls["down2_attn1"]) == 3  # no recompute without grad
+    assert len(calls["conv_in"]) == 7 and len(calls["down1_down.conv"]) == 3
 
 
 def test_checkpointing_rejects_levels_that_do_not_exist(tiny_spec):
