@@ -94,7 +94,9 @@ class UNet3D(nn.Module):
         `SKIP_APART_MIN_BYTES`) no concatenation is made, in forward or in backward. Consecutive checkpointed
         steps share one `rematerialized_saves(products=True)`, so an output that is only the next step's
         input (the stem's, a downsampler's, an upsampler's, the block before a fusion on the way down) is
-        not held either: the next step remakes it in its own backward. With
+        not held either: the next step remakes it in its own backward. Nor are level 1's skips but
+        its last once the decoder block that reads each has run its backward, which comes before the
+        peak, in the backward of level 1's first decoder block. With
         `conditions=True` the condition encoder is checkpointed too
         ([`encode_checkpointed`][cpcbm_blocks.conditioning.ConditionEncoder.encode_checkpointed]: it keeps
         only the raw conditions, and its backward remakes one block at a time). Levels are numbered
