@@ -289,7 +289,8 @@ def _spans_and_remade_outputs(steps: tuple[Step, ...], checkpointed: frozenset[i
     remade only where the next step is in the same span (otherwise nothing would save it as a
     recipe) and, with two exceptions, where the step's own input is not remade, so that one remake
     does not run a chain of steps. The stem's output, when remade, is a cheap recipe (one
-    convolution of the input's few channels), run again at each use rather than kept.
+    convolution of the input's few channels), run again at each use rather than kept; the stem joins
+    level 1's span when its output is remade.
 
     First exception: level 1's skips but its last. The decoder reads a level's skips in reverse, so
     the backward of the block that reads the first skip comes before that of the level's first
@@ -297,7 +298,8 @@ def _spans_and_remade_outputs(steps: tuple[Step, ...], checkpointed: frozenset[i
     It is remade (from the stem, at level 1's first block: a chain, each link kept once made until
     its own step's backward), which lowers a checkpointed step's planned peak at 256x256 by 50 MiB in
     the default spec and by 34 MiB in the conditioned one (with the weight-gradient forms an AVX-512
-    CPU times), for one more forward of the block (2-3% of the step's FLOPs). Deeper levels' skips are
+    CPU times), for one more forward of the block (3% of the default's step FLOPs, 2% of the
+    conditioned one's). Deeper levels' skips are
     read after that peak and keep the rule.
 
     Second exception: level 2's decoder. Its outputs are the inputs of its later steps, so they are held

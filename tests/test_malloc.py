@@ -5,13 +5,14 @@ run both ways, so that a setting that did nothing would fail.
 """
 
 import json
+import mmap
 import subprocess
 import sys
 
 import pytest
 
 from cpcbm_blocks import InputError, malloc
-from cpcbm_blocks.measure import huge_page_bytes, transparent_huge_page_mode
+from cpcbm_blocks.measure import file_backed_rss_bytes, huge_page_bytes, rss_bytes, transparent_huge_page_mode
 
 pytestmark = pytest.mark.skipif(malloc.glibc() is None, reason="glibc's malloc settings need glibc (Linux)")
 
@@ -103,11 +104,8 @@ def test_huge_page_bytes_shows_whether_thp_mem_alloc_enable_took_effect():
 def test_file_backed_rss_counts_the_pages_of_a_mapped_file_that_were_read_and_not_a_tensors(tmp_path):
     """`file_backed_rss_bytes` tells libraries' code pages (which differ between machines) from the
     process's own data: reading a mapped file raises it, filling a tensor does not."""
-    import mmap
-
     import torch
 
-    from cpcbm_blocks.measure import file_backed_rss_bytes, rss_bytes
     if file_backed_rss_bytes() is None:
         pytest.skip("no /proc/self/status (not Linux)")
     size = 32 * 2**20
