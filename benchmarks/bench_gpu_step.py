@@ -1,64 +1,132 @@
-"""A full-size training step on a GPU: time, `torch.cuda.max_memory_allocated` and the planner's prediction.
+"""Full-size training steps on a GPU: time, `torch.cuda.max_memory_allocated` and the planner's prediction.
 
-The default UNet at `(1, 1, 8, 256, 256)`, batch 1, one training step with Adam (forward, MSE loss,
-backward, optimizer step), in three precisions:
+One training step with Adam (forward, MSE loss, backward, optimizer step) at `(1, 1, 8, 256, 256)`,
+batch 1, for these variants:
 
-- **bf16 autocast** (fp32 weights, bf16 compute): what a user trains with;
-- **bf16** (weights and activations cast to bf16): what `cpcbm-blocks plan --dtype bf16` plans;
-- **fp32**: what `cpcbm-blocks plan` plans.
+- the default UNet in three precisions: **bf16 autocast** (fp32 weights, bf16 compute: what a user
+  trains with), **bf16** (weights and activations cast, what `cpcbm-blocks plan --dtype bf16` plans)
+  and **fp32** (what `cpcbm-blocks plan` plans);
+- the default UNet in bf16 autocast with `torch.backends.cudnn.benchmark` on (cuDNN times its
+  convolution algorithms on the first step of each shape instead of taking its heuristic's pick);
+- the default UNet checkpointed (every level and the middle), in bf16 autocast and in fp32;
+- the conditioned UNet (text and three image conditions) in bf16 autocast and fp32, and in fp32
+  checkpointed (every level, the middle and the condition encoder);
+- MONAI's nearest configuration (`bench_train_step.monai_unet`), in bf16 autocast and fp32, where
+  MONAI is installed: the `/ MONAI` column divides each of our default UNet's times by MONAI's in
+  the same precision.
 
 Times alternate A B A B after a warm-up (with `torch.cuda.synchronize()` inside each step). The
 memory of each variant is measured alone, after a first step has made Adam's state: the most
 allocated during one step minus what was allocated before its model existed, next to the planner's
-peak for the same dtype (the planner does not model autocast's cast copies of the weights).
+peak for the same dtype and switches (the planner does not model autocast's bf16 copies of the
+weights, so the fp32 plan stands beside the autocast rows as a reference, not a prediction).
 
-    python benchmarks/bench_gpu_step.py --repeats 10            # on a machine with a CUDA device
-    python benchmarks/bench_gpu_step.py --device cpu --size 64 --repeats 1   # a smoke run of the script itself
+    python benchmarks/bench_gpu_step.py --repeats 10              # on a machine with a CUDA device
+    python benchmarks/bench_gpu_step.py --compile --repeats 10    # eager vs torch.compile, bf16 autocast
+    python benchmarks/bench_gpu_step.py --profile                 # the CUDA kernels of one step
+    python benchmarks/bench_gpu_step.py --device cpu --size 64 --repeats 1   # a smoke run of the script
 
-`--compile` adds the bf16-autocast step under `torch.compile`.
+`--compile` times the default UNet in bf16 autocast eager against the same under `torch.compile`
+(the first, compiling step timed apart) and saves `results/gpu_step_compile.json`. `--profile`
+prints the kernels that took the most GPU time in one bf16-autocast step, and the step's summed
+kernel time over its wall time (well under 1 means the GPU waits on Python and kernel launches).
 """
 
 import argparse
 import gc
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
+from bench_train_step import monai_unet
 from common import alternate, median, save, setup, table
 
 from cpcbm_blocks import UNet3D, UNetSpec, shape_checks
-from cpcbm_blocks.memory import memory_plan
+from cpcbm_blocks.memory import _conditions, memory_plan
+
+TEXT_TOKENS = 77
+EVERY_LEVEL = {"levels": (1, 2, 3, 4), "mid": True}
 
 
-def make_step(spec, shape, device, precision, *, compiled=False):
+@dataclass(frozen=True)
+class Variant:
+    """One row: which network, in which precision, with which memory switches."""
+
+    network: str  # "default", "conditioned" or "MONAI"
+    precision: str  # "bf16 autocast", "bf16" or "fp32"
+    checkpointing: dict = field(default_factory=dict)  # keyword arguments of set_gradient_checkpointing
+    cudnn_benchmark: bool = False
+
+    def planned_bytes(self, shape: tuple[int, ...]) -> int | None:
+        """The planner's peak for the same network, dtype and switches (the fp32 plan for autocast)."""
+        if self.network == "MONAI":
+            return None
+        switches = {"checkpoint_levels": self.checkpointing.get("levels", ()),
+                    "checkpoint_mid": self.checkpointing.get("mid", False),
+                    "checkpoint_conditions": self.checkpointing.get("conditions", False)}
+        dtype = "bf16" if self.precision == "bf16" else "fp32"
+        return memory_plan(_spec(self.network), shape, dtype=dtype, device="cuda", text_tokens=TEXT_TOKENS,
+                           **switches).peak_bytes
+
+
+VARIANTS = {
+    "default, bf16 autocast": Variant("default", "bf16 autocast"),
+    "default, bf16": Variant("default", "bf16"),
+    "default, fp32": Variant("default", "fp32"),
+    "default, bf16 autocast, cudnn.benchmark": Variant("default", "bf16 autocast", cudnn_benchmark=True),
+    "default, bf16 autocast, checkpointed": Variant("default", "bf16 autocast", EVERY_LEVEL),
+    "default, fp32, checkpointed": Variant("default", "fp32", EVERY_LEVEL),
+    "conditioned, bf16 autocast": Variant("conditioned", "bf16 autocast"),
+    "conditioned, fp32": Variant("conditioned", "fp32"),
+    "conditioned, fp32, checkpointed": Variant("conditioned", "fp32", {**EVERY_LEVEL, "conditions": True}),
+    "MONAI, bf16 autocast": Variant("MONAI", "bf16 autocast"),
+    "MONAI, fp32": Variant("MONAI", "fp32"),
+}
+
+
+def _spec(network: str) -> UNetSpec:
+    return UNetSpec.conditioned() if network == "conditioned" else UNetSpec.default()
+
+
+def make_step(variant: Variant, shape: tuple[int, ...], device: torch.device, *,
+              compiled: bool = False) -> Callable[[], None]:
     """A model, its optimizer and data on `device`, and a function that runs one synchronised step."""
     torch.manual_seed(0)
-    model = UNet3D(spec).to(device)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model = model.to(dtype)
+    dtype = torch.bfloat16 if variant.precision == "bf16" else torch.float32
+    if variant.network == "MONAI":
+        model, conditions = monai_unet(), {}
+    else:
+        spec = _spec(variant.network)
+        model = UNet3D(spec).set_gradient_checkpointing(**variant.checkpointing)
+        conditions = {k: torch.randn(v.shape, device=device, dtype=dtype)
+                      for k, v in _conditions(spec, shape, dtype, TEXT_TOKENS).items()}
+    model = model.to(device=device, dtype=dtype)
     optimizer = torch.optim.Adam(model.parameters(), foreach=True)
     x, target = torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype)
     t = torch.tensor([500.0], device=device)
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model, dynamic=False) if compiled else model
 
     def step():
+        torch.backends.cudnn.benchmark = variant.cudnn_benchmark
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16 autocast"):
-            loss = torch.nn.functional.mse_loss(forward(x, t).float(), target.float())
-        loss.backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.precision == "bf16 autocast"):
+            prediction = forward(x, t, **conditions)
+        torch.nn.functional.mse_loss(prediction.float(), target.float()).backward()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
     return step
 
 
-def measured_peak_bytes(spec, shape, device, precision) -> int | None:
+def measured_peak_bytes(variant: Variant, shape: tuple[int, ...], device: torch.device) -> int | None:
     """Peak bytes one steady-state step allocates on the GPU beyond what existed before its model."""
     if device.type != "cuda":
         return None
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
-    step = make_step(spec, shape, device, precision)
+    step = make_step(variant, shape, device)
     step()  # Adam's state exists from here on, as in the plan's steady state
     torch.cuda.reset_peak_memory_stats()
     step()
@@ -69,12 +137,23 @@ def measured_peak_bytes(spec, shape, device, precision) -> int | None:
     return peak
 
 
+def available(variants: dict[str, Variant]) -> dict[str, Variant]:
+    """The variants this machine can run: MONAI's only where it is installed."""
+    try:
+        import monai  # noqa: F401
+    except ImportError:
+        print("MONAI is not installed: its rows are left out (`pip install monai` after torch).")
+        return {name: v for name, v in variants.items() if v.network != "MONAI"}
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", type=int, default=256, help="H=W of (1,1,8,H,W)")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="eager vs torch.compile instead of the variants")
+    parser.add_argument("--profile", action="store_true", help="the CUDA kernels of one step instead")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -84,33 +163,75 @@ def main() -> None:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         print(f"GPU: {env['gpu']}")
-    spec, shape = UNetSpec.default(), (1, 1, 8, args.size, args.size)
-    precisions = ["bf16 autocast", "bf16", "fp32"]
+    shape = (1, 1, 8, args.size, args.size)
     with shape_checks(False):
-        variants = {p: make_step(spec, shape, device, p) for p in precisions}
+        if args.profile:
+            return profile(shape, device)
         if args.compile:
-            variants["bf16 autocast, compiled"] = make_step(spec, shape, device, "bf16 autocast", compiled=True)
-        times = alternate(variants, repeats=args.repeats, warmup=2)
-        del variants
-        peaks = {p: measured_peak_bytes(spec, shape, device, p) for p in precisions}
-    planned = {"bf16": memory_plan(spec, shape, dtype="bf16", device="cuda").peak_bytes,
-               "fp32": memory_plan(spec, shape, dtype="fp32", device="cuda").peak_bytes}
-    planned["bf16 autocast"] = planned["fp32"]  # no autocast in the plan: the fp32 plan is the reference
+            return compare_compiled(shape, device, args.repeats, env)
+        variants = available(VARIANTS)
+        times = alternate({name: make_step(v, shape, device) for name, v in variants.items()},
+                          repeats=args.repeats, warmup=2)
+        gc.collect()
+        peaks = {name: measured_peak_bytes(v, shape, device) for name, v in variants.items()}
+    planned = {name: v.planned_bytes(shape) for name, v in variants.items()}
     rows, data = [], []
-    for name, values in times.items():
-        peak = peaks.get(name)
-        plan = planned.get(name)
+    for name, variant in variants.items():
+        values, peak, plan = times[name], peaks[name], planned[name]
+        monai = times.get(f"MONAI, {variant.precision}") if variant.network == "default" else None
         rows.append([name, median(values), min(values), max(values),
-                     "n/a" if peak is None else peak / 2**30, plan / 2**30 if plan else "n/a",
-                     "n/a" if peak is None or not plan else peak / plan])
+                     f"{median(values) / median(monai):.3f}" if monai and not variant.checkpointing else "-",
+                     "n/a" if peak is None else peak / 2**30, "n/a" if plan is None else plan / 2**30,
+                     "n/a" if peak is None or plan is None else peak / plan])
         data.append({"variant": name, "seconds": values, "peak_bytes": peak, "planned_bytes": plan})
-    text = table(["step", "median s", "min s", "max s", "max_memory_allocated GiB", "planned GiB",
+    text = table(["step", "median s", "min s", "max s", "/ MONAI", "max_memory_allocated GiB", "planned GiB",
                   "measured / planned"], rows)
-    print(f"\nTraining step with Adam, default UNet, {shape}, {args.device}:\n{text}")
+    print(f"\nTraining step with Adam, {shape}, {args.device}:\n{text}")
     if device.type != "cuda":
         print("(a smoke run on the CPU: not saved)")
         return
     save("gpu_step", env, {"gpu_step": text}, {"rows": data, "shape": shape, "repeats": args.repeats})
+
+
+def compare_compiled(shape: tuple[int, ...], device: torch.device, repeats: int, env: dict) -> None:
+    """The default UNet in bf16 autocast, eager vs `torch.compile` (inductor, static shapes)."""
+    variant = VARIANTS["default, bf16 autocast"]
+    steps = {"eager": make_step(variant, shape, device), "torch.compile": make_step(variant, shape, device, compiled=True)}
+    first: dict[str, list[float]] = {}
+    times = alternate(steps, repeats=repeats, warmup=2, warmup_seconds=first)
+    eager = median(times["eager"])
+    rows = [[name, first[name][0], median(v), min(v), max(v), median(v) / eager] for name, v in times.items()]
+    text = table(["bf16 autocast step", "first step s", "median s", "min s", "max s", "time / eager"], rows)
+    print(f"\nTraining step with Adam, default UNet, {shape}, {device}:\n{text}")
+    if device.type == "cuda":
+        save("gpu_step_compile", env, {"gpu_step_compile": text},
+             {"seconds": times, "first_seconds": first, "shape": shape, "repeats": repeats})
+
+
+def profile(shape: tuple[int, ...], device: torch.device) -> None:
+    """The kernels that took the most device time in one bf16-autocast step of the default UNet."""
+    from torch.profiler import ProfilerActivity
+    step = make_step(VARIANTS["default, bf16 autocast"], shape, device)
+    for _ in range(3):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        started = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
+        if started is not None:
+            ended = torch.cuda.Event(enable_timing=True)
+            started.record()
+        step()
+        if started is not None:
+            ended.record()
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=key, row_limit=30, max_name_column_width=70))
+    if started is not None:
+        kernels_ms = sum(getattr(e, key) for e in events) / 1e3
+        wall_ms = started.elapsed_time(ended)
+        print(f"summed kernel time {kernels_ms:.1f} ms over a step's {wall_ms:.1f} ms on the GPU's clock: "
+              f"{kernels_ms / wall_ms:.2f} busy")
 
 
 if __name__ == "__main__":

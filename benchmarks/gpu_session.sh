@@ -2,25 +2,28 @@
 # The GPU checks of the speed-and-memory issue, in ONE call to a lent GPU machine.
 #
 # Such a machine is lent for minutes and starts bare, with its own Python and torch (an image with
-# CUDA, PyTorch, einops, jaxtyping, hypothesis and pytest, but not beartype). So the work is split:
+# CUDA, PyTorch, einops, jaxtyping, hypothesis and pytest, but not beartype or MONAI). So the work is split:
 #
 #   here, once:   bash benchmarks/gpu_session.sh --prepare
 #                 (downloads the wheels that image lacks into .whl/, which git ignores)
-#   there:        bash benchmarks/gpu_session.sh            (carry .whl; about 5 minutes on an H100/H200)
+#   there:        bash benchmarks/gpu_session.sh            (carry .whl; about 6 minutes on an H100/H200)
 #   here, to try: bash benchmarks/gpu_session.sh --smoke    (the same steps on this CPU, at 64x64)
 #
-# What runs: the tests marked `gpu` (CUDA against CPU outputs and gradients, checkpointing and bf16
-# on CUDA, the planner's peak against torch.cuda.max_memory_allocated within 10%, fp16 attention
-# with upcast), then benchmarks/bench_gpu_step.py at the full
-# (1, 1, 8, 256, 256): bf16 autocast, bf16 and fp32 steps with Adam, their max_memory_allocated
-# and the planner's prediction. Logs and results/gpu_step.json are copied to $OUT (the folder the
-# device tool brings back), or to a temporary folder elsewhere. Each step has its own time limit,
-# so a hang in one still leaves the others' output.
+# What runs, in this order (the most needed first, each under its own time limit, so a hang or a
+# slow part still leaves the others' output; the whole stays under BUDGET_S seconds):
+#   1. the tests marked `gpu` (CUDA against CPU outputs and gradients, checkpointing and bf16 on CUDA,
+#      the planner's peak against torch.cuda.max_memory_allocated within 10%, fp16 attention with upcast);
+#   2. benchmarks/bench_gpu_step.py at the full (1, 1, 8, 256, 256): every variant's time,
+#      max_memory_allocated and the planner's prediction, MONAI beside ours (results/gpu_step.json);
+#   3. bench_gpu_step.py --profile: the CUDA kernels of one bf16-autocast step;
+#   4. bench_gpu_step.py --compile: eager vs torch.compile (results/gpu_step_compile.json).
+# Logs and results are copied to $OUT (the folder the device tool brings back), or to a temporary
+# folder elsewhere.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # Wheels for packages the GPU image lacks (pure Python, so one wheel serves any Python 3).
-WHEELS=("beartype==0.23.1")
+WHEELS=("beartype==0.23.1" "monai==1.6.1")
 
 case "${1:-run}" in
     --prepare)
@@ -50,15 +53,27 @@ if torch.cuda.is_available():
 print("cpcbm_blocks imported from", cpcbm_blocks.__file__)
 EOF
 
-# Only the modules that hold `gpu` tests: collecting the docs tests would import the docs toolchain.
-timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py tests/test_memory.py tests/test_numerics.py -rs \
-    2>&1 | tee "$OUT/pytest_gpu.log" || status=1
+BUDGET_S="${BUDGET_S:-500}"
+left() { echo $(( BUDGET_S - SECONDS > 0 ? BUDGET_S - SECONDS : 1 )); }
+# `timeout` for a part: its own limit or what is left of the budget, whichever is less.
+limit() { local own=$1; local rest; rest=$(left); echo $(( own < rest ? own : rest )); }
 
+# Only the modules that hold `gpu` tests: collecting the docs tests would import the docs toolchain.
+timeout "$(limit 120)" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py tests/test_memory.py \
+    tests/test_numerics.py -rs 2>&1 | tee "$OUT/pytest_gpu.log" || status=1
+
+cd benchmarks
 if [ "$smoke" = 1 ]; then
-    timeout 300 python3 benchmarks/bench_gpu_step.py --device cpu --size 64 --repeats 1 2>&1 | tee "$OUT/bench_gpu_step.log" || status=1
+    bench=(--device cpu --size 64 --repeats 1)
+    timeout 300 python3 bench_gpu_step.py "${bench[@]}" 2>&1 | tee "$OUT/bench_gpu_step.log" || status=1
+    timeout 120 python3 bench_gpu_step.py "${bench[@]}" --profile 2>&1 | tail -45 | tee "$OUT/profile.log" || status=1
 else
-    timeout 420 python3 benchmarks/bench_gpu_step.py --repeats 10 2>&1 | tee "$OUT/bench_gpu_step.log" || status=1
-    cp benchmarks/results/gpu_step.json "$OUT/" 2>/dev/null || status=1
+    timeout "$(limit 200)" python3 bench_gpu_step.py --repeats 10 2>&1 | tee "$OUT/bench_gpu_step.log" || status=1
+    cp results/gpu_step.json "$OUT/" 2>/dev/null || status=1
+    timeout "$(limit 60)" python3 bench_gpu_step.py --profile 2>&1 | tee "$OUT/profile.log" || status=1
+    timeout "$(limit 240)" python3 bench_gpu_step.py --compile --repeats 10 2>&1 | tee "$OUT/bench_gpu_compile.log" \
+        || status=1
+    cp results/gpu_step_compile.json "$OUT/" 2>/dev/null || status=1
 fi
-echo "gpu_session.sh: results in $OUT (exit $status)"
+echo "gpu_session.sh: results in $OUT after ${SECONDS} s (exit $status)"
 exit $status
