@@ -6,11 +6,14 @@ batch 1, for these variants:
 - the default UNet in three precisions: **bf16 autocast** (fp32 weights, bf16 compute: what a user
   trains with), **bf16** (weights and activations cast, what `cpcbm-blocks plan --dtype bf16` plans)
   and **fp32** (what `cpcbm-blocks plan` plans);
-- the default UNet in bf16 autocast with `torch.backends.cudnn.benchmark` on (cuDNN times its
-  convolution algorithms on the first step of each shape instead of taking its heuristic's pick);
+- the default UNet without selective recomputation (`set_gradient_checkpointing(selective=False)`),
+  and with its input and weights in `torch.channels_last_3d` (the layout cuDNN's tensor-core
+  convolutions read, so it need not transpose each operand), in bf16 autocast and fp32, and both
+  together in bf16 autocast;
 - the default UNet checkpointed (every level and the middle), in bf16 autocast and in fp32;
-- the conditioned UNet (text and three image conditions) in bf16 autocast and fp32, and in fp32
-  checkpointed (every level, the middle and the condition encoder);
+- the conditioned UNet (text and three image conditions) in bf16 autocast, with and without
+  selective recomputation, and in fp32 checkpointed (every level, the middle and the condition
+  encoder);
 - MONAI's nearest configuration (`bench_train_step.monai_unet`), in bf16 autocast and fp32, where
   MONAI is installed: the `/ MONAI` column divides each of our default UNet's times by MONAI's in
   the same precision.
@@ -19,21 +22,29 @@ Times alternate A B A B after a warm-up (with `torch.cuda.synchronize()` inside 
 memory of each variant is measured alone, after a first step has made Adam's state: the most
 allocated during one step minus what was allocated before its model existed, next to the planner's
 peak for the same dtype and switches (the planner does not model autocast's bf16 copies of the
-weights, so the fp32 plan stands beside the autocast rows as a reference, not a prediction).
+weights, so the fp32 plan stands beside the autocast rows as a reference, not a prediction; it plans
+contiguous tensors, so the channels-last rows have none).
 
     python benchmarks/bench_gpu_step.py --repeats 10              # on a machine with a CUDA device
     python benchmarks/bench_gpu_step.py --compile --repeats 10    # eager vs torch.compile, bf16 autocast
     python benchmarks/bench_gpu_step.py --profile                 # the CUDA kernels of one step
+    python benchmarks/bench_gpu_step.py --snapshot "default, fp32"  # what is allocated at the peak
     python benchmarks/bench_gpu_step.py --device cpu --size 64 --repeats 1   # a smoke run of the script
 
 `--compile` times the default UNet in bf16 autocast eager against the same under `torch.compile`
 (the first, compiling step timed apart) and saves `results/gpu_step_compile.json`. `--profile`
-prints the kernels that took the most GPU time in one bf16-autocast step, and the step's summed
-kernel time over its wall time (well under 1 means the GPU waits on Python and kernel launches).
+prints the operators that took the most GPU time in one bf16-autocast step, those that took the
+most CPU time, and the step's summed kernel time over its wall time (well under 1 means the GPU
+waits on Python and kernel launches). `--snapshot VARIANT` records the CUDA caching allocator's
+history over one steady-state step (`torch.cuda.memory._record_memory_history`), replays it to the
+moment the most was allocated, and prints what was live then, by the line of this library (or of
+torch) that allocated it, beside the planner's peak; `--snapshot-file` also writes the snapshot
+(a pickle, as `torch.cuda.memory._dump_snapshot` writes it; pytorch.org/memory_viz reads it).
 """
 
 import argparse
 import gc
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,29 +67,40 @@ class Variant:
     network: str  # "default", "conditioned" or "MONAI"
     precision: str  # "bf16 autocast", "bf16" or "fp32"
     checkpointing: dict = field(default_factory=dict)  # keyword arguments of set_gradient_checkpointing
-    cudnn_benchmark: bool = False
+    channels_last: bool = False  # input, weights and so every activation in torch.channels_last_3d
+
+    @property
+    def switches(self) -> dict:
+        """The keyword arguments of `set_gradient_checkpointing`."""
+        return {"selective": True, **self.checkpointing}
 
     def planned_bytes(self, shape: tuple[int, ...]) -> int | None:
         """The planner's peak for the same network, dtype and switches (the fp32 plan for autocast)."""
-        if self.network == "MONAI":
+        if self.network == "MONAI" or self.channels_last:
             return None
-        switches = {"checkpoint_levels": self.checkpointing.get("levels", ()),
-                    "checkpoint_mid": self.checkpointing.get("mid", False),
-                    "checkpoint_conditions": self.checkpointing.get("conditions", False)}
+        switches = self.switches
         dtype = "bf16" if self.precision == "bf16" else "fp32"
         return memory_plan(_spec(self.network), shape, dtype=dtype, device="cuda", text_tokens=TEXT_TOKENS,
-                           **switches).peak_bytes
+                           checkpoint_levels=switches.get("levels", ()), checkpoint_mid=switches.get("mid", False),
+                           checkpoint_conditions=switches.get("conditions", False),
+                           selective=switches["selective"]).peak_bytes
 
 
+NOT_SELECTIVE = {"selective": False}
 VARIANTS = {
     "default, bf16 autocast": Variant("default", "bf16 autocast"),
+    "default, bf16 autocast, selective=False": Variant("default", "bf16 autocast", NOT_SELECTIVE),
+    "default, bf16 autocast, channels_last_3d": Variant("default", "bf16 autocast", channels_last=True),
+    "default, bf16 autocast, selective=False, channels_last_3d": Variant("default", "bf16 autocast", NOT_SELECTIVE,
+                                                                          channels_last=True),
     "default, bf16": Variant("default", "bf16"),
     "default, fp32": Variant("default", "fp32"),
-    "default, bf16 autocast, cudnn.benchmark": Variant("default", "bf16 autocast", cudnn_benchmark=True),
+    "default, fp32, selective=False": Variant("default", "fp32", NOT_SELECTIVE),
+    "default, fp32, channels_last_3d": Variant("default", "fp32", channels_last=True),
     "default, bf16 autocast, checkpointed": Variant("default", "bf16 autocast", EVERY_LEVEL),
     "default, fp32, checkpointed": Variant("default", "fp32", EVERY_LEVEL),
     "conditioned, bf16 autocast": Variant("conditioned", "bf16 autocast"),
-    "conditioned, fp32": Variant("conditioned", "fp32"),
+    "conditioned, bf16 autocast, selective=False": Variant("conditioned", "bf16 autocast", NOT_SELECTIVE),
     "conditioned, fp32, checkpointed": Variant("conditioned", "fp32", {**EVERY_LEVEL, "conditions": True}),
     "MONAI, bf16 autocast": Variant("MONAI", "bf16 autocast"),
     "MONAI, fp32": Variant("MONAI", "fp32"),
@@ -98,17 +120,17 @@ def make_step(variant: Variant, shape: tuple[int, ...], device: torch.device, *,
         model, conditions = monai_unet(), {}
     else:
         spec = _spec(variant.network)
-        model = UNet3D(spec).set_gradient_checkpointing(**variant.checkpointing)
+        model = UNet3D(spec).set_gradient_checkpointing(**variant.switches)
         conditions = {k: torch.randn(v.shape, device=device, dtype=dtype)
                       for k, v in _conditions(spec, shape, dtype, TEXT_TOKENS).items()}
-    model = model.to(device=device, dtype=dtype)
+    layout = torch.channels_last_3d if variant.channels_last else torch.contiguous_format
+    model = model.to(device=device, dtype=dtype, memory_format=layout)
     optimizer = torch.optim.Adam(model.parameters(), foreach=True)
-    x, target = torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype)
+    x, target = (torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=layout) for _ in range(2))
     t = torch.tensor([500.0], device=device)
     forward = torch.compile(model, dynamic=False) if compiled else model
 
     def step():
-        torch.backends.cudnn.benchmark = variant.cudnn_benchmark
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.precision == "bf16 autocast"):
             prediction = forward(x, t, **conditions)
@@ -154,6 +176,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="eager vs torch.compile instead of the variants")
     parser.add_argument("--profile", action="store_true", help="the CUDA kernels of one step instead")
+    parser.add_argument("--snapshot", metavar="VARIANT", choices=list(VARIANTS),
+                        help="what is allocated at the peak of one step of VARIANT instead")
+    parser.add_argument("--snapshot-file", help="with --snapshot: also write the allocator's snapshot here")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -167,6 +192,8 @@ def main() -> None:
     with shape_checks(False):
         if args.profile:
             return profile(shape, device)
+        if args.snapshot:
+            return peak_allocations(VARIANTS[args.snapshot], shape, device, args.snapshot_file)
         if args.compile:
             return compare_compiled(shape, device, args.repeats, env)
         variants = available(VARIANTS)
@@ -180,7 +207,7 @@ def main() -> None:
         values, peak, plan = times[name], peaks[name], planned[name]
         monai = times.get(f"MONAI, {variant.precision}") if variant.network == "default" else None
         rows.append([name, median(values), min(values), max(values),
-                     f"{median(values) / median(monai):.3f}" if monai and not variant.checkpointing else "-",
+                     f"{median(values) / median(monai):.3f}" if monai and "levels" not in variant.checkpointing else "-",
                      "n/a" if peak is None else peak / 2**30, "n/a" if plan is None else plan / 2**30,
                      "n/a" if peak is None or plan is None else peak / plan])
         data.append({"variant": name, "seconds": values, "peak_bytes": peak, "planned_bytes": plan})
@@ -227,12 +254,81 @@ def profile(shape: tuple[int, ...], device: torch.device) -> None:
     events = prof.key_averages()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(events.table(sort_by=key, row_limit=30, max_name_column_width=70))
+    if device.type == "cuda":
+        print(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
     if started is not None:
         kernels_ms = sum(getattr(e, key) for e in events) / 1e3
         wall_ms = started.elapsed_time(ended)
         print(f"summed kernel time {kernels_ms:.1f} ms over a step's {wall_ms:.1f} ms on the GPU's clock: "
               f"{kernels_ms / wall_ms:.2f} busy")
 
+
+
+def peak_allocations(variant: Variant, shape: tuple[int, ...], device: torch.device, path: str | None) -> None:
+    """What was allocated when one steady-state step of `variant` allocated the most, by allocating line."""
+    if device.type != "cuda":
+        raise SystemExit("bench_gpu_step.py --snapshot: the CUDA caching allocator's history needs --device cuda.")
+    step = make_step(variant, shape, device)
+    step()  # Adam's state exists from here on
+    gc.collect()
+    torch.cuda.synchronize()
+    before = {b["address"]: {"size": b["size"], "frames": [], "before": True}
+              for b in _live_blocks(torch.cuda.memory._snapshot())}
+    torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="all")
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    measured = torch.cuda.max_memory_allocated()
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    if path:
+        with open(path, "wb") as file:
+            pickle.dump(snapshot, file)
+    live = dict(before)
+    allocated = peak = sum(b["size"] for b in live.values())
+    at_peak = dict(live)
+    for event in snapshot["device_traces"][0]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            allocated += event["size"]
+            if allocated > peak:
+                peak, at_peak = allocated, dict(live)
+        elif event["action"] == "free_requested" and event["addr"] in live:
+            allocated -= live.pop(event["addr"])["size"]
+    by_line: dict[str, list[int]] = {}
+    for block in at_peak.values():
+        line = "(held before the step: weights, Adam state, data)" if block.get("before") else \
+            _allocating_line(block.get("frames", []))
+        by_line.setdefault(line, []).append(block["size"])
+    rows = sorted(([line, len(sizes), sum(sizes) / 2**20] for line, sizes in by_line.items()), key=lambda r: -r[2])
+    planned = variant.planned_bytes(shape)
+    print(f"\n{variant}, {shape}: replayed peak {peak / 2**30:.3f} GiB (max_memory_allocated "
+          f"{measured / 2**30:.3f} GiB, the same blocks counted by the allocator itself); planned peak "
+          f"{'n/a' if planned is None else f'{planned / 2**30:.3f} GiB'}. What was live at the replayed peak:")
+    print(table(["allocated by", "blocks", "MiB"], rows[:40]))
+
+
+def _live_blocks(snapshot: dict) -> list[dict]:
+    return [block for segment in snapshot["segments"] for block in segment["blocks"]
+            if block["state"] == "active_allocated"]
+
+
+def _allocating_line(frames: list[dict]) -> str:
+    """Who asked for a block: the innermost frame of this library (else of any Python file), and the
+    innermost C++ frame above the allocator (the operator, for a block a C++ autograd node made)."""
+    python = [f for f in frames if f["filename"].endswith(".py")]
+    ours = [f for f in python if "cpcbm_blocks" in f["filename"]] or python
+    where = ""
+    if ours:
+        name = ours[0]["filename"].split("site-packages/")[-1].split("cpcbm_blocks/")[-1]
+        where = f"{name}:{ours[0]['line']} {ours[0]['name']}"
+    native = [f["name"] for f in frames if not f["filename"].endswith(".py")
+              and not any(skip in f["name"] for skip in _ALLOCATOR_FRAMES)]
+    operator = native[0][:70] if native else ""
+    return " | ".join(part for part in (where, operator) if part) or "(no stack recorded)"
+
+
+_ALLOCATOR_FRAMES = ("c10::", "CachingAllocator", "unwind", "gather", "Allocator", "allocate", "malloc",
+                     "at::empty", "at::detail::empty", "at::native::empty", "TensorBase", "_PyEval", "Py")
 
 if __name__ == "__main__":
     main()

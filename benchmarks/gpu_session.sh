@@ -15,8 +15,11 @@
 #      the planner's peak against torch.cuda.max_memory_allocated within 10%, fp16 attention with upcast);
 #   2. benchmarks/bench_gpu_step.py at the full (1, 1, 8, 256, 256): every variant's time,
 #      max_memory_allocated and the planner's prediction, MONAI beside ours (results/gpu_step.json);
-#   3. bench_gpu_step.py --profile: the CUDA kernels of one bf16-autocast step;
-#   4. bench_gpu_step.py --compile: eager vs torch.compile (results/gpu_step_compile.json).
+#   3. bench_gpu_step.py --snapshot: what is allocated at the peak of an fp32 step, at 256 and at
+#      the 128 of the planner's GPU test, beside the planner's peak (the 256 snapshot's pickle too);
+#   4. bench_gpu_step.py --profile: the CUDA kernels and the CPU time of one bf16-autocast step;
+#   5. bench_gpu_step.py --compile: eager vs torch.compile (results/gpu_step_compile.json);
+#      COMPILE=0 leaves it out (its first step compiles for about two minutes).
 # Logs and results are copied to $OUT (the folder the device tool brings back), or to a temporary
 # folder elsewhere.
 set -uo pipefail
@@ -70,10 +73,17 @@ if [ "$smoke" = 1 ]; then
 else
     timeout "$(limit 200)" python3 bench_gpu_step.py --repeats 10 2>&1 | tee "$OUT/bench_gpu_step.log" || status=1
     cp results/gpu_step.json "$OUT/" 2>/dev/null || status=1
+    for size in 256 128; do
+        timeout "$(limit 120)" python3 bench_gpu_step.py --snapshot "default, fp32" --size "$size" \
+            $([ "$size" = 256 ] && echo --snapshot-file "$OUT/snapshot_fp32_256.pickle") 2>&1 | tee -a "$OUT/snapshot.log" \
+            || status=1
+    done
     timeout "$(limit 60)" python3 bench_gpu_step.py --profile 2>&1 | tee "$OUT/profile.log" || status=1
-    timeout "$(limit 240)" python3 bench_gpu_step.py --compile --repeats 10 2>&1 | tee "$OUT/bench_gpu_compile.log" \
-        || status=1
-    cp results/gpu_step_compile.json "$OUT/" 2>/dev/null || status=1
+    if [ "${COMPILE:-1}" != 0 ]; then
+        timeout "$(limit 240)" python3 bench_gpu_step.py --compile --repeats 10 2>&1 | tee "$OUT/bench_gpu_compile.log" \
+            || status=1
+        cp results/gpu_step_compile.json "$OUT/" 2>/dev/null || status=1
+    fi
 fi
 echo "gpu_session.sh: results in $OUT after ${SECONDS} s (exit $status)"
 exit $status

@@ -1,5 +1,6 @@
 """The memory/FLOP planner: planned on `meta`, checked against real CPU runs of the same spec."""
 
+import gc
 import subprocess
 import sys
 import time
@@ -411,6 +412,9 @@ def test_the_dtype_is_documented_as_a_cast_model_and_autocast_as_fp32_state():
 def test_planned_peak_matches_cuda_max_memory_allocated_within_10_percent():
     spec, shape = UNetSpec.default(), (1, 1, 8, 128, 128)
     device = torch.device("cuda")
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()  # what earlier tests left, and cuBLAS's workspaces: not this step's
     model = UNet3D(spec).to(device)
     optimizer = torch.optim.Adam(model.parameters(), foreach=True)
     x, t, target = torch.randn(shape, device=device), torch.tensor([3.0], device=device), torch.randn(shape, device=device)
@@ -426,8 +430,8 @@ def test_planned_peak_matches_cuda_max_memory_allocated_within_10_percent():
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-    assert torch.cuda.max_memory_allocated() == pytest.approx(memory_plan(spec, shape, device="cuda").peak_bytes,
-                                                              rel=0.10)
+    peak = torch.cuda.max_memory_allocated() - before
+    assert peak == pytest.approx(memory_plan(spec, shape, device="cuda").peak_bytes, rel=0.10)
 
 
 def test_a_conditioned_spec_is_planned_with_its_conditions_and_its_encoder_can_be_checkpointed():

@@ -78,8 +78,9 @@ def attention(q: Float[Tensor, "b heads n e"], k: Float[Tensor, "b heads m e"], 
       multiplied by 0, because a softmax over no key is 0/0 and some backends return NaN for it
       (pytorch#103749, #103963).
     - `upcast`: compute in float32, with autocast off, and return in the inputs' dtype. In float16
-      the scores `q k^T` overflow past 65504 (any backend that forms them in half precision, such as
-      the math backend on GPU); upcasting trades speed and memory for range.
+      the scores `q k^T` overflow past 65504 in any backend that forms them in half precision, such as
+      `"naive"` (on CPU and GPU; SDPA's fused kernels accumulate in float32); upcasting trades speed
+      and memory for range.
     """
     keep_row = None
     keep = None
