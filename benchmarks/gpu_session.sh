@@ -18,8 +18,10 @@
 #   3. bench_gpu_step.py --snapshot: what is allocated at the peak of an fp32 step, at 256 and at
 #      the 128 of the planner's GPU test, beside the planner's peak (the 256 snapshot's pickle too);
 #   4. bench_gpu_step.py --profile: the CUDA kernels and the CPU time of one bf16-autocast step;
-#   5. bench_gpu_step.py --compile: eager vs torch.compile (results/gpu_step_compile.json);
-#      COMPILE=0 leaves it out (its first step compiles for about two minutes).
+#   5. bench_gpu_step.py --compile: eager vs torch.compile (results/gpu_step_compile.json; its
+#      first step compiles for about two minutes).
+# PARTS names the parts to run (default: all, "tests bench snapshot profile compile"), e.g.
+# PARTS="tests bench" for a short call.
 # Logs and results are copied to $OUT (the folder the device tool brings back), or to a temporary
 # folder elsewhere.
 set -uo pipefail
@@ -57,13 +59,17 @@ print("cpcbm_blocks imported from", cpcbm_blocks.__file__)
 EOF
 
 BUDGET_S="${BUDGET_S:-500}"
+PARTS=" ${PARTS:-tests bench snapshot profile compile} "
+part() { [[ "$PARTS" == *" $1 "* ]]; }
 left() { echo $(( BUDGET_S - SECONDS > 0 ? BUDGET_S - SECONDS : 1 )); }
 # `timeout` for a part: its own limit or what is left of the budget, whichever is less.
 limit() { local own=$1; local rest; rest=$(left); echo $(( own < rest ? own : rest )); }
 
 # Only the modules that hold `gpu` tests: collecting the docs tests would import the docs toolchain.
-timeout "$(limit 120)" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py tests/test_memory.py \
-    tests/test_numerics.py -rs 2>&1 | tee "$OUT/pytest_gpu.log" || status=1
+if part tests; then
+    timeout "$(limit 120)" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py tests/test_memory.py \
+        tests/test_numerics.py -rs 2>&1 | tee "$OUT/pytest_gpu.log" || status=1
+fi
 
 cd benchmarks
 if [ "$smoke" = 1 ]; then
@@ -71,15 +77,21 @@ if [ "$smoke" = 1 ]; then
     timeout 300 python3 bench_gpu_step.py "${bench[@]}" 2>&1 | tee "$OUT/bench_gpu_step.log" || status=1
     timeout 120 python3 bench_gpu_step.py "${bench[@]}" --profile 2>&1 | tail -45 | tee "$OUT/profile.log" || status=1
 else
-    timeout "$(limit 200)" python3 bench_gpu_step.py --repeats 10 2>&1 | tee "$OUT/bench_gpu_step.log" || status=1
-    cp results/gpu_step.json "$OUT/" 2>/dev/null || status=1
-    for size in 256 128; do
-        timeout "$(limit 120)" python3 bench_gpu_step.py --snapshot "default, fp32" --size "$size" \
-            $([ "$size" = 256 ] && echo --snapshot-file "$OUT/snapshot_fp32_256.pickle") 2>&1 | tee -a "$OUT/snapshot.log" \
-            || status=1
-    done
-    timeout "$(limit 60)" python3 bench_gpu_step.py --profile 2>&1 | tee "$OUT/profile.log" || status=1
-    if [ "${COMPILE:-1}" != 0 ]; then
+    if part bench; then
+        timeout "$(limit 200)" python3 bench_gpu_step.py --repeats 10 2>&1 | tee "$OUT/bench_gpu_step.log" || status=1
+        cp results/gpu_step.json "$OUT/" 2>/dev/null || status=1
+    fi
+    if part snapshot; then
+        for size in 256 128; do
+            timeout "$(limit 120)" python3 bench_gpu_step.py --snapshot "default, fp32" --size "$size" \
+                $([ "$size" = 256 ] && echo --snapshot-file "$OUT/snapshot_fp32_256.pickle") 2>&1 \
+                | tee -a "$OUT/snapshot.log" || status=1
+        done
+    fi
+    if part profile; then
+        timeout "$(limit 60)" python3 bench_gpu_step.py --profile 2>&1 | tee "$OUT/profile.log" || status=1
+    fi
+    if part compile; then
         timeout "$(limit 240)" python3 bench_gpu_step.py --compile --repeats 10 2>&1 | tee "$OUT/bench_gpu_compile.log" \
             || status=1
         cp results/gpu_step_compile.json "$OUT/" 2>/dev/null || status=1

@@ -224,7 +224,7 @@ def plan_command(args: argparse.Namespace) -> int:
     warm_up_seconds = _warm_up_meta_kernels()
     result = memory_plan(spec, input_shape, dtype=args.dtype, device=args.device,
                          checkpoint_levels=args.checkpoint_levels, checkpoint_mid=args.checkpoint_mid,
-                         checkpoint_conditions=args.checkpoint_conditions, selective=not args.no_selective,
+                         checkpoint_conditions=args.checkpoint_conditions, selective=args.selective,
                          attention_backend=args.attention, text_tokens=args.text_tokens)
     largest = None if args.fit_gib is None else result.largest_batch(args.fit_gib * 2**30)
     process = rss_bytes() if result.device == "cpu" else None  # Python and torch, which a CPU step's RSS adds
@@ -282,16 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
                                   "gradients and Adam state stay fp32, so take those figures from the fp32 plan; "
                                   "autocast itself is not planned")
     plan_parser.add_argument("--device", choices=DEVICES, default="cpu",
-                             help="cpu counts oneDNN's blocked copies of convolution operands; cuda plans "
-                                  "the tensors alone, with the convolution forms a GPU runs (default: cpu)")
+                             help="cpu counts oneDNN's blocked copies of convolution operands; cuda counts "
+                                  "cuDNN's workspace instead, with the convolution forms a GPU runs (default: cpu)")
     plan_parser.add_argument("--checkpoint-levels", type=_levels, default=(), metavar="L1,L2",
                              help="levels to run with gradient checkpointing, e.g. 1,2 (default: none)")
     plan_parser.add_argument("--checkpoint-mid", action="store_true", help="also checkpoint the middle")
     plan_parser.add_argument("--checkpoint-conditions", action="store_true",
                              help="also checkpoint the condition encoder (conditioned specs)")
-    plan_parser.add_argument("--no-selective", action="store_true",
-                             help="hold every tensor autograd saves, as plain PyTorch does (default: selective "
-                                  "recomputation of memory-bound operators, as UNet3D trains)")
+    selective = plan_parser.add_mutually_exclusive_group()
+    selective.add_argument("--selective", dest="selective", action="store_const", const=True, default=None,
+                           help="recompute memory-bound operators in backward (UNet3D's default on the CPU)")
+    selective.add_argument("--no-selective", dest="selective", action="store_const", const=False,
+                           help="hold every tensor autograd saves, as plain PyTorch does (UNet3D's default on "
+                                "a GPU). Without either, as UNet3D trains on --device")
     plan_parser.add_argument("--attention", choices=("sdpa", "naive"), default="sdpa",
                              help="attention backend: fused SDPA (default) or naive (materialises the scores)")
     plan_parser.add_argument("--fit-gib", type=_positive_gib, metavar="N",

@@ -29,10 +29,17 @@ update. A `TorchDispatchMode` sees every operator of that step:
   level-1 weight gradient briefly holds 128 MiB beyond its inputs. `onednn_scratch_bytes` models
   them from measurements (`tests/test_memory.py` checks the model against malloc on real
   convolutions) and the plan adds each one on top of what is live when its convolution runs.
-  `device="cuda"` leaves them out (cuDNN's workspaces are not modelled) and runs each convolution
-  in the form a GPU would (`cpcbm_blocks.blocks.conv_onednn.meta_stands_for`): none of the CPU-only forms
-  (oneDNN called directly or depth moved last for small volumes, the chosen weight gradient, few
-  output channels by taps).
+
+* **cuDNN's workspace** (`device="cuda"`). cuDNN's tensor-core convolutions compute in the
+  channels-last layout (NDHWC), so on plain-layout tensors each call transposes its operands into a
+  workspace that the caching allocator hands out for the call alone: at full size the level-1
+  convolutions take 128 MiB of it in float32, as much as a 64 MiB input and its 64 MiB output
+  together. `cudnn_workspace_bytes` models it from the allocator's own history of a real step on an
+  H200 (`benchmarks/bench_gpu_step.py --snapshot`), and the plan adds it as it adds oneDNN's copies.
+  A CUDA plan also runs each convolution in the form a GPU would
+  (`cpcbm_blocks.blocks.conv_onednn.meta_stands_for`): none of the CPU-only forms (oneDNN called
+  directly or depth moved last for small volumes, the chosen weight gradient, few output channels
+  by taps).
 
 * **Weight gradients** (`device="cpu"`). `Conv3d`'s default weight-gradient method, `"auto"`
   (`cpcbm_blocks.blocks.conv_weight_grad`), picks oneDNN's 3-D form or the depth-tap form by timing
@@ -43,7 +50,7 @@ update. A `TorchDispatchMode` sees every operator of that step:
   `MemoryPlan.weight_grad_assumption` (a line of `render()`) says which applied.
 
 What the plan does not see: allocator overheads (caching, fragmentation, page rounding), the CUDA
-context and cuDNN workspaces, the Python process itself, and autocast. `dtype` is the dtype of a
+context and cuBLAS's workspace, the Python process itself, and autocast. `dtype` is the dtype of a
 model cast with `model.to(dtype)`, as pure low-precision training runs: parameters, gradients, Adam
 state and activations all in it. Under `torch.autocast` the parameters, gradients and Adam state
 stay float32 (take those figures from the `"fp32"` plan), the activations are mostly in the autocast
@@ -65,7 +72,7 @@ import bisect
 import math
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -85,15 +92,15 @@ from cpcbm_blocks.layout import Op, Section, Step
 from cpcbm_blocks.plan import Transition, plan
 from cpcbm_blocks.spec import UNetSpec
 
-__all__ = ["CPU_ATTENTION_FLOP_FORMULAS", "DEVICES", "DTYPES", "MemoryPlan", "StepCost", "memory_plan",
-           "onednn_scratch_bytes"]
+__all__ = ["CPU_ATTENTION_FLOP_FORMULAS", "DEVICES", "DTYPES", "MemoryPlan", "StepCost", "cudnn_workspace_bytes",
+           "memory_plan", "onednn_scratch_bytes"]
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """The dtypes a plan can be made for, by the names the command line uses."""
 
 DEVICES = META_DEVICES
 """What a plan can be made for: `"cpu"` counts oneDNN's blocked copies (see the module docs), `"cuda"`
-the tensors alone, with each convolution in the form a GPU runs."""
+cuDNN's workspace, with each convolution in the form a GPU runs."""
 
 _aten = torch.ops.aten
 
@@ -160,7 +167,7 @@ class MemoryPlan:
     input_shape: tuple[int, int, int, int, int]
     dtype: str
     device: str
-    """`"cpu"`: oneDNN's blocked copies count toward the peak; `"cuda"`: tensors only."""
+    """`"cpu"`: oneDNN's blocked copies count toward the peak; `"cuda"`: cuDNN's workspace does."""
     attention_backend: AttentionBackend
     checkpoint_levels: tuple[int, ...]
     checkpoint_mid: bool
@@ -198,7 +205,8 @@ class MemoryPlan:
     peak_operator: str
     """The aten operator running at the peak, e.g. `convolution_backward.default`."""
     peak_scratch_bytes: int
-    """oneDNN's blocked copies inside that operator, on top of the live tensors (CPU plans only)."""
+    """oneDNN's blocked copies (a CPU plan) or cuDNN's workspace (a CUDA plan) inside that operator, on top
+    of the live tensors."""
     weight_grad_method: str
     """`set_weight_grad_method`'s choice when the plan was made: `"auto"` (the default), `"aten"` or
     `"depth_taps"` (CPU plans; a CUDA plan runs the GPU's weight gradient whatever it is)."""
@@ -238,7 +246,8 @@ class MemoryPlan:
             where = "before the first step (timestep embedding, condition encoder) or at the loss"
         else:
             where = f"of step {self.peak_step + 1} ({self.steps[self.peak_step].step.describe()})"
-        copies = f", {_mib(self.peak_scratch_bytes):.0f} MiB of it oneDNN's blocked copies" if self.peak_scratch_bytes else ""
+        scratch = "oneDNN's blocked copies" if self.device == "cpu" else "cuDNN's workspace"
+        copies = f", {_mib(self.peak_scratch_bytes):.0f} MiB of it {scratch}" if self.peak_scratch_bytes else ""
         return f"in the {self.peak_phase} {where}, at {self.peak_operator}{copies}"
 
     @property
@@ -276,10 +285,10 @@ class MemoryPlan:
     def largest_batch(self, budget_bytes: float) -> int:
         """The largest batch whose predicted peak is at most `budget_bytes` (0 if not even batch 1 fits).
 
-        The peaks compared are this plan's, for its `device`: on `"cpu"` tensors and oneDNN's blocked
-        copies, on `"cuda"` tensors alone. Neither counts what a real process adds (`not_counted`): on
+        The peaks compared are this plan's, for its `device`: tensors, and on `"cpu"` oneDNN's blocked
+        copies, on `"cuda"` cuDNN's workspace. Neither counts what a real process adds (`not_counted`): on
         CPU the Python/torch process itself and the memory the C allocator keeps of freed blocks, on
-        CUDA the CUDA context, cuDNN workspaces and the caching allocator's reserve. Leave room for them
+        CUDA the CUDA context, cuBLAS's workspace and the caching allocator's reserve. Leave room for them
         in `budget_bytes`, a positive, finite number of bytes (a float such as `24 * 2.0**30` is fine;
         it is rounded down). On CPU the process's share is its RSS after one small training step (what
         torch loads on first use is in it), as `benchmarks/bench_memory.py` measures it.
@@ -346,6 +355,7 @@ class MemoryPlan:
             "embedding_backward_flops": self.embedding_backward_flops,
             "attention_score_bytes": self.attention_score_bytes, "forward_flops": self.forward_flops,
             "backward_flops": self.backward_flops, "peak_bytes": self.peak_bytes, "peak_at": self.peak_at,
+            "peak_scratch_bytes": self.peak_scratch_bytes,
             "not_counted": self.not_counted, "weight_grad_method": self.weight_grad_method,
             "weight_grad_problems_timed": self.weight_grad_problems_timed,
             "weight_grad_assumption": self.weight_grad_assumption,
@@ -396,7 +406,7 @@ class MemoryPlan:
             lines.append(f"attention score matrix: none materialised ({self.attention_backend.value} backend)")
         lines.append(f"weight gradients  {self.weight_grad_assumption}")
         counted = ("tensors and oneDNN's blocked copies" if self.device == "cpu"
-                   else "tensors only: no cuDNN workspaces or CUDA context")
+                   else "tensors and cuDNN's workspace; no CUDA context")
         lines.append(f"predicted peak    {self.peak_bytes / 2**30:.3f} GiB for a training step with Adam "
                      f"on {self.device} "
                      f"({counted}; no allocator cache)")
@@ -529,12 +539,52 @@ def onednn_scratch_bytes(func, args: tuple, out) -> int:
     return 0
 
 
-class _Recorder(TorchDispatchMode):
-    """Counts FLOPs and follows every tensor storage from creation to release, by owner (a step)."""
+def _dense_bytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
 
-    def __init__(self, *, onednn_scratch: bool = False) -> None:
+
+def _nhwc_copies_bytes(*tensors: Tensor) -> int:
+    """Bytes of channels-last copies of those `tensors` that are not channels-last already."""
+    return sum(_dense_bytes(t) for t in tensors
+               if not (t.dim() >= 4 and t.is_contiguous(memory_format=_channels_last(t)) and not t.is_contiguous()))
+
+
+def cudnn_workspace_bytes(func, args: tuple, out) -> int:
+    """Bytes of cuDNN's workspace inside a CUDA convolution, beyond its outputs, for `aten.convolution`
+    and `aten.convolution_backward` (0 for any other operator).
+
+    Read off the CUDA caching allocator's history of a full-size training step of the default UNet
+    (`benchmarks/bench_gpu_step.py --snapshot`: float32 with TF32, PyTorch's default, PyTorch 2.11 and
+    cuDNN on an H200), where every convolution's workspace came to the channels-last copies of its
+    operands: a call transposes what it reads and what it writes, weights included, to NDHWC and
+    back. So, counting each operand that is not channels-last already:
+
+    * forward: `input + output + weight`;
+    * input gradient: `grad_out + grad_input + weight`; weight gradient, run after it and in a
+      workspace of its own: `input + grad_out + weight` (cuDNN took up to 5 MiB more there, for its
+      partial sums), so a backward that computes both holds the larger of the two.
+
+    Other dtypes are assumed to behave alike (bfloat16's measured peaks agree); cuDNN may pick other
+    algorithms with other workspaces on other GPUs or versions.
+    """
+    if func is _aten.convolution.default:
+        return _nhwc_copies_bytes(args[0], out, args[1])
+    if func is _aten.convolution_backward.default:
+        grad_out, x, weight, mask = args[0], args[1], args[2], args[10]
+        workspace = _nhwc_copies_bytes(grad_out, out[0], weight) if mask[0] else 0
+        if mask[1]:
+            workspace = max(workspace, _nhwc_copies_bytes(x, grad_out, weight))
+        return workspace
+    return 0
+
+
+class _Recorder(TorchDispatchMode):
+    """Counts FLOPs and follows every tensor storage from creation to release, by owner (a step);
+    `scratch(func, args, out)` gives the bytes an operator holds only while it runs (none by default)."""
+
+    def __init__(self, *, scratch: Callable[[object, tuple, object], int] | None = None) -> None:
         super().__init__()
-        self.onednn_scratch = onednn_scratch
+        self.scratch = scratch
         self.owner = _BEFORE
         # (first autograd sequence number, owner): whose forward created the autograd nodes from there on
         self.owner_from: list[tuple[int, int]] = [(-1, _BEFORE)]
@@ -543,7 +593,7 @@ class _Recorder(TorchDispatchMode):
         self.excluded: set[int] = set()
         self.operator = "(start)"  # the operator running, for `peak_where`
         self.peak_by_phase: dict[str, int] = {}
-        # phase -> (owner, operator, bytes of oneDNN's blocked copies): where that phase's peak was reached
+        # phase -> (owner, operator, scratch bytes): where that phase's peak was reached
         self.peak_where: dict[str, tuple[int, str, int]] = {}
         self.phase = "forward"
         self.flops: dict[tuple[str, int], int] = {}
@@ -567,8 +617,8 @@ class _Recorder(TorchDispatchMode):
         for tensor in tree_leaves(out):
             if isinstance(tensor, Tensor):
                 self._track(tensor)
-        if self.onednn_scratch:  # freed inside the operator: only the peak sees it
-            scratch = onednn_scratch_bytes(func, args, out)
+        if self.scratch is not None:  # freed inside the operator: only the peak sees it
+            scratch = self.scratch(func, args, out)
             if scratch:
                 self._reach(self.live_bytes + scratch, scratch)
         return out
@@ -671,7 +721,8 @@ def _conditions(spec: UNetSpec, input_shape: tuple[int, ...], dtype: torch.dtype
 
 def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "fp32", device: str = "cpu",
                 checkpoint_levels: Iterable[int] = (), checkpoint_mid: bool = False, checkpoint_conditions: bool = False,
-                selective: bool = True, attention_backend: AttentionBackend | str = AttentionBackend.SDPA, text_tokens: int = 77) -> MemoryPlan:
+                selective: bool | None = None, attention_backend: AttentionBackend | str = AttentionBackend.SDPA,
+                text_tokens: int = 77) -> MemoryPlan:
     """Plan one training step of `spec`'s UNet on a batch of `input_shape` (B, C, D, H, W).
 
     **Arguments:**
@@ -684,13 +735,14 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
       figures from the `"fp32"` plan; activations are then mostly in the autocast dtype (see the
       module docs: autocast is not modelled).
     - `device`: `"cpu"` (the default) adds oneDNN's blocked copies of each convolution's operands to
-      the peak (see the module docs); `"cuda"` plans the tensors alone, with each convolution in the
-      form a GPU runs (none of the CPU-only forms).
+      the peak (see the module docs); `"cuda"` adds cuDNN's workspace instead, and runs each
+      convolution in the form a GPU runs (none of the CPU-only forms).
     - `checkpoint_levels`, `checkpoint_mid`, `checkpoint_conditions`: gradient checkpointing, as
       `UNet3D.set_gradient_checkpointing` sets it: a tuple of level numbers such as `(1, 2)`, and two
       switches (`checkpoint_conditions` does nothing for a spec without conditioning, as in `UNet3D`).
-    - `selective`: selective recomputation of memory-bound operators in every other step (on by
-      default, as in `UNet3D`; see `cpcbm_blocks.recompute`).
+    - `selective`: selective recomputation of memory-bound operators in every other step; `None`,
+      the default, decides by `device` as `UNet3D` does (on for `"cpu"`, off for `"cuda"`; see
+      `cpcbm_blocks.recompute.selective_by_default`). The plan's `selective` says which applied.
     - `attention_backend`: `"sdpa"` (fused, the default) or `"naive"` (materialises the scores).
     - `text_tokens`: tokens per text condition, for a spec conditioned on text (CLIP: 77); positive.
 
@@ -712,9 +764,11 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     expected = plan(spec, tuple(input_shape))
     levels = as_level_numbers("memory_plan(checkpoint_levels=...)", checkpoint_levels, levels=len(spec.levels),
                               error=InputError)
-    for name, value in (("checkpoint_mid", checkpoint_mid), ("checkpoint_conditions", checkpoint_conditions),
-                        ("selective", selective)):
+    for name, value in (("checkpoint_mid", checkpoint_mid), ("checkpoint_conditions", checkpoint_conditions)):
         check_bool(f"memory_plan({name}=...)", value, error=InputError)
+    if selective is None:
+        selective = device == "cpu"  # as `selective_by_default` decides for a step on that device
+    check_bool("memory_plan(selective=...)", selective, error=InputError)
     started = time.perf_counter()
     torch_dtype = DTYPES[dtype]
     with torch.device("meta"):
@@ -729,7 +783,7 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
     inputs = [x, t, target, *conditions.values()]
     input_bytes = sum(v.numel() * v.element_size() for v in inputs)
 
-    recorder = _Recorder(onednn_scratch=device == "cpu")
+    recorder = _Recorder(scratch=onednn_scratch_bytes if device == "cpu" else cudnn_workspace_bytes)
     recorder.exclude([*parameters, *model.buffers(), *inputs])
     for position, transition in enumerate(expected.transitions):
         if transition.step.op is Op.ATTN:

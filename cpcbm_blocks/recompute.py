@@ -12,8 +12,9 @@ recomputed from them when the gradient arrives. Only products with few multiply-
 kernel) run twice.
 
 [`UNet3D`][cpcbm_blocks.unet.UNet3D] runs its attention, fusion and condition-encoder steps this
-way in eager training (on by default; `set_gradient_checkpointing(selective=False)` switches it
-off). Its residual blocks and samplers go one step further with
+way in eager training where `selective_by_default` says so (on the CPU; off on a GPU, where the
+recomputation's per-operator dispatch costs more than it saves;
+`set_gradient_checkpointing(selective=...)` overrides it). Its residual blocks and samplers go one step further with
 [`rematerialized_saves`][cpcbm_blocks.rematerialize.rematerialized_saves], which does not keep the
 convolution outputs that no backward needs either; under autocast they fall back to this. Full gradient
 checkpointing of a level (`set_gradient_checkpointing(levels=...)`) goes further: it keeps only the
@@ -25,9 +26,12 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+from torch import Tensor
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-__all__ = ["CHEAP_PER_OUTPUT", "COMPUTE_BOUND", "recompute_memory_bound"]
+from cpcbm_blocks.blocks.conv_onednn import cpu_kernels
+
+__all__ = ["CHEAP_PER_OUTPUT", "COMPUTE_BOUND", "recompute_memory_bound", "selective_by_default"]
 
 _aten = torch.ops.aten
 
@@ -77,3 +81,20 @@ def recompute_memory_bound(fn: Callable, *args, **kwargs):
     """
     return checkpoint(fn, *args, use_reentrant=False,
                       context_fn=partial(create_selective_checkpoint_contexts, _keep_compute_bound), **kwargs)
+
+
+def selective_by_default(x: Tensor) -> bool:
+    """Whether a step on `x`'s device recomputes memory-bound operators unless told otherwise
+    (`UNet3D.set_gradient_checkpointing(selective=None)`, the default): on the CPU, and on `meta`
+    while it stands for the CPU (`meta_stands_for`); not on a GPU.
+
+    Why by device: the recomputation runs each memory-bound operator (norm, activation,
+    concatenation) again in backward, through a Python dispatch mode or saved-tensor hooks. On the
+    CPU the kernels take milliseconds and that overhead is lost in them, while the memory it saves
+    is what a CPU step is short of. On a GPU the same kernels take microseconds, the step is bound
+    by dispatching and launching them, and at the full (1, 1, 8, 256, 256) an H200 took 1.5x
+    (float32) to 3x (bf16 autocast) as long per step with it, for about half the memory
+    (`benchmarks/bench_gpu_step.py`, on the performance page): there, checkpointing levels or
+    `torch.compile` are the better trades.
+    """
+    return cpu_kernels(x)

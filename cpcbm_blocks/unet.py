@@ -18,7 +18,7 @@ from cpcbm_blocks.contracts import check_device_and_dtype, checks_active
 from cpcbm_blocks.errors import InputError, TraceMismatchError
 from cpcbm_blocks.layout import Op, Section, Step, layout
 from cpcbm_blocks.plan import Plan, Transition, check_input_shape, plan
-from cpcbm_blocks.recompute import recompute_memory_bound
+from cpcbm_blocks.recompute import recompute_memory_bound, selective_by_default
 from cpcbm_blocks.rematerialize import (
     can_rematerialize,
     recomputable,
@@ -74,10 +74,10 @@ class UNet3D(nn.Module):
         self._span: frozenset[int] = frozenset()
         self._remade_outputs: frozenset[int] = frozenset()
         self._checkpoint_conditions = False
-        self._selective = True
+        self._selective: bool | None = None  # None: by device (`selective_by_default`)
 
     def set_gradient_checkpointing(self, *, levels: Iterable[int] = (), mid: bool = False,
-                                   conditions: bool = False, selective: bool = True) -> "UNet3D":
+                                   conditions: bool = False, selective: bool | None = None) -> "UNet3D":
         """Recompute the steps of the given levels (and of the middle) in backward instead of saving them.
 
         Every step of a checkpointed level, on the way down and on the way up, keeps only its inputs
@@ -111,15 +111,21 @@ class UNet3D(nn.Module):
         Attention, fusion and the condition encoder run with selective recomputation
         ([`recompute_memory_bound`][cpcbm_blocks.recompute.recompute_memory_bound]): convolutions,
         matrix products and attention keep their outputs, memory-bound operators are recomputed.
-        It is on by default (`selective=True`) because it cuts the activations held for backward to
-        about a third for a little more step time (the performance page's memory and train-step
-        tables measure both); `selective=False` holds every saved tensor, as plain PyTorch does. It
-        applies to eager training, not under `torch.compile`, whose partitioner makes that choice itself.
+        `selective=True` switches it on, `selective=False` off (every saved tensor is held, as plain
+        PyTorch holds it), and `selective=None`, the default, decides by the device each step runs on
+        (`selective_by_default`): on for the CPU, where it cuts the activations held for backward to
+        about a third for a little more step time, off on a GPU, where each recomputed operator's
+        dispatch and launch costs more than the memory-bound kernel itself and a step took 1.5x
+        (float32) to 3x (bf16 autocast) as long with it (the performance page's memory, train-step
+        and GPU tables measure all three). It applies to eager training, not under `torch.compile`,
+        whose partitioner makes that choice itself.
         """
         levels = as_level_numbers("UNet3D.set_gradient_checkpointing(levels=...)", levels, levels=len(self.spec.levels),
                                   error=InputError)
-        for name, value in (("mid", mid), ("conditions", conditions), ("selective", selective)):
+        for name, value in (("mid", mid), ("conditions", conditions)):
             check_bool(f"UNet3D.set_gradient_checkpointing({name}=...)", value, error=InputError)
+        if selective is not None:
+            check_bool("UNet3D.set_gradient_checkpointing(selective=...)", selective, error=InputError)
         self._checkpoint_conditions = conditions
         self._selective = selective
         self._checkpointed = frozenset(position for position, step in enumerate(self.steps)
@@ -190,7 +196,6 @@ class UNet3D(nn.Module):
         (`conditions=`), not both.
         """
         checking, compiling = checks_active(), torch.compiler.is_compiling()
-        selective = self._selective and torch.is_grad_enabled() and not compiling
         expected = None
         raw = {"text": text, "text_mask": text_mask, "text_pooled": text_pooled, "cond_images": cond_images,
                "cond_available": cond_available}
@@ -201,6 +206,8 @@ class UNet3D(nn.Module):
             planned = plan(self.spec, tuple(x.shape)).transitions  # also validates the shape against the spec
             if checking or self._trace_sink is not None:
                 expected = planned
+        selective = (selective_by_default(x) if self._selective is None else self._selective) and \
+            torch.is_grad_enabled() and not compiling
         if self.conditioner is not None and conditions is None:
             raw = self.conditioner.validate(**raw)  # refuses conditions that do not fit before any compute
             if not compiling:

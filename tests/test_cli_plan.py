@@ -37,16 +37,31 @@ def test_plan_without_selective_recomputation_holds_more(capsys):
     assert plans[True]["saved_bytes"] > 2 * plans[False]["saved_bytes"]
 
 
-def test_plan_for_cuda_leaves_out_onednns_copies_and_says_so(capsys):
+def test_plan_for_cuda_counts_cudnns_workspace_and_trains_as_a_gpu_does(capsys):
     plans = {}
-    for device in ("cpu", "cuda"):
-        assert main(["plan", "--format", "json", "--device", device]) == 0  # full size: copies of 64 MiB
-        plans[device] = json.loads(capsys.readouterr().out)
+    for name, argv in (("cpu", ["--device", "cpu"]), ("cuda", ["--device", "cuda"]),
+                       ("cuda selective", ["--device", "cuda", "--selective"]),
+                       ("cuda not selective", ["--device", "cuda", "--no-selective"])):
+        assert main(["plan", "--format", "json", *argv]) == 0  # full size: copies of 64 MiB
+        plans[name] = json.loads(capsys.readouterr().out)
     assert plans["cpu"]["device"] == "cpu" and plans["cuda"]["device"] == "cuda"
-    assert plans["cuda"]["peak_bytes"] < plans["cpu"]["peak_bytes"]  # the copies only add to the peak
-    assert plans["cuda"]["saved_bytes"] == plans["cpu"]["saved_bytes"]
+    # Selective recomputation as UNet3D decides it by device: on for the CPU, off on a GPU.
+    assert plans["cpu"]["selective"] and not plans["cuda"]["selective"] and plans["cuda selective"]["selective"]
+    timings = ("planning_seconds", "torch_meta_import_seconds")
+    same = [{k: v for k, v in plans[name].items() if k not in timings} for name in ("cuda", "cuda not selective")]
+    assert same[0] == same[1]
+    assert plans["cuda selective"]["saved_bytes"] == plans["cpu"]["saved_bytes"]
+    peak = plans["cuda selective"]  # at the level-1 convolution's backward: 128 MiB of NDHWC copies
+    assert peak["peak_scratch_bytes"] >= 128 * 2**20 and "of it cuDNN's workspace" in peak["peak_at"]
     assert main(["plan", "--input-shape", "1,1,8,64,64", "--device", "cuda"]) == 0
-    assert "on cuda (tensors only: no cuDNN workspaces or CUDA context; no allocator cache)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "on cuda (tensors and cuDNN's workspace; no CUDA context; no allocator cache)" in out
+
+
+def test_plan_refuses_both_selective_switches(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--selective", "--no-selective"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_a_cpu_plan_says_what_a_process_adds_to_it_and_a_cuda_plan_does_not(capsys):

@@ -3,8 +3,8 @@
 The library is developed on CPU machines; these tests are what a GPU run (`benchmarks/gpu_session.sh`)
 checks first: the default and the conditioned UNet, forward and backward, give the CPU's outputs
 and gradients on CUDA (fp32 with TF32 off, so only the order of summation differs); every
-gradient-checkpointing switch gives the plain model's gradients there; a bf16-autocast step stays
-finite.
+gradient-checkpointing switch, and selective recomputation (off by default on a GPU), gives the
+default model's gradients there; a bf16-autocast step stays finite.
 """
 
 import copy
@@ -63,8 +63,9 @@ def test_the_unet_on_cuda_gives_the_cpu_outputs_and_gradients(conditioned, tiny_
         torch.testing.assert_close(grads_cuda[name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("switches", [dict(selective=False), dict(levels=(1, 2, 3, 4), mid=True, conditions=True)],
-                         ids=["selective=False", "everything checkpointed"])
+@pytest.mark.parametrize("switches", [{"selective": True}, {"selective": False},
+                                      {"levels": (1, 2, 3, 4), "mid": True, "conditions": True}],
+                         ids=["selective=True", "selective=False", "everything checkpointed"])
 def test_checkpointing_on_cuda_gives_the_default_gradients(switches):
     model, x, t, conditions = _case()
     _, expected = _step(model, x, t, conditions, DEVICE)
