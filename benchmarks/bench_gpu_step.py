@@ -30,6 +30,7 @@ contiguous tensors, so the channels-last rows have none).
     python benchmarks/bench_gpu_step.py --profile                 # the CUDA kernels of one step
     python benchmarks/bench_gpu_step.py --snapshot "default, fp32"  # what is allocated at the peak
     python benchmarks/bench_gpu_step.py --device cpu --size 64 --repeats 1   # a smoke run of the script
+    python benchmarks/bench_gpu_step.py --replan                  # plan the saved rows again (no GPU)
 
 `--compile` times the default UNet in bf16 autocast eager against the same under `torch.compile`
 (the first, compiling step timed apart) and saves `results/gpu_step_compile.json`. `--profile`
@@ -40,18 +41,23 @@ history over one steady-state step (`torch.cuda.memory._record_memory_history`),
 moment the most was allocated, and prints what was live then, by the line of this library (or of
 torch) that allocated it, beside the planner's peak; `--snapshot-file` also writes the snapshot
 (a pickle, as `torch.cuda.memory._dump_snapshot` writes it; pytorch.org/memory_viz reads it).
+`--replan` plans every row of `results/gpu_step.json` again with this checkout's planner and
+rewrites its table: the measurements are the GPU's, the plan needs no GPU, so a planner change is
+checked against the last GPU run without one.
 """
 
 import argparse
 import gc
+import json
 import pickle
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from bench_train_step import monai_unet
-from common import alternate, median, save, setup, table
+from common import RESULTS, alternate, median, save, setup, table
 
 from cpcbm_blocks import UNet3D, UNetSpec, shape_checks
 from cpcbm_blocks.memory import _conditions, memory_plan
@@ -74,6 +80,19 @@ class Variant:
         """The keyword arguments of `set_gradient_checkpointing` (selective recomputation as the library
         decides it for a GPU step, off, unless given)."""
         return {"selective": None, **self.checkpointing}
+
+    def to_dict(self) -> dict:
+        """What a result row records of its variant, with selective recomputation as it applied on a GPU."""
+        switches = self.switches
+        if switches["selective"] is None:
+            switches["selective"] = False  # `selective_by_default` on a GPU
+        return {"network": self.network, "precision": self.precision, "switches": switches,
+                "channels_last": self.channels_last}
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "Variant":
+        """The variant a result row recorded (`to_dict`)."""
+        return cls(row["network"], row["precision"], dict(row["switches"]), channels_last=row["channels_last"])
 
     def planned_bytes(self, shape: tuple[int, ...]) -> int | None:
         """The planner's peak for the same network, dtype and switches (the fp32 plan for autocast)."""
@@ -179,7 +198,11 @@ def main() -> None:
     parser.add_argument("--snapshot", metavar="VARIANT", choices=list(VARIANTS),
                         help="what is allocated at the peak of one step of VARIANT instead")
     parser.add_argument("--snapshot-file", help="with --snapshot: also write the allocator's snapshot here")
+    parser.add_argument("--replan", action="store_true",
+                        help="plan the rows of results/gpu_step.json again with this planner (no GPU needed)")
     args = parser.parse_args()
+    if args.replan:
+        return replan()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu_step.py: --device cuda but torch.cuda.is_available() is False. Run it on a "
@@ -201,23 +224,45 @@ def main() -> None:
                           repeats=args.repeats, warmup=2)
         gc.collect()
         peaks = {name: measured_peak_bytes(v, shape, device) for name, v in variants.items()}
-    planned = {name: v.planned_bytes(shape) for name, v in variants.items()}
-    rows, data = [], []
-    for name, variant in variants.items():
-        values, peak, plan = times[name], peaks[name], planned[name]
-        monai = times.get(f"MONAI, {variant.precision}") if variant.network == "default" else None
-        rows.append([name, median(values), min(values), max(values),
-                     f"{median(values) / median(monai):.3f}" if monai and "levels" not in variant.checkpointing else "-",
-                     "n/a" if peak is None else peak / 2**30, "n/a" if plan is None else plan / 2**30,
-                     "n/a" if peak is None or plan is None else peak / plan])
-        data.append({"variant": name, "seconds": values, "peak_bytes": peak, "planned_bytes": plan})
-    text = table(["step", "median s", "min s", "max s", "/ MONAI", "max_memory_allocated GiB", "planned GiB",
-                  "measured / planned"], rows)
+    rows = [{"variant": name, **variant.to_dict(), "seconds": times[name], "peak_bytes": peaks[name],
+             "planned_bytes": variant.planned_bytes(shape)} for name, variant in variants.items()]
+    text = step_table(rows)
     print(f"\nTraining step with Adam, {shape}, {args.device}:\n{text}")
     if device.type != "cuda":
         print("(a smoke run on the CPU: not saved)")
         return
-    save("gpu_step", env, {"gpu_step": text}, {"rows": data, "shape": shape, "repeats": args.repeats})
+    save("gpu_step", env, {"gpu_step": text}, {"rows": rows, "shape": shape, "repeats": args.repeats})
+
+
+def step_table(rows: list[dict]) -> str:
+    """The table of `main`'s result rows; `/ MONAI` divides a default-UNet row's median by MONAI's in
+    the same precision (not for checkpointed rows, which trade time for memory)."""
+    monai = {row["precision"]: median(row["seconds"]) for row in rows if row["network"] == "MONAI"}
+    cells = []
+    for row in rows:
+        values, peak, plan = row["seconds"], row["peak_bytes"], row["planned_bytes"]
+        reference = monai.get(row["precision"]) if row["network"] == "default" else None
+        cells.append([row["variant"], median(values), min(values), max(values),
+                      f"{median(values) / reference:.3f}" if reference and "levels" not in row["switches"] else "-",
+                      "n/a" if peak is None else peak / 2**30, "n/a" if plan is None else plan / 2**30,
+                      "n/a" if peak is None or plan is None else peak / plan])
+    return table(["step", "median s", "min s", "max s", "/ MONAI", "max_memory_allocated GiB", "planned GiB",
+                  "measured / planned"], cells)
+
+
+def replan() -> None:
+    """Plan every row of `results/gpu_step.json` again with this process's planner and rewrite its table:
+    the GPU's measurements stay as they were, the planned column follows the planner (which needs no
+    GPU), and `data.replanned_utc` says when."""
+    path = RESULTS / "gpu_step.json"
+    result = json.loads(path.read_text())
+    shape = tuple(result["data"]["shape"])
+    for row in result["data"]["rows"]:
+        row["planned_bytes"] = Variant.from_dict(row).planned_bytes(shape)
+    result["data"]["replanned_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+    result["tables"]["gpu_step"] = step_table(result["data"]["rows"])
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(result["tables"]["gpu_step"])
 
 
 def compare_compiled(shape: tuple[int, ...], device: torch.device, repeats: int, env: dict) -> None:
@@ -226,13 +271,19 @@ def compare_compiled(shape: tuple[int, ...], device: torch.device, repeats: int,
     steps = {"eager": make_step(variant, shape, device), "torch.compile": make_step(variant, shape, device, compiled=True)}
     first: dict[str, list[float]] = {}
     times = alternate(steps, repeats=repeats, warmup=2, warmup_seconds=first)
-    eager = median(times["eager"])
-    rows = [[name, first[name][0], median(v), min(v), max(v), median(v) / eager] for name, v in times.items()]
-    text = table(["bf16 autocast step", "first step s", "median s", "min s", "max s", "time / eager"], rows)
+    data = {"seconds": times, "first_seconds": first, "shape": shape, "repeats": repeats}
+    text = compile_table(data)
     print(f"\nTraining step with Adam, default UNet, {shape}, {device}:\n{text}")
     if device.type == "cuda":
-        save("gpu_step_compile", env, {"gpu_step_compile": text},
-             {"seconds": times, "first_seconds": first, "shape": shape, "repeats": repeats})
+        save("gpu_step_compile", env, {"gpu_step_compile": text}, data)
+
+
+def compile_table(data: dict) -> str:
+    """The table of `compare_compiled`'s result: each step's first (compiling) time, then its timed ones."""
+    times, first = data["seconds"], data["first_seconds"]
+    eager = median(next(v for name, v in times.items() if name.startswith("eager")))
+    rows = [[name, first[name][0], median(v), min(v), max(v), median(v) / eager] for name, v in times.items()]
+    return table(["bf16 autocast step", "first step s", "median s", "min s", "max s", "time / eager"], rows)
 
 
 def profile(shape: tuple[int, ...], device: torch.device) -> None:

@@ -35,6 +35,7 @@ SECTIONS = [
      "bench_small_volumes.py"),
     ("layout", "Channels-last (NDHWC) vs NCDHW on CPU: operators and train steps", "bench_layout.py"),
     ("gpu_step", "A full-size training step on a GPU", "bench_gpu_step.py"),  # only where a GPU has run it
+    ("gpu_step_compile", "A full-size training step on a GPU: eager vs torch.compile", "bench_gpu_step.py --compile"),
 ]
 
 START, END = "<!-- cpcbm:benchmarks:start -->", "<!-- cpcbm:benchmarks:end -->"
@@ -82,7 +83,11 @@ def main() -> None:
                      f"{env['malloc']}{', monai ' + env['monai'] if 'monai' in env else ''}"
                      f"{', transparent huge pages ' + env['transparent_hugepage'] if 'transparent_hugepage' in env else ''}"
                      ", measured "
-                     f"{env['started_utc']} UTC (`{env['command']}`).\n")
+                     f"{env['started_utc']} UTC (`{env['command']}`)"
+                     f"{', on ' + env['gpu'] if 'gpu' in env else ''}.\n")
+        provenance = _provenance(result.get("data", {}))
+        if provenance:
+            parts.append(provenance + "\n")
         for text in result["tables"].values():
             parts.append(text + "\n")
     block = f"{START}\n" + "\n".join(parts).replace("\n## ", "\n### ") + f"\n{END}\n"
@@ -93,6 +98,18 @@ def main() -> None:
         page = page.rstrip("\n") + "\n\n" + block
     PAGE.write_text(page)
     print(f"wrote {PAGE.relative_to(ROOT)}")
+
+
+def _provenance(data: dict) -> str:
+    """Where a result was measured at an earlier commit, or planned again since, a line that says so."""
+    said = []
+    if "measured_at_commit" in data:
+        said.append(f"Measured at commit {data['measured_at_commit']}, before selective recomputation was "
+                    "switched off by default on GPUs: each row names the setting it ran with.")
+    if "replanned_utc" in data:
+        said.append(f"The planned column is this planner's (`--replan`, {data['replanned_utc']} UTC); for "
+                    "bf16-autocast rows it is the fp32 plan, a reference (the planner does not model autocast).")
+    return " ".join(said)
 
 
 if __name__ == "__main__":
