@@ -51,6 +51,7 @@ import gc
 import json
 import pickle
 import time
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -198,11 +199,12 @@ def main() -> None:
     parser.add_argument("--snapshot", metavar="VARIANT", choices=list(VARIANTS),
                         help="what is allocated at the peak of one step of VARIANT instead")
     parser.add_argument("--snapshot-file", help="with --snapshot: also write the allocator's snapshot here")
-    parser.add_argument("--replan", action="store_true",
-                        help="plan the rows of results/gpu_step.json again with this planner (no GPU needed)")
+    parser.add_argument("--replan", nargs="?", const=RESULTS / "gpu_step.json", type=Path, metavar="RESULT",
+                        help="plan the rows of a saved result (default: results/gpu_step.json) again with this "
+                             "planner (no GPU needed)")
     args = parser.parse_args()
     if args.replan:
-        return replan()
+        return replan(args.replan)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu_step.py: --device cuda but torch.cuda.is_available() is False. Run it on a "
@@ -250,11 +252,10 @@ def step_table(rows: list[dict]) -> str:
                   "measured / planned"], cells)
 
 
-def replan() -> None:
-    """Plan every row of `results/gpu_step.json` again with this process's planner and rewrite its table:
-    the GPU's measurements stay as they were, the planned column follows the planner (which needs no
-    GPU), and `data.replanned_utc` says when."""
-    path = RESULTS / "gpu_step.json"
+def replan(path: Path) -> None:
+    """Plan every row of the result at `path` (as `main` saves it) again with this process's planner and
+    rewrite its table: the GPU's measurements stay as they were, the planned column follows the planner
+    (which needs no GPU), and `data.replanned_utc` says when."""
     result = json.loads(path.read_text())
     shape = tuple(result["data"]["shape"])
     for row in result["data"]["rows"]:
@@ -334,17 +335,7 @@ def peak_allocations(variant: Variant, shape: tuple[int, ...], device: torch.dev
     if path:
         with open(path, "wb") as file:
             pickle.dump(snapshot, file)
-    live = dict(before)
-    allocated = peak = sum(b["size"] for b in live.values())
-    at_peak = dict(live)
-    for event in snapshot["device_traces"][0]:
-        if event["action"] == "alloc":
-            live[event["addr"]] = event
-            allocated += event["size"]
-            if allocated > peak:
-                peak, at_peak = allocated, dict(live)
-        elif event["action"] == "free_requested" and event["addr"] in live:
-            allocated -= live.pop(event["addr"])["size"]
+    peak, at_peak = replay_to_peak(before, snapshot["device_traces"][0])
     by_line: dict[str, list[int]] = {}
     for block in at_peak.values():
         line = "(held before the step: weights, Adam state, data)" if block.get("before") else \
@@ -356,6 +347,24 @@ def peak_allocations(variant: Variant, shape: tuple[int, ...], device: torch.dev
           f"{measured / 2**30:.3f} GiB, the same blocks counted by the allocator itself); planned peak "
           f"{'n/a' if planned is None else f'{planned / 2**30:.3f} GiB'}. What was live at the replayed peak:")
     print(table(["allocated by", "blocks", "MiB"], rows[:40]))
+
+
+def replay_to_peak(before: dict[int, dict], trace: list[dict]) -> tuple[int, dict[int, dict]]:
+    """Replay the allocator's `trace` from the blocks live `before` it (address -> block with a `size`):
+    the most bytes allocated at once, and the blocks live at that moment (address -> block or event).
+    A block counts from its `alloc` to its `free_requested` (what `max_memory_allocated` counts)."""
+    live = dict(before)
+    allocated = peak = sum(block["size"] for block in live.values())
+    at_peak = dict(live)
+    for event in trace:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            allocated += event["size"]
+            if allocated > peak:
+                peak, at_peak = allocated, dict(live)
+        elif event["action"] == "free_requested" and event["addr"] in live:
+            allocated -= live.pop(event["addr"])["size"]
+    return peak, at_peak
 
 
 def _live_blocks(snapshot: dict) -> list[dict]:
