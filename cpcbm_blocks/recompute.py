@@ -91,10 +91,10 @@ def selective_by_default(x: Tensor) -> bool:
     Why by device: the recomputation runs each memory-bound operator (norm, activation,
     concatenation) again in backward, through a Python dispatch mode or saved-tensor hooks. On the
     CPU the kernels take milliseconds and that overhead is lost in them, while the memory it saves
-    is what a CPU step is short of. On a GPU the same kernels take microseconds, the step is bound
-    by dispatching and launching them, and at the full (1, 1, 8, 256, 256) an H200 took 1.5x
-    (float32) to 3x (bf16 autocast) as long per step with it, for about half the memory
-    (`benchmarks/bench_gpu_step.py`, on the performance page): there, checkpointing levels or
-    `torch.compile` are the better trades.
+    is what a CPU step is short of. On a GPU the same kernels take microseconds and the step is
+    bound by dispatching and launching them: at the full (1, 1, 8, 256, 256) an H200 took several
+    times as long per step with it under bf16 autocast, for about half the memory (the `selective=True`
+    rows of the performance page's GPU table, `benchmarks/bench_gpu_step.py`). There,
+    checkpointing levels or `torch.compile` are the better trades.
     """
     return cpu_kernels(x)

@@ -115,10 +115,9 @@ class UNet3D(nn.Module):
         PyTorch holds it), and `selective=None`, the default, decides by the device each step runs on
         (`selective_by_default`): on for the CPU, where it cuts the activations held for backward to
         about a third for a little more step time, off on a GPU, where each recomputed operator's
-        dispatch and launch costs more than the memory-bound kernel itself and a step took 1.5x
-        (float32) to 3x (bf16 autocast) as long with it (the performance page's memory, train-step
-        and GPU tables measure all three). It applies to eager training, not under `torch.compile`,
-        whose partitioner makes that choice itself.
+        dispatch and launch costs more than the memory-bound kernel itself (the performance page's
+        memory, train-step and GPU tables measure both sides). It applies to eager training, not
+        under `torch.compile`, whose partitioner makes that choice itself.
         """
         levels = as_level_numbers("UNet3D.set_gradient_checkpointing(levels=...)", levels, levels=len(self.spec.levels),
                                   error=InputError)
