@@ -235,11 +235,13 @@ class MemoryPlan:
         if self.device == "cpu":
             return ("the Python/torch process itself (with what torch loads on the first step, such as torch._dynamo, "
                     "which a torch optimizer imports) and the memory the C allocator (malloc) keeps of freed blocks")
-        return "the CUDA context, cuDNN workspaces and the memory the caching allocator reserves beyond its tensors"
+        return ("the CUDA context, cuBLAS's workspaces (made by the process's first matrix product, then kept) and the "
+                "memory the caching allocator reserves beyond its tensors")
 
     @property
     def peak_at(self) -> str:
-        """Where the peak is reached, in words: phase, step, operator and oneDNN's share."""
+        """Where the peak is reached, in words: phase, step, operator and the share of oneDNN's copies or
+        cuDNN's workspace."""
         if self.peak_phase == "optimizer":
             return "in Adam's update"
         if self.peak_step is None:

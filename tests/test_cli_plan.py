@@ -130,7 +130,7 @@ def test_plan_refuses_checkpointing_the_conditions_of_a_spec_without_conditionin
 
 @pytest.mark.parametrize("device, not_counted", [
     ("cpu", "the Python/torch process itself (with what torch loads on the first step"),
-    ("cuda", "the CUDA context, cuDNN workspaces and the memory the caching allocator reserves")])
+    ("cuda", "the CUDA context, cuBLAS's workspaces (made by the process's first matrix product, then kept)")])
 def test_the_largest_batch_line_names_the_device_and_what_is_not_counted(capsys, device, not_counted):
     assert main(["plan", "--input-shape", "1,1,8,32,32", "--device", device, "--fit-gib", "0.75"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("largest batch"))
