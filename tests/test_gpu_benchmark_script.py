@@ -73,3 +73,19 @@ def test_the_gpu_step_benchmark_says_what_to_do_without_a_cuda_device():
     done = subprocess.run([sys.executable, str(SCRIPT), "--size", "16", "--repeats", "1"], capture_output=True,
                           text=True, timeout=300, cwd=SCRIPT.parent, check=False)
     assert done.returncode != 0 and "pass --device cpu --size 64 for a smoke run" in done.stderr
+
+
+def test_the_planner_predicts_the_last_gpu_runs_measured_peaks_within_5_percent():
+    """The GPU's own figures, kept in `results/gpu_step.json`, hold the planner to them in every CI run:
+    each float32 and bf16 row's `max_memory_allocated` (the step's own allocations) against a plan made
+    now. Autocast rows have no plan of their own (the planner does not model autocast), channels-last
+    rows and MONAI's none at all."""
+    bench = _bench()
+    result = json.loads((SCRIPT.parent / "results" / "gpu_step.json").read_text())
+    shape = tuple(result["data"]["shape"])
+    rows = [row for row in result["data"]["rows"]
+            if row["network"] != "MONAI" and row["precision"] in ("fp32", "bf16") and not row["channels_last"]]
+    assert {row["precision"] for row in rows} == {"fp32", "bf16"} and len(rows) >= 4
+    for row in rows:
+        planned = bench.Variant.from_dict(row).planned_bytes(shape)
+        assert row["peak_bytes"] == pytest.approx(planned, rel=0.05), row["variant"]
