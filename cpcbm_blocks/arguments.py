@@ -48,6 +48,13 @@ def check_bool(where: str, value: Any, *, error: type[CpcbmError] = SpecError) -
     return value
 
 
+def check_optional_bool(where: str, value: Any, *, none_means: str, error: type[CpcbmError] = SpecError) -> bool | None:
+    """`value` itself, if it is a bool or None (`none_means` says what None stands for, in the message)."""
+    if value is not None and not isinstance(value, bool):
+        raise fail(where, f"True, False or None (None: {none_means})", value, "Pass a bool, or None.", error=error)
+    return value
+
+
 def check_number(where: str, value: Any, *, above: float | None = None, at_least: float | None = None,
                  below: float | None = None, error: type[CpcbmError] = SpecError, fix: str | None = None) -> float:
     """`value` as a float, if it is a finite real number within the given bounds (`above` and `below` exclusive).

@@ -81,7 +81,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
 
-from cpcbm_blocks.arguments import as_enum, as_level_numbers, check_bool, check_int, check_number
+from cpcbm_blocks.arguments import (
+    as_enum,
+    as_level_numbers,
+    check_bool,
+    check_int,
+    check_number,
+    check_optional_bool,
+)
 from cpcbm_blocks.blocks import conv_weight_grad
 from cpcbm_blocks.blocks.attention import AttentionBackend
 from cpcbm_blocks.blocks.attention import attention_backend as use_attention_backend
@@ -768,9 +775,10 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
                               error=InputError)
     for name, value in (("checkpoint_mid", checkpoint_mid), ("checkpoint_conditions", checkpoint_conditions)):
         check_bool(f"memory_plan({name}=...)", value, error=InputError)
+    check_optional_bool("memory_plan(selective=...)", selective, error=InputError,
+                        none_means="as UNet3D trains on `device`, on for cpu and off for cuda")
     if selective is None:
         selective = device == "cpu"  # as `selective_by_default` decides for a step on that device
-    check_bool("memory_plan(selective=...)", selective, error=InputError)
     started = time.perf_counter()
     torch_dtype = DTYPES[dtype]
     with torch.device("meta"):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from cpcbm_blocks import checkpoint
-from cpcbm_blocks.arguments import as_level_numbers, check_bool
+from cpcbm_blocks.arguments import as_level_numbers, check_bool, check_optional_bool
 from cpcbm_blocks.blocks.embedding import TimestepEmbedding, timesteps_to_batch
 from cpcbm_blocks.build import build_blocks
 from cpcbm_blocks.conditioning import ConditionEncoder, EncodedConditions, validate_conditions
@@ -123,8 +123,8 @@ class UNet3D(nn.Module):
                                   error=InputError)
         for name, value in (("mid", mid), ("conditions", conditions)):
             check_bool(f"UNet3D.set_gradient_checkpointing({name}=...)", value, error=InputError)
-        if selective is not None:
-            check_bool("UNet3D.set_gradient_checkpointing(selective=...)", selective, error=InputError)
+        check_optional_bool("UNet3D.set_gradient_checkpointing(selective=...)", selective, error=InputError,
+                            none_means="on for a CPU step, off for a GPU step")
         self._checkpoint_conditions = conditions
         self._selective = selective
         self._checkpointed = frozenset(position for position, step in enumerate(self.steps)
