@@ -50,7 +50,7 @@ update. A `TorchDispatchMode` sees every operator of that step:
   `MemoryPlan.weight_grad_assumption` (a line of `render()`) says which applied.
 
 What the plan does not see: allocator overheads (caching, fragmentation, page rounding), the CUDA
-context and cuBLAS's workspace, the Python process itself, and autocast. `dtype` is the dtype of a
+context and cuBLAS's workspaces, the Python process itself, and autocast. `dtype` is the dtype of a
 model cast with `model.to(dtype)`, as pure low-precision training runs: parameters, gradients, Adam
 state and activations all in it. Under `torch.autocast` the parameters, gradients and Adam state
 stay float32 (take those figures from the `"fp32"` plan), the activations are mostly in the autocast
@@ -97,6 +97,7 @@ from cpcbm_blocks.contracts import shape_checks
 from cpcbm_blocks.errors import InputError
 from cpcbm_blocks.layout import Op, Section, Step
 from cpcbm_blocks.plan import Transition, plan
+from cpcbm_blocks.recompute import selective_by_default
 from cpcbm_blocks.spec import UNetSpec
 
 __all__ = ["CPU_ATTENTION_FLOP_FORMULAS", "DEVICES", "DTYPES", "MemoryPlan", "StepCost", "cudnn_workspace_bytes",
@@ -297,7 +298,7 @@ class MemoryPlan:
         The peaks compared are this plan's, for its `device`: tensors, and on `"cpu"` oneDNN's blocked
         copies, on `"cuda"` cuDNN's workspace. Neither counts what a real process adds (`not_counted`): on
         CPU the Python/torch process itself and the memory the C allocator keeps of freed blocks, on
-        CUDA the CUDA context, cuBLAS's workspace and the caching allocator's reserve. Leave room for them
+        CUDA the CUDA context, cuBLAS's workspaces and the caching allocator's reserve. Leave room for them
         in `budget_bytes`, a positive, finite number of bytes (a float such as `24 * 2.0**30` is fine;
         it is rounded down). On CPU the process's share is its RSS after one small training step (what
         torch loads on first use is in it), as `benchmarks/bench_memory.py` measures it.
@@ -470,7 +471,7 @@ on AVX-512 (`nCdhw16c`), 8 on AVX2."""
 
 def _blocked_bytes(t: Tensor) -> int:
     """Bytes of `t` as oneDNN's channel-blocked copy; 0 if `t` is channels-last, which oneDNN reads as it is."""
-    if t.dim() >= 4 and t.is_contiguous(memory_format=_channels_last(t)) and not t.is_contiguous():
+    if _is_channels_last(t):
         return 0
     channels = -(-t.shape[1] // _ONEDNN_CHANNEL_BLOCK) * _ONEDNN_CHANNEL_BLOCK
     return t.numel() // max(t.shape[1], 1) * channels * t.element_size()
@@ -483,6 +484,11 @@ def _padding_bytes(t: Tensor) -> int:
 
 def _channels_last(t: Tensor) -> torch.memory_format:
     return torch.channels_last_3d if t.dim() == 5 else torch.channels_last
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    """A 4-D or 5-D tensor laid out channels-last (and not also plain: one channel or one voxel)."""
+    return t.dim() >= 4 and t.is_contiguous(memory_format=_channels_last(t)) and not t.is_contiguous()
 
 
 def _copied_bytes(t: Tensor) -> int:
@@ -548,14 +554,9 @@ def onednn_scratch_bytes(func, args: tuple, out) -> int:
     return 0
 
 
-def _dense_bytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def _nhwc_copies_bytes(*tensors: Tensor) -> int:
     """Bytes of channels-last copies of those `tensors` that are not channels-last already."""
-    return sum(_dense_bytes(t) for t in tensors
-               if not (t.dim() >= 4 and t.is_contiguous(memory_format=_channels_last(t)) and not t.is_contiguous()))
+    return sum(t.numel() * t.element_size() for t in tensors if not _is_channels_last(t))
 
 
 def cudnn_workspace_bytes(func, args: tuple, out) -> int:
@@ -777,8 +778,6 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
         check_bool(f"memory_plan({name}=...)", value, error=InputError)
     check_optional_bool("memory_plan(selective=...)", selective, error=InputError,
                         none_means="as UNet3D trains on `device`, on for cpu and off for cuda")
-    if selective is None:
-        selective = device == "cpu"  # as `selective_by_default` decides for a step on that device
     started = time.perf_counter()
     torch_dtype = DTYPES[dtype]
     with torch.device("meta"):
@@ -788,6 +787,9 @@ def memory_plan(spec: UNetSpec, input_shape: tuple[int, ...], *, dtype: str = "f
         t = torch.empty(expected.input_shape[0])
         target = torch.empty(expected.output_shape, dtype=torch_dtype)
         conditions = _conditions(spec, expected.input_shape, torch_dtype, text_tokens)
+    if selective is None:  # as the model decides it in the planned step, for a step on `device`
+        with meta_stands_for(device):
+            selective = selective_by_default(x)
     parameters = list(model.parameters())
     parameter_bytes = sum(p.numel() * p.element_size() for p in parameters)
     inputs = [x, t, target, *conditions.values()]

@@ -205,8 +205,8 @@ class UNet3D(nn.Module):
             planned = plan(self.spec, tuple(x.shape)).transitions  # also validates the shape against the spec
             if checking or self._trace_sink is not None:
                 expected = planned
-        selective = (selective_by_default(x) if self._selective is None else self._selective) and \
-            torch.is_grad_enabled() and not compiling
+        selective = ((selective_by_default(x) if self._selective is None else self._selective)
+                     and torch.is_grad_enabled() and not compiling)
         if self.conditioner is not None and conditions is None:
             raw = self.conditioner.validate(**raw)  # refuses conditions that do not fit before any compute
             if not compiling:
